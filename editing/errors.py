@@ -1,0 +1,5 @@
+"""The root of factkeeper's typed exceptions: the CLI turns any of them into a message and exit 2."""
+
+
+class FactkeeperError(Exception):
+    """An expected failure with a message meant for the person running factkeeper."""
