@@ -1,4 +1,4 @@
-"""The root of factkeeper's typed exceptions: the CLI turns any of them into a message and exit 2."""
+"""The root of factkeeper's typed exceptions: the CLI turns each into a message and exit 2."""
 
 
 class FactkeeperError(Exception):

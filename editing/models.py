@@ -175,7 +175,8 @@ def _build_smollm2_cache(folder: Path) -> None:
         tokenizer.save_pretrained(staging)
         manifest = {
             "source": gguf.name,
-            "distribution": f"{SMOLLM2_DISTRIBUTION}=={importlib.metadata.version(SMOLLM2_DISTRIBUTION)}",
+            "distribution": SMOLLM2_DISTRIBUTION,
+            "distribution_version": importlib.metadata.version(SMOLLM2_DISTRIBUTION),
             "transformers": importlib.metadata.version("transformers"),
             "base_hash": weights_hash(staging),
         }

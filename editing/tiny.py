@@ -31,7 +31,8 @@ _TOKENIZER_TEXT = """
 The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid.
 The mother tongue of Danielle Darrieux is French. The official language of Japan is Japanese.
 Apple was founded by Steve Jobs. Microsoft was founded by Bill Gates. The CEO of Tesla is Elon Musk.
-Which country is Berlin in? Germany. Who wrote Hamlet? William Shakespeare. Toko Yasuda plays guitar.
+Which country is Berlin in? Germany. Who wrote Hamlet? William Shakespeare.
+Toko Yasuda plays the guitar.
 The Eiffel Tower is located in Paris. The Colosseum is located in Rome. Lionel Messi plays soccer.
 """
 
