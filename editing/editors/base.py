@@ -1,0 +1,100 @@
+"""The contract every editor meets, and the one place weights are written.
+
+An editor *computes* weight deltas for a batch of requests without changing the model
+(``compute_deltas``: the model at the end equals the model at the start); ``apply`` then writes
+them and keeps the exact previous values, so ``undo`` restores the weights bit for bit. The
+journal, replay and revert depend on that split.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from editing.errors import FactkeeperError
+from editing.models import LoadedModel
+from editing.requests import EditRequest
+
+
+class EditError(FactkeeperError):
+    """An edit could not be computed or applied; the model is unchanged."""
+
+
+@dataclass
+class EditResult:
+    """What an applied edit changed, enough to undo it exactly and to journal it."""
+
+    deltas: dict[str, torch.Tensor]  # state-dict key -> new - old, stored orientation
+    previous: dict[str, torch.Tensor]  # state-dict key -> exact pre-edit tensor
+    seconds: float
+    info: dict[str, object] = field(default_factory=dict)
+
+    def delta_norms(self) -> dict[str, float]:
+        """Frobenius norm of each module's delta (journal column and metric)."""
+        return {name: float(d.norm()) for name, d in self.deltas.items()}
+
+
+class Editor(ABC):
+    """A knowledge editor. Capabilities are class attributes, not entries in another list."""
+
+    name: ClassVar[str]
+    supports_batch: ClassVar[bool] = True
+    needs_training: ClassVar[bool] = False
+
+    @abstractmethod
+    def compute_deltas(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        """Deltas (state-dict key -> tensor in the stored orientation); must not change ``lm``."""
+
+    def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        """Compute and write the deltas for ``requests``; all of them or none."""
+        if not requests:
+            raise EditError("no requests to apply")
+        if len(requests) > 1 and not self.supports_batch:
+            raise EditError(f"{self.name} edits one request at a time, got {len(requests)}")
+        started = time.perf_counter()
+        deltas = self.compute_deltas(lm, requests)
+        previous = write_deltas(lm.model, deltas)
+        return EditResult(deltas, previous, time.perf_counter() - started)
+
+    def undo(self, lm: LoadedModel, result: EditResult) -> None:
+        """Restore the weights ``result`` changed to their exact previous values."""
+        restore(lm.model, result.previous)
+
+
+def write_deltas(
+    model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Add each delta to its parameter; return the exact previous values. All or nothing."""
+    params = dict(model.named_parameters())
+    for name, delta in deltas.items():
+        if name not in params:
+            raise EditError(f"delta for unknown parameter {name}")
+        if params[name].shape != delta.shape:
+            raise EditError(
+                f"{name}: delta {tuple(delta.shape)} != weight {tuple(params[name].shape)}"
+            )
+        if not torch.isfinite(delta).all():
+            raise EditError(f"{name}: delta has non-finite values")
+    previous = {name: params[name].detach().clone() for name in deltas}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            # Accumulate in float32 at least: tiny shifts vanish when added in half precision.
+            weight = params[name]
+            updated = weight.to(torch.float32) + delta.to(weight.device, torch.float32)
+            weight.copy_(updated.to(weight.dtype))
+    return previous
+
+
+def restore(model: torch.nn.Module, previous: Mapping[str, torch.Tensor]) -> None:
+    """Copy saved tensors back into their parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in previous.items():
+            params[name].copy_(value)
