@@ -1,0 +1,50 @@
+"""The CLI table, the README and the commands that need no model or broker."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from daemon import cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_every_command_is_documented_in_the_readme_and_vice_versa():
+    documented = set(re.findall(r"^\| `factkeeper ([a-z-]+)", README.read_text(), re.MULTILINE))
+    assert documented == set(cli.COMMANDS)
+
+
+def test_readme_has_exactly_two_setup_commands():
+    section = README.read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"```bash\n(.*?)\n```", section, re.DOTALL) == ["make demo", "make test"]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "make test" in ci and "set -euo pipefail" in ci
+
+
+def test_version_prints_pinned_libraries(capsys):
+    assert cli.main(["version"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert re.search(r"^transformers 5\.23\.", out, re.MULTILINE)
+
+
+def test_typed_errors_become_a_message_and_exit_2(capsys, tmp_path):
+    code = cli.main(["ask", "hello", "--model", str(tmp_path / "missing")])
+    assert code == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "factkeeper ask:" in err and "no hub downloads" in err
+
+
+def test_unknown_command_is_rejected():
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
+
+
+@pytest.mark.smollm2
+def test_ask_prints_only_the_answer(capsys):
+    assert cli.main(["ask", "The capital of France is", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(" Paris")
