@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.factkeeper-setup
 KAFKA_LIBS := deploy/kafka/target/libs/.resolved
 
-.PHONY: setup demo test lint bench-kafka clean
+.PHONY: setup system-deps demo test lint clean
 
 setup: $(STAMP) $(KAFKA_LIBS)
 
@@ -28,10 +28,20 @@ $(KAFKA_LIBS): deploy/kafka/pom.xml
 	    -DoutputDirectory=target/libs -DincludeScope=runtime
 	@touch $@
 
+# Debian's prometheus package gives the real server and promtool for the end-to-end checks.
+# Installed only when missing and we may (root with apt-get); otherwise say what to install.
+system-deps:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's prometheus package (server + promtool)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool not found: install Debian's 'prometheus' package" >&2; exit 1; fi; }
+
 demo: setup
 	$(VENV)/bin/factkeeper demo
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/python -m pytest
 
 lint: setup
