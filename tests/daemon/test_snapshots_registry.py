@@ -1,0 +1,122 @@
+"""Snapshots restore bit-exactly, refuse pickles, and round-trip through a real MLflow registry."""
+
+import pytest
+import torch
+
+from daemon.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from daemon.snapshots import (
+    FolderBaseWeights,
+    InMemoryBaseWeights,
+    SnapshotError,
+    SnapshotMeta,
+    delta_norms,
+    edited_tensors,
+    load_into,
+    read_snapshot,
+    tensors_hash,
+    write_snapshot,
+)
+from editing.adapters import MlpRole
+from editing.paths import Paths
+from editing.tiny import tiny_model
+
+
+def _edit(model, layer, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    name = f"model.layers.{layer}.mlp.down_proj.weight"
+    with torch.no_grad():
+        p = dict(model.named_parameters())[name]
+        p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return name
+
+
+def _candidates(model):
+    from editing.adapters import adapter_for
+
+    a = adapter_for(model)
+    return [a.weight_name(MlpRole.DOWN, i) for i in range(a.num_layers(model))]
+
+
+def _meta(tensors, base, **kw):
+    return SnapshotMeta(
+        journal_seq=kw.get("seq", 1),
+        event_ids=("e1",),
+        base_hash="tiny",
+        editor_config_hash="cfg",
+        tensors_hash=tensors_hash(tensors),
+        delta_norms=delta_norms(tensors, base),
+    )
+
+
+def test_snapshot_holds_only_edited_tensors_and_restores_bit_exact(tmp_path):
+    model = tiny_model("llama")
+    base = InMemoryBaseWeights(model, _candidates(model))
+    # Edits with tiny and huge magnitudes: a float32 delta would not restore exactly.
+    touched = {_edit(model, 1, 1e-7, 0), _edit(model, 3, 10.0, 1)}
+    tensors = edited_tensors(model, base, _candidates(model))
+    assert set(tensors) == touched
+    write_snapshot(tmp_path / "s", tensors, _meta(tensors, base))
+
+    fresh = tiny_model("llama")
+    loaded, meta = read_snapshot(tmp_path / "s")
+    load_into(fresh, base, loaded, reset=_candidates(fresh))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[name]), name
+    assert meta.delta_norms[next(iter(sorted(touched)))] > 0
+
+
+def test_load_into_resets_edits_not_in_the_snapshot():
+    model = tiny_model("llama")
+    base = InMemoryBaseWeights(model, _candidates(model))
+    name = _edit(model, 2, 0.1, 0)
+    load_into(model, base, {}, reset=_candidates(model))
+    assert torch.equal(dict(model.named_parameters())[name], base.get(name))
+
+
+def test_folder_base_weights_read_from_safetensors(tmp_path):
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    base = FolderBaseWeights(tmp_path / "m")
+    name = _candidates(model)[0]
+    assert torch.equal(base.get(name), dict(model.named_parameters())[name])
+
+
+def test_pickles_and_tampering_are_refused(tmp_path):
+    model = tiny_model("llama")
+    base = InMemoryBaseWeights(model, _candidates(model))
+    _edit(model, 0, 0.1, 0)
+    tensors = edited_tensors(model, base, _candidates(model))
+    write_snapshot(tmp_path / "s", tensors, _meta(tensors, base))
+    torch.save({"x": 1}, tmp_path / "s" / "extra.pt")
+    with pytest.raises(SnapshotError, match="pickle"):
+        read_snapshot(tmp_path / "s")
+
+    other = {k: v + 1 for k, v in tensors.items()}
+    with pytest.raises(SnapshotError, match="hash"):
+        write_snapshot(tmp_path / "t", other, _meta(tensors, base))
+
+
+def test_registry_versions_aliases_and_download(tmp_path):
+    model = tiny_model("llama")
+    base = InMemoryBaseWeights(model, _candidates(model))
+    registry = ModelRegistry.embedded(Paths(tmp_path / "home"), "tiny-llama")
+    versions = []
+    for seq in (1, 2):
+        _edit(model, seq, 0.05, seq)
+        tensors = edited_tensors(model, base, _candidates(model))
+        write_snapshot(tmp_path / f"s{seq}", tensors, _meta(tensors, base, seq=seq))
+        versions.append(
+            registry.register(tmp_path / f"s{seq}", {"journal_seq": str(seq)}, {"edits": seq})
+        )
+    assert versions == ["1", "2"]
+    assert registry.alias(CANDIDATE) == "2"
+    assert registry.alias(PRODUCTION) is None
+    registry.set_alias(PRODUCTION, "1")
+    listed = registry.versions()
+    assert [v.version for v in listed] == ["2", "1"]
+    assert PRODUCTION in listed[1].aliases and listed[0].tags["journal_seq"] == "2"
+    assert listed[0].metrics["edits"] == 2.0
+
+    tensors, meta = read_snapshot(registry.download("1", tmp_path / "dl"))
+    assert meta.journal_seq == 1
+    assert set(tensors) == {"model.layers.1.mlp.down_proj.weight"}
