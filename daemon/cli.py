@@ -80,8 +80,7 @@ def cmd_kafka(ns: argparse.Namespace) -> int:
         st = kafka_broker.status(cfg)
     else:
         st = kafka_broker.status(cfg)
-    state = "running" if st.running else "stopped"
-    print(f"kafka {state} bootstrap={st.bootstrap} pid={st.pid or '-'} data={st.data_dir}")
+    print(st)
     return EXIT_OK if (st.running or ns.action == "stop") else EXIT_FAILED
 
 

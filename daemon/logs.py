@@ -42,3 +42,5 @@ def configure_logging(level: str = "INFO") -> None:
     handler.setFormatter(KeyValueFormatter())
     handler._factkeeper = True  # type: ignore[attr-defined]
     root.addHandler(handler)
+    # kafka-python narrates every connection at INFO; keep the daemon's own lines readable.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, root.level))
