@@ -1,0 +1,496 @@
+"""The daemon's settings: one typed model, read from a YAML file and ``FACTKEEPER_*`` variables.
+
+Everything the daemon can be told from outside is declared here, once, with its default and a
+docstring, and checked when the daemon starts: a typo or a bad value stops it with a message that
+names every invalid field, instead of failing an hour later in the consumer. Precedence is
+defaults < YAML file < environment (``FACTKEEPER_<SECTION>__<FIELD>``, nested with ``__``).
+Secrets are ``SecretStr``: masked in ``repr`` and in ``redacted_dict`` (``factkeeper config
+show``). This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from daemon.errors import ConfigError
+from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "FACTKEEPER_"
+ENV_NESTING = "__"
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+#: Editor names; extend this Literal when an editor joins the registry in ``editing/editors``.
+EditorName = Literal["emsedit", "nse", "ft", "none"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+_MIN_ADMIN_TOKEN_CHARS = 16
+
+
+class _CrossFieldError(ValueError):
+    """A rule over several fields; carries one message per field so each is named."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
+
+
+def _expand_user(path: Path) -> Path:
+    return path.expanduser()
+
+
+def _split_commas(value: Any) -> Any:
+    """``"a:9092,b:9092"`` (the natural form in an environment variable) to a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _check_server(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+def _check_topic(value: str) -> str:
+    if not _TOPIC.fullmatch(value) or value in {".", ".."}:
+        raise ValueError("a Kafka topic is 1-249 of letters, digits, '.', '_', '-'")
+    return value
+
+
+def _check_device(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError("expected 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    return value
+
+
+def _paths(info: ValidationInfo) -> Paths:
+    """The ``Paths`` that ``load_settings`` derived from its env, else from the process env."""
+    context = info.context or {}
+    paths = context.get("paths")
+    return paths if isinstance(paths, Paths) else Paths.from_env()
+
+
+UserPath = Annotated[Path, AfterValidator(_expand_user)]
+Server = Annotated[str, AfterValidator(_check_server)]
+Topic = Annotated[str, AfterValidator(_check_topic)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+
+class KafkaTopics(_Section):
+    """Topic names; all four must differ."""
+
+    corrections: Topic = "fact-corrections"
+    """Fact-correction events consumed by the daemon."""
+    dlq: Topic = "fact-corrections.dlq"
+    """Rejected events and edits that did not take, with the original bytes."""
+    control: Topic = "factkeeper.control"
+    """Control commands (pause, resume, audit, rollback, revert)."""
+    quarantine: Topic = "fact-corrections.quarantine"
+    """Edits removed after a failed audit gate, with the audit figures."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> KafkaTopics:
+        names = [self.corrections, self.dlq, self.control, self.quarantine]
+        if len(set(names)) != len(names):
+            raise ValueError("the corrections, dlq, control and quarantine topics must differ")
+        return self
+
+
+class KafkaSettings(_Section):
+    """Connection and consumer settings (kafka-python 3.x; auto-commit is always off)."""
+
+    bootstrap_servers: Annotated[
+        tuple[Server, ...], BeforeValidator(_split_commas), Field(min_length=1)
+    ] = ("127.0.0.1:9092",)
+    """Brokers as host:port; a comma-separated string is accepted (for the environment)."""
+    topics: KafkaTopics = Field(default_factory=KafkaTopics)
+    group_id: Name = "factkeeper"
+    """Consumer group; one daemon (one model) per group."""
+    client_id: Name = "factkeeper"
+    group_instance_id: Name | None = None
+    """Static membership id (KIP-345): a restarted pod rejoins without a rebalance."""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    """Required with SASL_PLAINTEXT / SASL_SSL."""
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    """Prefer the environment (FACTKEEPER_KAFKA__SASL_PASSWORD) over the YAML file."""
+    ssl_cafile: UserPath | None = None
+    ssl_certfile: UserPath | None = None
+    ssl_keyfile: UserPath | None = None
+    max_poll_records: int = Field(default=8, ge=1, le=500)
+    """Records per poll; small, because each one costs an edit of a second or more."""
+    max_poll_interval_ms: int = Field(default=900_000, ge=10_000)
+    """Longest gap between polls before the group evicts us: worst batch + snapshot + audit."""
+    session_timeout_ms: int = Field(default=45_000, ge=6_000, le=1_800_000)
+    """Heartbeat timeout (the broker's group.min/max.session.timeout.ms bound it)."""
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaSettings:
+        protocol = self.security_protocol
+        sasl = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_username": self.sasl_username,
+            "sasl_password": self.sasl_password,
+        }
+        ssl = {
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        uses_sasl = protocol.startswith("SASL_")
+        uses_tls = protocol.endswith("SSL")
+        problems = []
+        for name, value in sasl.items():
+            if uses_sasl and not value:
+                problems.append((name, f"required when security_protocol is {protocol}"))
+            elif not uses_sasl and value is not None:
+                problems.append(
+                    (name, f"set, but {protocol} has no SASL; remove it or use SASL_SSL")
+                )
+        for name, value in ssl.items():
+            if not uses_tls and value is not None:
+                problems.append(
+                    (name, f"set, but {protocol} has no TLS; remove it or use SASL_SSL")
+                )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            problems.append(("ssl_keyfile", "ssl_certfile and ssl_keyfile go together"))
+        if self.session_timeout_ms >= self.max_poll_interval_ms:
+            problems.append(("session_timeout_ms", "must be below max_poll_interval_ms"))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+
+class ModelSettings(_Section):
+    """Which model the daemon owns and where it runs."""
+
+    name: Name = "smollm2"
+    """A known model key (``smollm2``) or a local Hugging Face folder."""
+    device: Annotated[str, AfterValidator(_check_device)] = "cpu"
+    dtype: Dtype = "float32"
+
+
+class EditorSettings(_Section):
+    """The editing method; its hyperparameters live in the method's own config, not here."""
+
+    method: EditorName = "ft"
+    """``ft`` until the EMSEdit checkpoint ships, then ``emsedit``."""
+    checkpoint: UserPath | None = None
+    """A trained editor checkpoint (safetensors + JSON); default: the one shipped for the model."""
+
+
+class SafeguardSettings(_Section):
+    """Neuron-level safeguards around any editor's delta (nse.md section 8), each switchable."""
+
+    neuron_mask: bool = True
+    """Keep the delta only on the neurons the edit's keys activate most."""
+    original_weight_targets: bool = True
+    """Compute the editor's inputs against the original weights, so drift does not compound."""
+    preserved_knowledge: bool = True
+    """Constrain the delta to leave preserved keys (C0, earlier edits) unchanged."""
+    norm_guard: bool = True
+    """Reject an update whose relative norm exceeds ``max_delta_norm``."""
+    max_delta_norm: float = Field(default=0.1, gt=0.0)
+    """Largest ||dW||_F / ||W0||_F per edited matrix and batch (used when norm_guard is on)."""
+
+
+class BatchingSettings(_Section):
+    """Micro-batching of events into one edit call."""
+
+    max_size: int = Field(default=8, ge=1, le=256)
+    linger_ms: int = Field(default=200, ge=0, le=60_000)
+    """How long to wait for a batch to fill once its first event arrived."""
+
+
+class JournalSettings(_Section):
+    """The durable journal (SQLite, WAL, fsync on commit)."""
+
+    path: UserPath
+    """Default: ``$FACTKEEPER_HOME/state/journal.sqlite3``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and data.get("path") is None:
+            return {**data, "path": _paths(info).state_dir / "journal.sqlite3"}
+        return data
+
+
+class SnapshotSettings(_Section):
+    """When to snapshot and where versions are registered (0 disables a trigger)."""
+
+    every_n_edits: int = Field(default=100, ge=0)
+    every_minutes: float = Field(default=15.0, ge=0.0)
+    on_shutdown: bool = True
+    registered_model_name: Name = "factkeeper"
+    tracking_uri: str
+    """Default: embedded SQLite under ``$FACTKEEPER_HOME/mlflow``. No credentials in the URI:
+    MLflow reads them from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_uri(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and data.get("tracking_uri") is None:
+            db = (_paths(info).mlflow_dir / "mlflow.db").absolute()
+            return {**data, "tracking_uri": f"sqlite:///{db}"}
+        return data
+
+    @model_validator(mode="after")
+    def _no_password_in_uri(self) -> SnapshotSettings:
+        if not self.tracking_uri.strip():
+            raise _CrossFieldError([("tracking_uri", "must not be empty")])
+        if urlsplit(self.tracking_uri).password is not None:
+            raise _CrossFieldError(
+                [("tracking_uri", "holds a password; use MLFLOW_TRACKING_PASSWORD instead")]
+            )
+        return self
+
+
+class AuditSettings(_Section):
+    """Audit schedule (0 disables a trigger) and gate thresholds, as fractions in [0, 1]."""
+
+    every_n_edits: int = Field(default=100, ge=0)
+    every_minutes: float = Field(default=30.0, ge=0.0)
+    retention_floor: Fraction = 0.8
+    """Lowest acceptable share of applied edits that still hold."""
+    locality_floor: Fraction = 0.9
+    """Lowest acceptable share of locality probes that keep the base model's answer."""
+    max_drop: Fraction = 0.05
+    """Largest acceptable drop of any ratio against the previous good version."""
+    probe_set: UserPath | None = None
+    """Locality probes (JSONL); default: the bundled set."""
+    sample_cap: int = Field(default=1000, ge=1)
+    """Audit all applied edits up to this many, beyond it a seeded stratified sample."""
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
+
+    host: Name = "0.0.0.0"
+    port: int = Field(default=9108, ge=1, le=65535)
+
+
+class AdminSettings(_Section):
+    """The authenticated admin HTTP endpoint for control commands."""
+
+    enabled: bool = False
+    token: SecretStr | None = None
+    """Bearer token; required when enabled, at least 16 characters."""
+
+    @model_validator(mode="after")
+    def _token(self) -> AdminSettings:
+        if self.enabled and self.token is None:
+            raise _CrossFieldError([("token", "required when admin.enabled is true")])
+        if self.token is not None and len(self.token.get_secret_value()) < _MIN_ADMIN_TOKEN_CHARS:
+            raise _CrossFieldError(
+                [("token", f"must be at least {_MIN_ADMIN_TOKEN_CHARS} characters")]
+            )
+        return self
+
+
+class Settings(_Section):
+    """Everything the daemon reads from outside; build it with ``load_settings``."""
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    editor: EditorSettings = Field(default_factory=EditorSettings)
+    safeguards: SafeguardSettings = Field(default_factory=SafeguardSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """JSON-ready settings with every secret shown as ``***`` (unset ones stay null)."""
+        return _redacted(self)
+
+
+SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)
+
+
+def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings: defaults, then the YAML file, then ``FACTKEEPER_*`` variables.
+
+    Args:
+        path: a YAML file such as ``configs/default.yaml``; ``None`` for defaults + environment.
+        env: the environment to read (default ``os.environ``); also gives ``FACTKEEPER_HOME``,
+            under which the default journal and MLflow locations lie.
+
+    Environment variables name a field by its path: ``FACTKEEPER_KAFKA__GROUP_ID``,
+    ``FACTKEEPER_KAFKA__TOPICS__DLQ``. An empty value sets the field to null (its default for
+    the path fields). Names without ``__`` (``FACTKEEPER_HOME``) are not settings, but one
+    that starts with a section name (``FACTKEEPER_KAFKA_GROUP_ID``) is rejected as a typo.
+
+    Raises:
+        ConfigError: listing every invalid field as ``path.to.field: message``. Rules across
+            fields of a section (SASL needs credentials) are checked once its fields are valid.
+    """
+    env = os.environ if env is None else env
+    raw_home = env.get(HOME_ENV)
+    paths = Paths(Path(raw_home).expanduser() if raw_home else DEFAULT_HOME.expanduser())
+    source = str(path) if path is not None else "defaults and environment"
+    data = _read_yaml(path) if path is not None else {}
+    overrides, origins = _env_overrides(env)
+    _merge(data, overrides)
+    for section in SECTIONS:
+        if data.get(section) is None:  # a section whose keys are all commented out
+            data[section] = {}
+    try:
+        return Settings.model_validate(data, context={"paths": paths})
+    except ValidationError as exc:
+        # ``from None``: the chained pydantic error could echo an input value (a password).
+        raise ConfigError(_problems(exc, origins), source=source) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [("", f"{path} does not exist; copy configs/default.yaml there and edit it")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([("", f"not valid YAML: {exc.problem}{where}")], str(path)) from None
+    except yaml.YAMLError:
+        raise ConfigError([("", "not valid YAML")], str(path)) from None
+    if data is None:
+        raise ConfigError(
+            [("", "the file is empty (or only comments); start from configs/default.yaml")],
+            str(path),
+        )
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [("", f"the top level must be a mapping of sections ({', '.join(SECTIONS)})")],
+            str(path),
+        )
+    return data
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Nested overrides from ``FACTKEEPER_*__*`` and, per field path, the variable it came from."""
+    overrides: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    problems: list[tuple[str, str]] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if ENV_NESTING not in rest:
+            head = rest.split("_", 1)[0].lower()
+            if head in SECTIONS and rest.lower() != head:
+                field = rest[len(head) + 1 :]
+                hint = f"{ENV_PREFIX}{head.upper()}{ENV_NESTING}{field}"
+                problems.append((name, f"not a setting; did you mean {hint}?"))
+            continue
+        keys = tuple(part.lower() for part in rest.split(ENV_NESTING))
+        if not all(keys):
+            problems.append((name, "empty name segment; use FACTKEEPER_<SECTION>__<FIELD>"))
+            continue
+        clash = next((origins[keys[:n]] for n in range(1, len(keys)) if keys[:n] in origins), None)
+        clash = clash or next((o for k, o in origins.items() if k[: len(keys)] == keys), None)
+        if clash:
+            problems.append((name, f"conflicts with {clash}; set one or the other"))
+            continue
+        node = overrides
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = env[name] if env[name] != "" else None
+        origins[keys] = name
+    if problems:
+        raise ConfigError(problems, source="environment")
+    return overrides, origins
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Deep-merge ``overrides`` into ``base``; an override replaces any non-mapping value."""
+    for key, value in overrides.items():
+        current = base.get(key)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            _merge(current, value)
+        else:
+            base[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _problems(
+    exc: ValidationError, origins: Mapping[tuple[str, ...], str]
+) -> list[tuple[str, str]]:
+    """``(dotted field path, message)`` per error; cross-field rules name each of their fields."""
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(str(part) for part in err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, _CrossFieldError):
+            items = [(loc + (field,), message) for field, message in cause.problems]
+        elif err["type"] == "extra_forbidden":
+            items = [(loc, "unknown setting")]
+        else:
+            items = [(loc, err["msg"].removeprefix("Value error, "))]
+        for where, message in items:
+            origin = _origin(where, origins)
+            suffix = f" (from {origin})" if origin else ""
+            problems.append((".".join(where), message + suffix))
+    return problems
+
+
+def _origin(where: tuple[str, ...], origins: Mapping[tuple[str, ...], str]) -> str | None:
+    """The variable that set this field, a field above it, or (unknown keys) one below it."""
+    for n in range(len(where), 0, -1):
+        if where[:n] in origins:
+            return origins[where[:n]]
+    return next((name for keys, name in origins.items() if keys[: len(where)] == where), None)
+
+
+def _redacted(model: BaseModel) -> dict[str, Any]:
+    out = model.model_dump(mode="json")
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = _redacted(value)
+        elif isinstance(value, SecretStr):
+            out[name] = "***"
+    return out

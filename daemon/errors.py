@@ -1,0 +1,105 @@
+"""Typed errors of the daemon, so callers catch exactly the failure they can handle.
+
+The CLI maps these onto exit codes (2 for configuration, 4 for failed checks, ...). Invalid
+payloads carry a short machine-readable ``reason_code`` that travels as a DLQ header and a metric
+label, plus a ``detail`` for humans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from editing.errors import FactkeeperError
+
+#: Why a payload was rejected; stable strings, used as DLQ headers and metric labels.
+ReasonCode = Literal[
+    "too-large",
+    "invalid-utf8",
+    "too-deep",
+    "invalid-json",
+    "schema-violation",
+    "unsupported-schema",
+    "subject-not-in-prompt",
+    "unknown-command",
+]
+
+
+class DaemonError(FactkeeperError):
+    """Base class of every error the daemon raises on purpose."""
+
+
+class ConfigError(DaemonError):
+    """The settings file or ``FACTKEEPER_*`` variables are invalid.
+
+    Args:
+        problems: ``(field path, message)`` pairs, e.g. ``("kafka.max_poll_records", "...")``;
+            every invalid field is listed, not only the first.
+        source: what was being read (a file path or "environment"), named in the message.
+    """
+
+    def __init__(self, problems: Sequence[tuple[str, str]], source: str | None = None) -> None:
+        self.problems = tuple(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"invalid configuration{where}:"]
+        lines += [f"  {path}: {message}" if path else f"  {message}" for path, message in problems]
+        super().__init__("\n".join(lines))
+
+
+class InvalidPayloadError(DaemonError):
+    """Untrusted bytes (an event or a control command) were rejected.
+
+    Args:
+        reason_code: short kebab-case code such as ``too-large`` or ``schema-violation``.
+        detail: what exactly was wrong, for a human reading the DLQ or the log.
+        event_id: the producer's id when it could be read before the payload was rejected.
+    """
+
+    def __init__(self, reason_code: ReasonCode, detail: str, event_id: str | None = None) -> None:
+        self.reason_code = reason_code
+        self.detail = detail
+        self.event_id = event_id
+        super().__init__(f"{reason_code}: {detail}")
+
+
+class InvalidEventError(InvalidPayloadError):
+    """A fact-correction record failed validation; it goes to the DLQ with ``reason_code``."""
+
+
+class InvalidControlError(InvalidPayloadError):
+    """A control command failed validation; it is refused and logged, never executed."""
+
+
+class JournalError(DaemonError):
+    """The journal cannot be opened or would be left inconsistent by the requested write."""
+
+
+class DuplicateEventError(JournalError):
+    """Event ids that are already claimed by a journal row (or twice in one batch)."""
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        self.event_ids = tuple(event_ids)
+        super().__init__(
+            f"event id(s) already journaled: {', '.join(self.event_ids)}; record a redelivery "
+            "with status 'duplicate' instead of applying it again"
+        )
+
+
+class DuplicateOffsetError(JournalError):
+    """Kafka positions that already have a journal row: each record is journaled exactly once."""
+
+    def __init__(self, positions: Sequence[tuple[str, int, int]]) -> None:
+        self.positions = tuple(positions)
+        shown = ", ".join(f"{t}[{p}]@{o}" for t, p, o in self.positions)
+        super().__init__(
+            f"record(s) already journaled: {shown}; seek past Journal.last_offsets() on assignment"
+        )
+
+
+class UnknownEventError(JournalError):
+    """Event ids that have no claiming journal row."""
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        self.event_ids = tuple(event_ids)
+        super().__init__(f"no journaled event with id(s): {', '.join(self.event_ids)}")

@@ -1,0 +1,508 @@
+"""The durable journal: every consumed record and control command, with its outcome.
+
+The model is always "latest snapshot + replay of the applied journal entries after it", and a
+Kafka offset is committed only once its journal row is durable, so this file is the daemon's
+source of truth. It is SQLite in WAL mode with ``synchronous=FULL`` (the WAL is fsynced on every
+commit), schema-versioned through ``PRAGMA user_version`` with ordered migrations.
+
+Every consumed record gets exactly one row, unique by (topic, partition, offset), including
+invalid records and redeliveries. An event id is *claimed* by its first row whose status is not
+``invalid`` or ``duplicate``; at most one row claims an id. The consumer checks ``has_event``
+first and journals a redelivery as ``duplicate``; if it tries to claim an id twice anyway,
+``record_batch`` raises ``DuplicateEventError`` and writes nothing (the journal enforces the
+rule, the consumer decides what to do).
+
+Thread-safety: one writer thread. A ``Journal`` must be used only by the thread that opened it
+(sqlite3 enforces this); other processes and threads (``factkeeper status``) open their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, get_args
+
+from pydantic import TypeAdapter
+
+from daemon.control import ControlCommand, encode_control
+from daemon.errors import (
+    DuplicateEventError,
+    DuplicateOffsetError,
+    JournalError,
+    UnknownEventError,
+)
+from daemon.events import FactCorrection, encode_event
+
+log = logging.getLogger(__name__)
+
+EventStatus = Literal[
+    "applied", "failed", "invalid", "duplicate", "rolled_back", "quarantined", "reverted"
+]
+STATUSES: tuple[EventStatus, ...] = get_args(EventStatus)
+#: Outcomes a record can have when it is first journaled.
+ARRIVAL_STATUSES: frozenset[str] = frozenset({"applied", "failed", "invalid", "duplicate"})
+#: Rows with these statuses do not claim their event id.
+UNCLAIMED_STATUSES: frozenset[str] = frozenset({"invalid", "duplicate"})
+#: Statuses ``mark`` may set on a claiming row (rollback, revert, quarantine, re-apply).
+MARK_STATUSES: frozenset[str] = frozenset(STATUSES) - UNCLAIMED_STATUSES
+
+Pragma = Literal["journal_mode", "synchronous", "user_version", "application_id"]
+APPLICATION_ID = 0x464B4A4C  # "FKJL": tells a journal apart from any other SQLite file
+_MIN_SQLITE = (3, 37, 0)  # STRICT tables
+_STATUS_SQL = ", ".join(f"'{status}'" for status in STATUSES)
+_UNCLAIMED_SQL = ", ".join(f"'{status}'" for status in sorted(UNCLAIMED_STATUSES))
+
+#: ``_MIGRATIONS[i]`` takes the schema from ``user_version`` i to i + 1; append, never edit.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT,
+            topic TEXT NOT NULL,
+            "partition" INTEGER NOT NULL CHECK ("partition" >= 0),
+            "offset" INTEGER NOT NULL CHECK ("offset" >= 0),
+            status TEXT NOT NULL CHECK (status IN ({_STATUS_SQL})),
+            reason TEXT,
+            payload TEXT,
+            received_at TEXT NOT NULL,
+            applied_at TEXT,
+            edit_seconds REAL,
+            delta_norms TEXT,
+            model_version TEXT,
+            batch_id TEXT,
+            UNIQUE (topic, "partition", "offset"),
+            CHECK ((payload IS NULL) = (event_id IS NULL))
+        ) STRICT""",
+        f"""CREATE UNIQUE INDEX events_claimed_id ON events (event_id)
+            WHERE status NOT IN ({_UNCLAIMED_SQL})""",
+        "CREATE INDEX events_by_id ON events (event_id)",
+        "CREATE INDEX events_by_status ON events (status, seq)",
+        """CREATE TABLE control_commands (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            command TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            source TEXT
+        ) STRICT""",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_EVENT_COLUMNS = (
+    'seq, event_id, topic, "partition", "offset", status, reason, payload, received_at, '
+    "applied_at, edit_seconds, delta_norms, model_version, batch_id"
+)
+_CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One consumed record and its outcome, as the consumer journals it.
+
+    ``event`` is the validated event (``None`` only for ``invalid``); ``reason`` is required for
+    ``failed`` and ``invalid``; ``applied_at`` for ``applied``. Datetimes must be aware.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    status: EventStatus
+    received_at: datetime
+    event: FactCorrection | None = None
+    reason: str | None = None
+    applied_at: datetime | None = None
+    edit_seconds: float | None = None
+    delta_norms: Mapping[str, float] | None = None
+    model_version: str | None = None
+    batch_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in ARRIVAL_STATUSES:
+            raise ValueError(f"a record arrives as one of {sorted(ARRIVAL_STATUSES)}")
+        if (self.event is None) != (self.status == "invalid"):
+            raise ValueError("an invalid record has no event; every other record has one")
+        if self.status in {"failed", "invalid"} and not self.reason:
+            raise ValueError(f"a {self.status} record needs a reason")
+        if self.status == "applied" and self.applied_at is None:
+            raise ValueError("an applied record needs applied_at")
+        if self.partition < 0 or self.offset < 0:
+            raise ValueError("partition and offset are non-negative")
+        for stamp in (self.received_at, self.applied_at):
+            if stamp is not None and stamp.tzinfo is None:
+                raise ValueError("timestamps must be timezone-aware")
+
+    @property
+    def event_id(self) -> str | None:
+        return self.event.id if self.event is not None else None
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A journaled record as read back; ``event`` is re-validated from the stored JSON."""
+
+    seq: int
+    event_id: str | None
+    topic: str
+    partition: int
+    offset: int
+    status: EventStatus
+    reason: str | None
+    event: FactCorrection | None
+    received_at: datetime
+    applied_at: datetime | None
+    edit_seconds: float | None
+    delta_norms: dict[str, float] | None
+    model_version: str | None
+    batch_id: str | None
+
+
+@dataclass(frozen=True)
+class ControlEntry:
+    """A journaled control command."""
+
+    seq: int
+    command: ControlCommand
+    received_at: datetime
+    outcome: str
+    source: str | None
+
+
+class Journal:
+    """The SQLite journal; build it with ``Journal.open`` and use it as a context manager."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._conn = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> Journal:
+        """Open (and with ``create``, create or migrate) the journal at ``path``.
+
+        Raises:
+            JournalError: the file is missing (``create=False``), not a factkeeper journal,
+                from a newer factkeeper, or WAL / synchronous=FULL could not be set.
+        """
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise JournalError(
+                f"SQLite {sqlite3.sqlite_version} is too old; the journal needs 3.37+"
+            )
+        if not path.exists():
+            if not create:
+                raise JournalError(f"no journal at {path}; `factkeeper run` creates it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
+        journal = cls(connection, path)
+        try:
+            journal._configure()
+            journal._migrate()
+        except sqlite3.DatabaseError as exc:
+            connection.close()
+            raise JournalError(f"{path} is not a usable journal: {exc}") from exc
+        except JournalError:
+            connection.close()
+            raise
+        return journal
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def record_batch(self, rows: Sequence[EventRecord]) -> list[int]:
+        """Journal a batch of records in ONE transaction: all rows become durable, or none.
+
+        Returns:
+            The sequence numbers of the rows, in order.
+
+        Raises:
+            DuplicateEventError: a row would claim an id that is already claimed (in the
+                journal or earlier in the batch).
+            DuplicateOffsetError: a (topic, partition, offset) is already journaled.
+            JournalError: a ``duplicate`` row names an id nothing claims, or SQLite failed.
+        """
+        claims = Counter(r.event_id for r in rows if r.status not in UNCLAIMED_STATUSES)
+        positions = Counter((r.topic, r.partition, r.offset) for r in rows)
+        with self._write("record_batch"):
+            taken = {i for i, n in claims.items() if i and (n > 1 or self._claimed(i))}
+            if taken:
+                raise DuplicateEventError(sorted(taken))
+            seen = {p for p, n in positions.items() if n > 1 or self._journaled(*p)}
+            if seen:
+                raise DuplicateOffsetError(sorted(seen))
+            seqs = []
+            for row in rows:
+                if row.status == "duplicate" and not self._claimed(row.event_id or ""):
+                    raise JournalError(
+                        f"record {row.topic}[{row.partition}]@{row.offset} is journaled as a "
+                        f"duplicate of {row.event_id!r}, but no row claims that id"
+                    )
+                seqs.append(self._insert(row))
+        return seqs
+
+    def mark(self, event_ids: Sequence[str], status: EventStatus, reason: str | None) -> int:
+        """Set the status (and reason) of claimed events, all in one transaction.
+
+        Raises:
+            UnknownEventError: some id has no claiming row; nothing is changed.
+            ValueError: ``status`` is ``invalid`` or ``duplicate`` (arrival-only outcomes).
+        """
+        if status not in MARK_STATUSES:
+            raise ValueError(f"mark sets one of {sorted(MARK_STATUSES)}, not {status!r}")
+        with self._write("mark"):
+            missing = sorted({i for i in event_ids if not self._claimed(i)})
+            if missing:
+                raise UnknownEventError(missing)
+            for event_id in dict.fromkeys(event_ids):
+                self._conn.execute(
+                    f"UPDATE events SET status = ?, reason = ? "
+                    f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
+                    (status, reason, event_id),
+                )
+        return len(set(event_ids))
+
+    def assign_model_version(self, version: str, up_to_seq: int) -> int:
+        """Record the snapshot version that now contains the applied edits up to ``up_to_seq``.
+
+        Returns:
+            How many applied rows without a version got this one.
+        """
+        with self._write("assign_model_version"):
+            cursor = self._conn.execute(
+                "UPDATE events SET model_version = ? "
+                "WHERE status = 'applied' AND model_version IS NULL AND seq <= ?",
+                (version, up_to_seq),
+            )
+        return cursor.rowcount
+
+    def record_control(
+        self,
+        command: ControlCommand,
+        *,
+        received_at: datetime,
+        outcome: str,
+        source: str | None = None,
+    ) -> int:
+        """Journal a control command with its outcome; returns its sequence number.
+
+        Args:
+            command: the validated command.
+            received_at: aware datetime.
+            outcome: what the daemon did, e.g. ``done``, ``refused: unauthenticated``.
+            source: where it came from, e.g. ``factkeeper.control[0]@12`` or ``http``.
+        """
+        with self._write("record_control"):
+            cursor = self._conn.execute(
+                "INSERT INTO control_commands (command, received_at, outcome, source) "
+                "VALUES (?, ?, ?, ?)",
+                (encode_control(command).decode("utf-8"), _stamp(received_at), outcome, source),
+            )
+        return _rowid(cursor)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def has_event(self, event_id: str) -> bool:
+        """Whether a row claims ``event_id`` (applied, failed, rolled back, ...)."""
+        return self._claimed(event_id)
+
+    def get(self, event_id: str) -> JournalEntry | None:
+        """The row that claims ``event_id``, or ``None``."""
+        row = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events "
+            f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
+            (event_id,),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def applied_events(self, after_seq: int = 0) -> list[JournalEntry]:
+        """Applied events with ``seq > after_seq``, in seq order: the deterministic replay."""
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'applied' AND seq > ? "
+            "ORDER BY seq",
+            (after_seq,),
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def counts_by_status(self) -> dict[EventStatus, int]:
+        """Rows per status, every status present (zero when none)."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, count in self._conn.execute(
+            "SELECT status, COUNT(*) FROM events GROUP BY status"
+        ):
+            counts[status] = count
+        return counts
+
+    def last_offsets(self) -> dict[tuple[str, int], int]:
+        """The highest journaled offset per (topic, partition); commit ``offset + 1``."""
+        rows = self._conn.execute(
+            'SELECT topic, "partition", MAX("offset") FROM events GROUP BY topic, "partition"'
+        )
+        return {(topic, partition): offset for topic, partition, offset in rows}
+
+    def last_seq(self) -> int:
+        """The newest event sequence number (0 when empty); snapshots record it."""
+        return self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+
+    def control_commands(self, after_seq: int = 0) -> list[ControlEntry]:
+        """Journaled control commands with ``seq > after_seq``, in order."""
+        rows = self._conn.execute(
+            "SELECT seq, command, received_at, outcome, source FROM control_commands "
+            "WHERE seq > ? ORDER BY seq",
+            (after_seq,),
+        ).fetchall()
+        return [
+            ControlEntry(
+                seq=seq,
+                command=_CONTROL_ADAPTER.validate_json(command, strict=True),
+                received_at=datetime.fromisoformat(received_at),
+                outcome=outcome,
+                source=source,
+            )
+            for seq, command, received_at, outcome, source in rows
+        ]
+
+    def pragma(self, name: Pragma) -> Any:
+        """The current value of a pragma, for checks and ``factkeeper status``."""
+        if name not in get_args(Pragma):
+            raise ValueError(f"not a journal pragma: {name!r}")
+        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise JournalError(
+                f"{self.path}: WAL mode unavailable (got {mode!r}); use a local disk"
+            )
+        self._conn.execute("PRAGMA synchronous=FULL")
+        if self._conn.execute("PRAGMA synchronous").fetchone()[0] != 2:
+            raise JournalError(f"{self.path}: could not set synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+
+    def _migrate(self) -> None:
+        app_id = int(self.pragma("application_id"))
+        version = int(self.pragma("user_version"))
+        tables = self._conn.execute("SELECT COUNT(*) FROM sqlite_schema").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+            raise JournalError(f"{self.path} is an SQLite file but not a factkeeper journal")
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path} has journal schema {version}; this factkeeper reads up to "
+                f"{SCHEMA_VERSION}. Upgrade factkeeper."
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._write(f"migration to schema {target}"):
+                for statement in _MIGRATIONS[target - 1]:
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self._conn.execute(f"PRAGMA user_version = {target}")
+            log.info("journal %s migrated to schema %d", self.path, target)
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[None]:
+        """One write transaction; rolled back on any error, SQLite errors become JournalError."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {action} failed: {exc}") from exc
+
+    def _claimed(self, event_id: str) -> bool:
+        row = self._conn.execute(
+            f"SELECT 1 FROM events WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
+            (event_id,),
+        ).fetchone()
+        return row is not None
+
+    def _journaled(self, topic: str, partition: int, offset: int) -> bool:
+        row = self._conn.execute(
+            'SELECT 1 FROM events WHERE topic = ? AND "partition" = ? AND "offset" = ?',
+            (topic, partition, offset),
+        ).fetchone()
+        return row is not None
+
+    def _insert(self, row: EventRecord) -> int:
+        cursor = self._conn.execute(
+            'INSERT INTO events (event_id, topic, "partition", "offset", status, reason, '
+            "payload, received_at, applied_at, edit_seconds, delta_norms, model_version, "
+            "batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.event_id,
+                row.topic,
+                row.partition,
+                row.offset,
+                row.status,
+                row.reason,
+                encode_event(row.event).decode("utf-8") if row.event is not None else None,
+                _stamp(row.received_at),
+                _stamp(row.applied_at) if row.applied_at is not None else None,
+                row.edit_seconds,
+                json.dumps(dict(row.delta_norms)) if row.delta_norms is not None else None,
+                row.model_version,
+                row.batch_id,
+            ),
+        )
+        return _rowid(cursor)
+
+
+def _stamp(moment: datetime) -> str:
+    """UTC ISO-8601, so stored times sort and compare as text."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return moment.astimezone(UTC).isoformat()
+
+
+def _rowid(cursor: sqlite3.Cursor) -> int:
+    if cursor.lastrowid is None:
+        raise JournalError("SQLite returned no row id for an insert")
+    return cursor.lastrowid
+
+
+def _entry(row: tuple[Any, ...]) -> JournalEntry:
+    (seq, event_id, topic, partition, offset, status, reason, payload, received_at) = row[:9]
+    (applied_at, edit_seconds, delta_norms, model_version, batch_id) = row[9:]
+    return JournalEntry(
+        seq=seq,
+        event_id=event_id,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        status=status,
+        reason=reason,
+        event=FactCorrection.model_validate_json(payload, strict=True) if payload else None,
+        received_at=datetime.fromisoformat(received_at),
+        applied_at=datetime.fromisoformat(applied_at) if applied_at else None,
+        edit_seconds=edit_seconds,
+        delta_norms=json.loads(delta_norms) if delta_norms else None,
+        model_version=model_version,
+        batch_id=batch_id,
+    )

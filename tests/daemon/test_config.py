@@ -1,0 +1,251 @@
+"""Settings: defaults, YAML + environment precedence, field-naming errors, masked secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SECRET = "hunter2-very-secret-value"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose FACTKEEPER_HOME is a temporary folder."""
+    return {"FACTKEEPER_HOME": str(tmp_path / "home")}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problem_paths(exc: ConfigError) -> set[str]:
+    return {path for path, _ in exc.problems}
+
+
+def test_defaults_load_with_paths_under_factkeeper_home(env: dict[str, str]) -> None:
+    settings = load_settings(None, env=env)
+    home = Path(env["FACTKEEPER_HOME"])
+    assert settings.kafka.topics.corrections == "fact-corrections"
+    assert settings.kafka.topics.dlq == "fact-corrections.dlq"
+    assert settings.kafka.max_poll_interval_ms == 900_000
+    assert settings.editor.method == "ft"
+    assert settings.batching.max_size == 8
+    assert settings.journal.path == home / "state" / "journal.sqlite3"
+    assert settings.snapshots.tracking_uri == f"sqlite:///{(home / 'mlflow' / 'mlflow.db')}"
+    assert settings.metrics.port == 9108
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path, env: dict[str, str]) -> None:
+    assert isinstance(load_settings(path, env=env), Settings)
+
+
+def test_default_yaml_documents_exactly_the_defaults(env: dict[str, str]) -> None:
+    assert load_settings(REPO / "configs" / "default.yaml", env=env) == load_settings(None, env=env)
+
+
+def test_env_overrides_yaml_overrides_defaults(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(
+        tmp_path,
+        "kafka:\n  group_id: from-yaml\n  max_poll_records: 4\n"
+        "  topics:\n    corrections: yaml-in\n    dlq: yaml-dlq\n",
+    )
+    env |= {"FACTKEEPER_KAFKA__GROUP_ID": "from-env", "FACTKEEPER_KAFKA__TOPICS__DLQ": "env-dlq"}
+    settings = load_settings(path, env=env)
+    assert settings.kafka.group_id == "from-env"
+    assert settings.kafka.max_poll_records == 4
+    assert settings.kafka.topics.corrections == "yaml-in"
+    assert settings.kafka.topics.dlq == "env-dlq"
+    assert settings.kafka.topics.control == "factkeeper.control"
+
+
+def test_env_strings_are_converted_to_field_types(env: dict[str, str]) -> None:
+    env |= {
+        "FACTKEEPER_KAFKA__BOOTSTRAP_SERVERS": "b1:9092, b2:9093",
+        "FACTKEEPER_BATCHING__LINGER_MS": "50",
+        "FACTKEEPER_SAFEGUARDS__NORM_GUARD": "false",
+        "FACTKEEPER_AUDIT__MAX_DROP": "0.02",
+        "FACTKEEPER_JOURNAL__PATH": "/var/lib/fk/journal.sqlite3",
+    }
+    settings = load_settings(None, env=env)
+    assert settings.kafka.bootstrap_servers == ("b1:9092", "b2:9093")
+    assert settings.batching.linger_ms == 50
+    assert settings.safeguards.norm_guard is False
+    assert settings.audit.max_drop == 0.02
+    assert settings.journal.path == Path("/var/lib/fk/journal.sqlite3")
+
+
+def test_empty_env_value_resets_a_field_to_null(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, "editor:\n  checkpoint: /models/editor\n")
+    assert load_settings(path, env=env).editor.checkpoint == Path("/models/editor")
+    env["FACTKEEPER_EDITOR__CHECKPOINT"] = ""
+    assert load_settings(path, env=env).editor.checkpoint is None
+
+
+def test_invalid_values_name_every_field(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(
+        tmp_path,
+        "kafka:\n  max_poll_records: 0\n  security_protocol: TLS\n"
+        "metrics:\n  port: 70000\neditor:\n  method: memit\naudit:\n  retention_floor: 1.5\n",
+    )
+    env["FACTKEEPER_BATCHING__MAX_SIZE"] = "lots"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {
+        "kafka.max_poll_records",
+        "kafka.security_protocol",
+        "metrics.port",
+        "editor.method",
+        "audit.retention_floor",
+        "batching.max_size",
+    }
+    message = str(caught.value)
+    assert str(path) in message
+    assert "batching.max_size: " in message and "(from FACTKEEPER_BATCHING__MAX_SIZE)" in message
+
+
+def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, "kafka:\n  grop_id: typo\nextras:\n  a: 1\n")
+    env["FACTKEEPER_MODEL__FLAVOUR"] = "vanilla"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {"kafka.grop_id", "extras", "model.flavour"}
+    assert "FACTKEEPER_MODEL__FLAVOUR" in str(caught.value)
+
+
+def test_env_name_with_single_underscore_is_reported(env: dict[str, str]) -> None:
+    env["FACTKEEPER_KAFKA_GROUP_ID"] = "lost"
+    with pytest.raises(ConfigError, match="did you mean FACTKEEPER_KAFKA__GROUP_ID"):
+        load_settings(None, env=env)
+
+
+def test_conflicting_env_names_are_reported(env: dict[str, str]) -> None:
+    env |= {"FACTKEEPER_KAFKA__TOPICS": "x", "FACTKEEPER_KAFKA__TOPICS__DLQ": "y"}
+    with pytest.raises(ConfigError, match="conflicts with"):
+        load_settings(None, env=env)
+
+
+def test_sasl_needs_mechanism_username_and_password(env: dict[str, str]) -> None:
+    env["FACTKEEPER_KAFKA__SECURITY_PROTOCOL"] = "SASL_SSL"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, env=env)
+    assert problem_paths(caught.value) == {
+        "kafka.sasl_mechanism",
+        "kafka.sasl_username",
+        "kafka.sasl_password",
+    }
+
+
+def test_sasl_settings_are_accepted_when_complete(env: dict[str, str]) -> None:
+    env |= {
+        "FACTKEEPER_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "FACTKEEPER_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "FACTKEEPER_KAFKA__SASL_USERNAME": "factkeeper",
+        "FACTKEEPER_KAFKA__SASL_PASSWORD": SECRET,
+    }
+    kafka = load_settings(None, env=env).kafka
+    assert kafka.sasl_password is not None
+    assert kafka.sasl_password.get_secret_value() == SECRET
+
+
+def test_credentials_without_sasl_or_tls_are_rejected(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, "kafka:\n  sasl_username: u\n  ssl_cafile: /etc/ca.pem\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {"kafka.sasl_username", "kafka.ssl_cafile"}
+
+
+def test_admin_endpoint_needs_a_long_token(env: dict[str, str]) -> None:
+    env["FACTKEEPER_ADMIN__ENABLED"] = "true"
+    with pytest.raises(ConfigError, match="admin.token: required"):
+        load_settings(None, env=env)
+    env["FACTKEEPER_ADMIN__TOKEN"] = "tok-3x9q"
+    with pytest.raises(ConfigError, match="at least 16") as caught:
+        load_settings(None, env=env)
+    assert "tok-3x9q" not in str(caught.value)
+
+
+def test_tracking_uri_must_not_carry_a_password(env: dict[str, str]) -> None:
+    env["FACTKEEPER_SNAPSHOTS__TRACKING_URI"] = f"https://ml:{SECRET}@mlflow.internal"
+    with pytest.raises(ConfigError, match="snapshots.tracking_uri") as caught:
+        load_settings(None, env=env)
+    assert SECRET not in str(caught.value)
+
+
+def test_secrets_are_masked_in_repr_str_and_redacted_dict(env: dict[str, str]) -> None:
+    env |= {
+        "FACTKEEPER_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "FACTKEEPER_KAFKA__SASL_MECHANISM": "PLAIN",
+        "FACTKEEPER_KAFKA__SASL_USERNAME": "factkeeper",
+        "FACTKEEPER_KAFKA__SASL_PASSWORD": SECRET,
+        "FACTKEEPER_ADMIN__ENABLED": "true",
+        "FACTKEEPER_ADMIN__TOKEN": SECRET + "-admin",
+    }
+    settings = load_settings(None, env=env)
+    for text in (repr(settings), str(settings), repr(settings.kafka), str(settings.admin)):
+        assert SECRET not in text
+    shown = settings.redacted_dict()
+    assert shown["kafka"]["sasl_password"] == "***"
+    assert shown["admin"]["token"] == "***"
+    assert shown["kafka"]["sasl_username"] == "factkeeper"
+    assert SECRET not in json.dumps(shown)
+
+
+def test_unset_secrets_stay_null_when_redacted(env: dict[str, str]) -> None:
+    shown = load_settings(None, env=env).redacted_dict()
+    assert shown["kafka"]["sasl_password"] is None
+    assert shown["admin"]["token"] is None
+
+
+def test_invalid_secret_is_not_echoed(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, f"kafka:\n  sasl_password: [{SECRET}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert "kafka.sasl_password" in problem_paths(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("- kafka\n", "top level must be a mapping"),
+        ("kafka: [unclosed\n", "line 2"),
+    ],
+)
+def test_unusable_files_give_clear_errors(
+    tmp_path: Path, env: dict[str, str], text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(write(tmp_path, text), env=env)
+
+
+def test_missing_file_names_the_file(tmp_path: Path, env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="does not exist; copy configs/default.yaml"):
+        load_settings(tmp_path / "nope.yaml", env=env)
+
+
+def test_settings_are_frozen(env: dict[str, str]) -> None:
+    settings = load_settings(None, env=env)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.kafka.group_id = "other"  # type: ignore[misc]
+
+
+def test_config_and_schema_modules_do_not_import_torch() -> None:
+    code = (
+        "import sys, daemon.config, daemon.events, daemon.control, daemon.journal; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
