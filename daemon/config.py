@@ -208,12 +208,15 @@ class ModelSettings(_Section):
 
 
 class EditorSettings(_Section):
-    """The editing method; its hyperparameters live in the method's own config, not here."""
+    """The editing method; its hyperparameters live in the method's own config class."""
 
     method: EditorName = "ft"
     """``ft`` until the EMSEdit checkpoint ships, then ``emsedit``."""
     checkpoint: UserPath | None = None
     """A trained editor checkpoint (safetensors + JSON); default: the one shipped for the model."""
+    options: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``);
+    validated by that config class when the editor is built."""
 
 
 class SafeguardSettings(_Section):

@@ -1,0 +1,136 @@
+"""Turning validated events into model edits that either take completely or not at all.
+
+A batch is applied with the configured editor, then every edit is post-checked: the model's
+greedy answer to the prompt must now start with the new target. If any edit in a batch does not
+take, the whole batch is undone (bit-exact) and its events are applied one at a time, so one bad
+correction cannot drag good ones down; an event that still does not take alone is undone and
+reported as failed. The units that were finally kept are what the journal records (``batch_id``)
+and what replay re-applies, in order, to reach the same weights after a restart.
+
+A correction for a prompt an earlier edit already changed is applied on top of it (the earlier
+edit stays in the weights and in the journal); audits expect the newest target for each prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from daemon.events import FactCorrection
+from editing.editors.base import EditError, Editor, EditResult
+from editing.generation import greedy_generate
+from editing.models import LoadedModel
+from editing.requests import EditRequest, LocalityProbe
+
+log = logging.getLogger(__name__)
+
+# Tokens generated beyond the target's own length when checking that an edit took.
+POST_CHECK_SLACK_TOKENS = 2
+
+
+def to_request(event: FactCorrection) -> EditRequest:
+    """The editing library's view of an event."""
+    return EditRequest(
+        request_id=event.id,
+        prompt=event.prompt,
+        subject=event.subject,
+        target_new=event.target_new,
+        target_true=event.target_old,
+        rephrases=tuple(event.rephrases),
+        locality=tuple(LocalityProbe(p.prompt, p.answer) for p in event.locality_probes),
+    )
+
+
+@dataclass
+class AppliedUnit:
+    """Events applied together in one editor call and kept: the unit of replay."""
+
+    batch_id: str
+    events: list[FactCorrection]
+    result: EditResult
+    seconds: float
+
+
+@dataclass
+class BatchOutcome:
+    applied: list[AppliedUnit] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # event id -> reason
+
+    @property
+    def applied_ids(self) -> list[str]:
+        return [e.id for unit in self.applied for e in unit.events]
+
+
+class EditApplier:
+    """Applies events to one loaded model with one editor."""
+
+    def __init__(self, lm: LoadedModel, editor: Editor) -> None:
+        self.lm = lm
+        self.editor = editor
+
+    def apply(self, events: Sequence[FactCorrection]) -> BatchOutcome:
+        """Apply ``events``; every event ends up in ``applied`` or ``failed``, never half-done."""
+        outcome = BatchOutcome()
+        if not events:
+            return outcome
+        if len(events) > 1 and self.editor.supports_batch:
+            unit, failures = self._try_unit(list(events))
+            if unit is not None:
+                outcome.applied.append(unit)
+                return outcome
+            log.info("batch did not fully take; retrying one at a time", extra={"n": len(events)})
+        for event in events:
+            unit, failures = self._try_unit([event])
+            if unit is not None:
+                outcome.applied.append(unit)
+            else:
+                outcome.failed[event.id] = failures.get(event.id, "edit did not take")
+        return outcome
+
+    def replay(self, batch_id: str, events: Sequence[FactCorrection]) -> AppliedUnit:
+        """Re-apply a journaled unit without the post-check (it passed when first applied)."""
+        started = time.perf_counter()
+        result = self.editor.apply(self.lm, [to_request(e) for e in events])
+        return AppliedUnit(batch_id, list(events), result, time.perf_counter() - started)
+
+    def _try_unit(self, events: list[FactCorrection]) -> tuple[AppliedUnit | None, dict[str, str]]:
+        requests = [to_request(e) for e in events]
+        started = time.perf_counter()
+        try:
+            result = self.editor.apply(self.lm, requests)
+        except EditError as exc:  # the editor guarantees the model is unchanged
+            return None, {e.id: f"editor refused: {exc}" for e in events}
+        failures = self.post_check(requests)
+        if failures:
+            self.editor.undo(self.lm, result)
+            return None, failures
+        unit = AppliedUnit(uuid.uuid4().hex, events, result, time.perf_counter() - started)
+        return unit, {}
+
+    def post_check(self, requests: Sequence[EditRequest]) -> dict[str, str]:
+        """Requests whose greedy answer does not start with the new target, with the answer."""
+        tokenizer = self.lm.tokenizer
+        longest = max(len(tokenizer(" " + r.target_new).input_ids) for r in requests)
+        answers = greedy_generate(
+            self.lm.model,
+            tokenizer,
+            [r.prompt for r in requests],
+            max_new_tokens=longest + POST_CHECK_SLACK_TOKENS,
+        )
+        return {
+            r.request_id: f"edit did not take: model answers {answer.strip()[:80]!r}"
+            for r, answer in zip(requests, answers, strict=True)
+            if not answer_matches(answer, r.target_new)
+        }
+
+
+def answer_matches(answer: str, target: str) -> bool:
+    """The answer starts with the target as a whole word: "Rome." matches, "Romeo" does not."""
+    answer, target = answer.lstrip(), target.strip()
+    if not answer.startswith(target):
+        return False
+    rest = answer[len(target) :]
+    return not rest or not (rest[0].isalnum() or rest[0] == "_")

@@ -1,0 +1,399 @@
+"""The consumer loop: Kafka records in, edits applied, journal rows written, offsets committed.
+
+Order of effects for every batch (the exactly-once *effect* rests on it):
+1. apply the valid events (all of a unit or none, see ``applier``);
+2. send rejected records to the DLQ and flush the producer;
+3. write one journal row per consumed record in one transaction (fsynced);
+4. only then commit the Kafka offsets.
+A crash before 3 loses only in-memory edits, which the restart rebuilds from the journal before
+the records are consumed again; a crash between 3 and 4 is covered by seeking past journaled
+offsets when partitions are assigned. DLQ delivery is therefore at-least-once.
+
+Shutdown flips ``stop_requested``; the loop finishes the batch in flight, journals and commits
+it, and closes the consumer without auto-committing. ``run`` takes ``max_messages`` and
+``idle_timeout_s`` so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from daemon.applier import BatchOutcome, EditApplier
+from daemon.config import Settings
+from daemon.control import ControlCommand, Pause, Resume, parse_control
+from daemon.errors import InvalidControlError, InvalidEventError
+from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
+from daemon.journal import EventRecord, Journal
+from monitoring.http import Readiness
+from monitoring.metrics import FactkeeperMetrics
+
+log = logging.getLogger(__name__)
+
+LAG_REFRESH_S = 10.0
+ControlHandler = Callable[[ControlCommand], str]
+
+
+@dataclass
+class _Pending:
+    """A consumed correction record awaiting the batch flush, with what we know of it."""
+
+    record: object  # kafka ConsumerRecord
+    event: FactCorrection | None = None
+    invalid: InvalidEventError | None = None
+    duplicate_of_journal: bool = False
+    conflicting: bool = False
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.record.topic, self.record.partition)
+
+
+@dataclass
+class RunStats:
+    consumed: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+
+    def count(self, result: str, n: int = 1) -> None:
+        self.results[result] = self.results.get(result, 0) + n
+
+
+class FactConsumer:
+    """Drives one model's correction stream; single-threaded by design (one writer)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        applier: EditApplier,
+        journal: Journal,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        metrics: FactkeeperMetrics,
+        readiness: Readiness,
+        on_control: ControlHandler | None = None,
+        after_batch: Callable[[BatchOutcome], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = settings.kafka.topics
+        self.applier = applier
+        self.journal = journal
+        self.consumer = consumer
+        self.producer = producer
+        self.metrics = metrics
+        self.readiness = readiness
+        self.on_control = on_control
+        self.after_batch = after_batch
+        self.stop_requested = threading.Event()
+        self.assignment_changed = threading.Event()
+        self.paused = False
+        self.stats = RunStats()
+        self._pending: list[_Pending] = []
+        self._pending_since = 0.0
+        self._last_lag = 0.0
+        # Highest journaled offset per (topic, partition): records at or below it were handled
+        # before a crash that came between the journal write and the offset commit.
+        self._journaled = dict(journal.last_offsets())
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> RunStats:
+        """Consume until stopped, ``max_messages`` records were consumed, or idle for long."""
+        self.consumer.subscribe(
+            [self.topics.corrections, self.topics.control], listener=_Listener(self)
+        )
+        last_activity = time.monotonic()
+        linger_s = self.settings.batching.linger_ms / 1000
+        try:
+            while not self.stop_requested.is_set():
+                budget = self.settings.batching.max_size - self._valid_pending()
+                polled = self.consumer.poll(
+                    timeout_ms=max(50, int(linger_s * 1000)), max_records=max(1, budget)
+                )
+                records = sorted(
+                    (r for batch in polled.values() for r in batch),
+                    key=lambda r: (r.topic, r.partition, r.offset),
+                )
+                if self.assignment_changed.is_set():
+                    self.assignment_changed.clear()
+                    self._apply_pause()
+                for record in records:
+                    self.stats.consumed += 1
+                    if record.topic == self.topics.control:
+                        self.flush()
+                        self._handle_control(record)
+                    else:
+                        self._stage(record)
+                if self._pending and (
+                    not records
+                    or self._valid_pending() >= self.settings.batching.max_size
+                    or time.monotonic() - self._pending_since >= linger_s
+                ):
+                    self.flush()
+                if records or not self.consumer.assignment():
+                    # Idle time starts once the work is done, and only counts while we hold
+                    # partitions (a restart may wait for the group to drop a dead member).
+                    last_activity = time.monotonic()
+                self._refresh_lag()
+                if max_messages is not None and self.stats.consumed >= max_messages:
+                    break
+                idle = time.monotonic() - last_activity
+                if idle_timeout_s is not None and idle >= idle_timeout_s and not self._pending:
+                    break
+        finally:
+            self.flush()
+        return self.stats
+
+    def close(self) -> None:
+        """Close the clients without auto-committing anything we did not journal."""
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            self.producer.flush()
+            self.producer.close()
+
+    # -- staging -------------------------------------------------------------------------------
+
+    def _stage(self, record: object) -> None:
+        done_upto = self._journaled.get((record.topic, record.partition), -1)
+        if record.offset <= done_upto:  # journaled before a crash; only the commit was lost
+            tp = TopicPartition(record.topic, record.partition)
+            self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+            self.stats.count("already-journaled")
+            return
+        pending = _Pending(record)
+        try:
+            pending.event = parse_event(record.value)
+        except InvalidEventError as exc:
+            pending.invalid = exc
+        else:
+            earlier = self._staged_event(pending.event.id)
+            if earlier is not None or self.journal.has_event(pending.event.id):
+                pending.duplicate_of_journal = True
+                previous = earlier or self.journal.get(pending.event.id).event
+                pending.conflicting = previous is not None and encode_event(
+                    previous
+                ) != encode_event(pending.event)
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(pending)
+
+    def _staged_event(self, event_id: str) -> FactCorrection | None:
+        for p in self._pending:
+            if p.event is not None and not p.duplicate_of_journal and p.event.id == event_id:
+                return p.event
+        return None
+
+    def _valid_pending(self) -> int:
+        return sum(1 for p in self._pending if p.event is not None and not p.duplicate_of_journal)
+
+    # -- the flush: apply, DLQ, journal, commit --------------------------------------------------
+
+    def flush(self) -> None:
+        """Apply, journal and commit everything staged; a no-op when nothing is."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        events = [p.event for p in pending if p.event is not None and not p.duplicate_of_journal]
+        started = time.perf_counter()
+        outcome = self.applier.apply(events)
+        seconds = time.perf_counter() - started
+        try:
+            self._send_rejections(pending, outcome)
+            self.journal.record_batch(self._rows(pending, outcome))
+        except Exception:
+            # The journal is the truth: an edit it does not hold must not stay in the weights.
+            for unit in reversed(outcome.applied):
+                self.applier.editor.undo(self.applier.lm, unit.result)
+            raise
+        for p in pending:
+            key = (p.record.topic, p.record.partition)
+            self._journaled[key] = max(self._journaled.get(key, -1), p.record.offset)
+        self._commit(pending)
+        self._count(pending, outcome, seconds)
+        if self.after_batch is not None:
+            self.after_batch(outcome)
+
+    def _send_rejections(self, pending: list[_Pending], outcome: BatchOutcome) -> None:
+        now = datetime.now(UTC)
+        sent = 0
+        for p in pending:
+            reason: DlqReason | None = None
+            if p.invalid is not None:
+                reason, detail, event_id = (
+                    p.invalid.reason_code,
+                    p.invalid.detail,
+                    p.invalid.event_id,
+                )
+            elif p.conflicting:
+                reason, detail, event_id = (
+                    "conflicting-duplicate",
+                    "an event with this id and a different payload was already consumed",
+                    p.event.id,
+                )
+            elif (
+                p.event is not None and p.event.id in outcome.failed and not p.duplicate_of_journal
+            ):
+                reason, detail, event_id = "edit-failed", outcome.failed[p.event.id], p.event.id
+            if reason is None:
+                continue
+            r = p.record
+            headers = dlq_headers(
+                reason, detail, r.topic, r.partition, r.offset, now, event_id=event_id
+            )
+            self.producer.send(self.topics.dlq, value=r.value, key=r.key, headers=headers)
+            sent += 1
+        if sent:
+            self.producer.flush()
+
+    def _rows(self, pending: list[_Pending], outcome: BatchOutcome) -> list[EventRecord]:
+        units = {e.id: unit for unit in outcome.applied for e in unit.events}
+        now = datetime.now(UTC)
+        rows = []
+        for p in pending:
+            r = p.record
+            base = {
+                "topic": r.topic,
+                "partition": r.partition,
+                "offset": r.offset,
+                "received_at": now,
+            }
+            if p.invalid is not None:
+                rows.append(EventRecord(status="invalid", reason=p.invalid.reason_code, **base))
+            elif p.duplicate_of_journal:
+                reason = "conflicting-duplicate" if p.conflicting else "duplicate"
+                rows.append(EventRecord(status="duplicate", event=p.event, reason=reason, **base))
+            elif p.event.id in units:
+                unit = units[p.event.id]
+                rows.append(
+                    EventRecord(
+                        status="applied",
+                        event=p.event,
+                        applied_at=now,
+                        edit_seconds=unit.seconds,
+                        delta_norms=unit.result.delta_norms(),
+                        batch_id=unit.batch_id,
+                        **base,
+                    )
+                )
+            else:
+                reason = outcome.failed.get(p.event.id, "edit did not take")
+                rows.append(EventRecord(status="failed", event=p.event, reason=reason, **base))
+        return rows
+
+    def _commit(self, pending: list[_Pending]) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for p in pending:
+            offsets[p.tp] = OffsetAndMetadata(p.record.offset + 1, "", -1)
+        self._commit_offsets(offsets)
+
+    def _commit_offsets(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        try:
+            self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The journal already holds these rows; reassignment seeks past them.
+            log.warning("offset commit failed; journal rows are durable", extra={"error": str(exc)})
+
+    def _count(self, pending: list[_Pending], outcome: BatchOutcome, seconds: float) -> None:
+        for p in pending:
+            if p.invalid is not None:
+                result = "invalid"
+            elif p.duplicate_of_journal:
+                result = "duplicate"
+            elif p.event.id in outcome.failed:
+                result = "failed"
+            else:
+                result = "applied"
+            self.metrics.events.labels(result=result).inc()
+            self.stats.count(result)
+        if outcome.applied or outcome.failed:
+            self.metrics.edit_duration.observe(seconds)
+            self.metrics.edit_batch_size.observe(len(outcome.applied_ids) + len(outcome.failed))
+        log.info(
+            "batch journaled",
+            extra={
+                "records": len(pending),
+                "applied": len(outcome.applied_ids),
+                "failed": len(outcome.failed),
+                "seconds": round(seconds, 3),
+            },
+        )
+
+    # -- control ---------------------------------------------------------------------------------
+
+    def _handle_control(self, record: object) -> None:
+        now = datetime.now(UTC)
+        source = f"{record.topic}[{record.partition}]@{record.offset}"
+        try:
+            command = parse_control(record.value)
+        except InvalidControlError as exc:
+            log.warning("invalid control command", extra={"reason": exc.reason_code, "at": source})
+            self.metrics.events.labels(result="invalid").inc()
+        else:
+            outcome = self._execute(command)
+            self.journal.record_control(command, received_at=now, outcome=outcome, source=source)
+            log.info("control command", extra={"command": command.command, "outcome": outcome})
+        tp = TopicPartition(record.topic, record.partition)
+        self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+
+    def _execute(self, command: ControlCommand) -> str:
+        if isinstance(command, Pause):
+            self.paused = True
+            self._apply_pause()
+            return "done"
+        if isinstance(command, Resume):
+            self.paused = False
+            self.consumer.resume(*self._correction_partitions())
+            return "done"
+        if self.on_control is None:
+            return "unsupported: no handler for this command"
+        return self.on_control(command)
+
+    def _correction_partitions(self) -> list[TopicPartition]:
+        return [tp for tp in self.consumer.assignment() if tp.topic == self.topics.corrections]
+
+    def _apply_pause(self) -> None:
+        if self.paused:
+            self.consumer.pause(*self._correction_partitions())
+
+    # -- lag -------------------------------------------------------------------------------------
+
+    def _refresh_lag(self) -> None:
+        if time.monotonic() - self._last_lag < LAG_REFRESH_S:
+            return
+        self._last_lag = time.monotonic()
+        partitions = self._correction_partitions()
+        if not partitions:
+            return
+        try:
+            ends = self.consumer.end_offsets(partitions)
+            self.metrics.set_lag(
+                {tp.partition: max(0, ends[tp] - self.consumer.position(tp)) for tp in partitions}
+            )
+        except KafkaError as exc:
+            log.debug("lag refresh failed", extra={"error": str(exc)})
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Notes assignment changes for the main loop.
+
+    kafka-python 3 calls listeners from its IO thread, which must not touch the model or the
+    journal (both belong to the loop's thread); the loop reacts after its next poll.
+    """
+
+    def __init__(self, owner: FactConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.owner.readiness.set("partitions_assigned", False)
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.owner.assignment_changed.set()
+        self.owner.readiness.set("partitions_assigned", bool(assigned))
