@@ -94,10 +94,16 @@ def cmd_kafka(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    """The main job end to end on the embedded defaults: local Kafka, SmolLM2, an answer."""
+    """The main job end to end: local Kafka, SmolLM2, corrections streamed and applied."""
     from daemon.demo import run_demo
 
-    return run_demo(port=ns.port, prompt=ns.prompt, keep_broker=ns.keep_broker)
+    return run_demo(
+        port=ns.port,
+        prompt=ns.prompt,
+        keep_broker=ns.keep_broker,
+        corrections=ns.corrections,
+        method=ns.editor,
+    )
 
 
 def cmd_train_editor(ns: argparse.Namespace) -> int:
@@ -197,7 +203,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         command="factkeeper " + " ".join(sys.argv[1:]),
     )
-    Console().print(render_table(result))
+    Console(width=200).print(render_table(result))
     print(result["plot"].removesuffix(".png") + ".json")
     return EXIT_OK
 
@@ -222,6 +228,8 @@ COMMANDS: dict[str, Command] = {
             _PORT,
             arg("--prompt", default="The capital of France is"),
             arg("--keep-broker", action="store_true", help="leave the broker running"),
+            arg("--corrections", type=int, default=50, help="CounterFact corrections to stream"),
+            arg("--editor", default=None, help="editing method (default: the configured one)"),
         ),
     ),
     "version": Command(cmd_version),

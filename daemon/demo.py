@@ -1,33 +1,98 @@
-"""The README's main job on the embedded defaults: local Kafka, SmolLM2, an answer.
+"""The README's main job on the embedded defaults: corrections through Kafka into SmolLM2.
 
-It grows with the project (stream corrections, edit, audit, version); each step prints one line
-on stdout so a newcomer sees what happened and how long it took.
+Starts the local broker, loads SmolLM2, asks a few CounterFact questions, streams real CounterFact
+corrections through the daemon (validate, edit, post-check, journal, commit), asks again, and
+prints throughput and the journal summary. Each run uses its own topic and state folder under
+``FACTKEEPER_HOME/demo/`` so it can be repeated; each step prints one line on stdout.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import UTC, datetime
 
 from daemon import kafka_broker
+from daemon.config import load_settings
+from daemon.kafka_clients import ensure_topics
+from daemon.produce import events_from_requests, send
+from daemon.service import Daemon
+from editing.datasets import load_dataset
 from editing.generation import greedy_generate
 from editing.models import load_model
+from editing.paths import Paths
+
+SHOWN = 4  # facts whose answers are printed before and after
 
 
 def run_demo(
-    port: int = 9092, prompt: str = "The capital of France is", keep_broker: bool = False
+    port: int = 9092,
+    prompt: str = "The capital of France is",
+    keep_broker: bool = False,
+    corrections: int = 50,
+    method: str | None = None,
 ) -> int:
-    """Start the broker, load the model, answer ``prompt``; stop the broker if we started it."""
+    """Broker, model, corrections through the daemon, answers before/after; 0 on success."""
+    paths = Paths.from_env()
+    # A new consumer group on a fresh broker logs transient coordinator warnings; the demo's
+    # reader needs the step lines, not those.
+    logging.getLogger("kafka").setLevel(logging.ERROR)
     cfg = kafka_broker.LocalBrokerConfig(port=port)
     was_running = kafka_broker.status(cfg).running
     started = time.perf_counter()
     broker = kafka_broker.start(cfg)
-    print(f"[1/3] kafka ready at {broker.bootstrap} ({time.perf_counter() - started:.1f} s)")
+    print(f"[1/5] kafka ready at {broker.bootstrap} ({time.perf_counter() - started:.1f} s)")
     try:
-        lm = load_model("smollm2")
+        lm = load_model("smollm2", paths=paths)
         source = "safetensors cache" if lm.from_cache else "GGUF, now cached"
-        print(f"[2/3] model {lm.name} loaded from {source} ({lm.load_seconds:.1f} s)")
-        [answer] = greedy_generate(lm.model, lm.tokenizer, [prompt], max_new_tokens=12)
-        print(f"[3/3] {prompt!r} -> {answer!r}")
+        print(f"[2/5] model {lm.name} loaded from {source} ({lm.load_seconds:.1f} s)")
+        [answer] = greedy_generate(lm.model, lm.tokenizer, [prompt], max_new_tokens=8)
+        print(f"      {prompt!r} -> {answer!r}")
+
+        requests = load_dataset("counterfact", "eval", limit=corrections)
+        shown = requests[:SHOWN]
+        before = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in shown], 6)
+
+        run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        topic = f"factkeeper-demo-{run_id}"
+        env = {
+            "FACTKEEPER_HOME": str(paths.home),
+            "FACTKEEPER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+            "FACTKEEPER_KAFKA__TOPICS__CORRECTIONS": topic,
+            "FACTKEEPER_KAFKA__TOPICS__DLQ": f"{topic}.dlq",
+            "FACTKEEPER_KAFKA__TOPICS__CONTROL": f"{topic}.control",
+            "FACTKEEPER_KAFKA__TOPICS__QUARANTINE": f"{topic}.quarantine",
+            "FACTKEEPER_KAFKA__GROUP_ID": topic,
+            "FACTKEEPER_JOURNAL__PATH": str(paths.home / "demo" / run_id / "journal.sqlite3"),
+            "FACTKEEPER_METRICS__HOST": "127.0.0.1",
+        }
+        if method:
+            env["FACTKEEPER_EDITOR__METHOD"] = method
+        settings = load_settings(None, env=env)
+        ensure_topics(settings.kafka)
+        sent = send(settings.kafka, events_from_requests(requests, source="counterfact/eval"))
+        print(f"[3/5] produced {sent} CounterFact corrections to {topic}")
+
+        daemon = Daemon(settings, lm=lm, serve_metrics=False, paths=paths)
+        try:
+            started = time.perf_counter()
+            stats = daemon.run(max_messages=sent, idle_timeout_s=20.0, handle_signals=False)
+            seconds = time.perf_counter() - started
+            counts = daemon.journal.counts_by_status()
+        finally:
+            daemon.close()
+        rate = stats.consumed / seconds if seconds else 0.0
+        print(
+            f"[4/5] daemon ({settings.editor.method}) consumed {stats.consumed} events in "
+            f"{seconds:.1f} s ({rate:.2f} events/s): "
+            + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        )
+
+        after = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in shown], 6)
+        print("[5/5] answers before -> after (target):")
+        for request, old, new in zip(shown, before, after, strict=True):
+            print(f"      {request.prompt!r}: {old.strip()!r} -> {new.strip()!r}")
+            print(f"      (correction: {request.target_new!r})")
     finally:
         if not (was_running or keep_broker):
             kafka_broker.stop(cfg)

@@ -53,3 +53,24 @@ def build_producer(kafka: KafkaSettings) -> KafkaProducer:
         linger_ms=5,
         **security_options(kafka),
     )
+
+
+def ensure_topics(kafka: KafkaSettings, partitions: int = 1, replication: int = 1) -> list[str]:
+    """Create the four topics where missing (local broker and demos; clusters declare them)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    t = kafka.topics
+    wanted = [t.corrections, t.dlq, t.control, t.quarantine]
+    admin = KafkaAdminClient(
+        bootstrap_servers=list(kafka.bootstrap_servers),
+        client_id=f"{kafka.client_id}-admin",
+        **security_options(kafka),
+    )
+    try:
+        missing = [name for name in wanted if name not in set(admin.list_topics())]
+        if missing:
+            admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
+        return missing
+    finally:
+        admin.close()

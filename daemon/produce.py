@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.config import KafkaSettings
-from daemon.events import SCHEMA_V1, FactCorrection, encode_event
+from daemon.events import SCHEMA_V1, FactCorrection, encode_event, parse_event
 from daemon.kafka_clients import build_producer
 from editing.requests import EditRequest
 
@@ -36,7 +36,7 @@ def event_from_request(request: EditRequest, source: str, created_at: datetime) 
     }
     if request.target_true and request.target_true.strip() != request.target_new.strip():
         payload["target_old"] = request.target_true
-    return FactCorrection.model_validate(payload)
+    return parse_event(json.dumps(payload).encode("utf-8"))  # exactly the daemon's validation
 
 
 def events_from_requests(requests: Sequence[EditRequest], source: str) -> list[bytes]:
