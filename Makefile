@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.factkeeper-setup
 KAFKA_LIBS := deploy/kafka/target/libs/.resolved
 
-.PHONY: setup system-deps demo test lint clean
+.PHONY: setup system-deps deploy-tools demo test lint clean
 
 setup: $(STAMP) $(KAFKA_LIBS)
 
@@ -41,7 +41,12 @@ system-deps:
 demo: setup
 	$(VENV)/bin/factkeeper demo
 
-test: setup system-deps
+# helm, helmfile and kubeconform for the chart tests, built from pinned sources with Go into
+# $(FACTKEEPER_HOME)/tools (once per machine: about 10 minutes on 2 cores the first time).
+deploy-tools:
+	@bash deploy/tools/install-tools.sh
+
+test: setup system-deps deploy-tools
 	$(VENV)/bin/python -m pytest
 
 lint: setup
