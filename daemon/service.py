@@ -1,10 +1,10 @@
-"""The daemon process: load the model, rebuild its edits from the journal, consume, serve metrics.
+"""The daemon process: load the model, rebuild its edits, consume, snapshot, serve metrics.
 
-Start-up is the recipe of the design's "exactly-once effect": the model is the base weights plus
-a deterministic replay of every applied journal entry, unit by unit in journal order; only then
-does the consumer resume from the committed offsets. Replay re-runs the editor instead of
-loading stored deltas, so it needs editing to be deterministic on CPU (the editors' tests check
-that); snapshots (MLflow versions) shorten it.
+Start-up is the recipe of the design's "exactly-once effect": the model is the newest usable
+snapshot (an MLflow version) plus a deterministic replay of the applied journal entries after
+it, unit by unit in journal order; only then does the consumer resume from the committed
+offsets. Replay re-runs the editor instead of loading stored deltas, so it needs editing to be
+deterministic on CPU (the editors' tests check that).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from types import FrameType
 
 import torch
 
-from daemon.applier import EditApplier
+from daemon.applier import BatchOutcome, EditApplier
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer
+from daemon.versions import VersionKeeper
 from editing.editors import Editor, get_editor
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
@@ -40,6 +41,12 @@ class ReplayReport:
     units: int
     events: int
     seconds: float
+
+
+def snapshots_enabled(settings: Settings) -> bool:
+    """Versioning is off when no trigger is set (every_n_edits, every_minutes, on_shutdown)."""
+    s = settings.snapshots
+    return s.every_n_edits > 0 or s.every_minutes > 0 or s.on_shutdown
 
 
 def replay_units(entries: list[JournalEntry]) -> Iterator[tuple[str, list[JournalEntry]]]:
@@ -97,11 +104,20 @@ class Daemon:
         self.applier = EditApplier(self.lm, self.editor)
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path)
-        self.replay = replay_journal(self.applier, self.journal)
-        self.metrics.edits_applied.set(self.replay.events)
-        self.metrics.set_model_version("journal", self.lm.name)
+        self.versions = (
+            VersionKeeper(settings, self.lm, self.journal, self.metrics)
+            if (snapshots_enabled(settings))
+            else None
+        )
+        self.restored = self.versions.restore() if self.versions else None
+        after_seq = self.restored.journal_seq if self.restored else 0
+        self.replay = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        self.metrics.edits_applied.set(len(self.journal.applied_events()))
+        version = self.restored.version if self.restored and self.restored.version else "base"
+        self.metrics.set_model_version(version, self.lm.name)
         self.readiness.set("model_loaded", True)
         self.consumer: FactConsumer | None = None
+        self._applied_since_snapshot = self.replay.events
 
     def run(
         self,
@@ -121,17 +137,28 @@ class Daemon:
             self.metrics,
             self.readiness,
             on_control=on_control,
-            after_batch=lambda outcome: self.metrics.edits_applied.inc(len(outcome.applied_ids)),
+            after_batch=self._after_batch,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
         try:
-            return consumer.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+            stats = consumer.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+            if self.versions is not None and self.settings.snapshots.on_shutdown:
+                self.versions.snapshot("shutdown")
+            return stats
         finally:
             consumer.close()
             self.readiness.set("partitions_assigned", False)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _after_batch(self, outcome: BatchOutcome) -> None:
+        applied = len(outcome.applied_ids)
+        self.metrics.edits_applied.inc(applied)
+        self._applied_since_snapshot += applied
+        if self.versions is not None and self.versions.due(self._applied_since_snapshot):
+            self.versions.snapshot("schedule")
+            self._applied_since_snapshot = 0
 
     def close(self) -> None:
         self.journal.close()

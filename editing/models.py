@@ -53,6 +53,7 @@ class LoadedModel:
     base_hash: str  # sha256 of the base weights: keys caches and snapshots to these weights
     load_seconds: float
     from_cache: bool
+    folder: Path | None = None  # the safetensors folder holding the base weights, if any
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +121,7 @@ def load_model(
         base_hash=base_hash,
         load_seconds=seconds,
         from_cache=from_cache,
+        folder=folder,
     )
 
 

@@ -80,6 +80,10 @@ def _env(tmp_path: Path, bootstrap: str, topic: str, model_dir: Path, **extra: s
         "FACTKEEPER_BATCHING__LINGER_MS": "50",
         "FACTKEEPER_METRICS__HOST": "127.0.0.1",
         "FACTKEEPER_METRICS__PORT": str(_free_port()),
+        # Versioning off unless a test turns it on: the registry costs seconds per fresh home.
+        "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": "0",
+        "FACTKEEPER_SNAPSHOTS__EVERY_MINUTES": "0",
+        "FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN": "false",
     }
     env.update(extra)
     return env
@@ -290,3 +294,42 @@ def test_kill_9_then_restart_equals_an_uninterrupted_run(
     worst = max(float((recovered[k] - expected[k]).abs().max()) for k in expected)
     assert worst == 0.0, f"max abs diff {worst}"
     assert json.loads(done.stdout.decode().strip().splitlines()[-1])["consumed"] >= 1
+
+
+def test_restart_restores_the_newest_snapshot_and_replays_only_after_it(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    _create_topics(kafka_broker, kafka_topic)
+    n = 12
+    _produce(kafka_broker, kafka_topic, [to_bytes(_fact(i)) for i in range(n)])
+    env = _env(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="5",
+        FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN="true",
+    )
+    first = _daemon(env)
+    try:
+        first.run(idle_timeout_s=3.0, handle_signals=False)
+        weights = {k: v.clone() for k, v in first.lm.model.state_dict().items()}
+        versions = first.versions.registry.versions()
+        applied = first.journal.counts_by_status()["applied"]
+    finally:
+        first.close()
+    assert applied >= 5
+    assert len(versions) >= 2  # at least one scheduled snapshot and the one at shutdown
+    newest = versions[0]
+    assert "candidate" in newest.aliases
+    assert int(newest.tags["journal_seq"]) == n
+    assert newest.tags["parent_version"] == versions[1].version
+
+    second = _daemon(env)
+    try:
+        assert second.restored.version == newest.version
+        assert second.replay.events == 0
+        for name, value in second.lm.model.state_dict().items():
+            assert torch.equal(value, weights[name]), name
+    finally:
+        second.close()
