@@ -42,11 +42,11 @@ from tests.daemon.harness import (
 pytestmark = pytest.mark.kafka
 
 
-def test_corrections_are_applied_journaled_andcommitted(
+def test_corrections_are_applied_journaled_and_committed(
     kafka_broker, kafka_topic, tiny_model_dir, tmp_path
 ):
     create_topics(kafka_broker, kafka_topic)
-    n = 40
+    n = 24
     duplicate = to_bytes(fact(3))
     malformed = [
         b"{not json",
@@ -89,7 +89,7 @@ def test_corrections_are_applied_journaled_andcommitted(
 
 def test_sigterm_mid_stream_loses_nothing(kafka_broker, kafka_topic, tiny_model_dir, tmp_path):
     create_topics(kafka_broker, kafka_topic)
-    n = 30
+    n = 20
     produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(n)])
     env = env_for(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
 
@@ -126,7 +126,7 @@ def test_kill_9_then_restart_equals_an_uninterrupted_run(
     kafka_broker, kafka_topic, tiny_model_dir, tmp_path
 ):
     create_topics(kafka_broker, kafka_topic)
-    n = 30
+    n = 16
     produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(n)])
 
     # A short session timeout lets the group drop the killed member quickly.
