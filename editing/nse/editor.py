@@ -1,0 +1,192 @@
+"""NSE as a factkeeper editor: targets on the original weights, the round's update on the current
+ones, and the past-edit memory committed only when the deltas are applied.
+
+The editor holds an ``EditState`` (original down-projection matrices of the edited layers, the
+memory M = Σ k kᵀ of every request seen, and the z cache) and a ``KeyStatistics`` (C0). Both are
+objects passed in, or built on first use: the state from the model, which must then still hold
+its base weights. ``compute_deltas`` is pure (the model and the memory are unchanged; only the
+z cache fills). ``apply`` writes the deltas and adds the batch's keys to M; ``undo`` restores the
+weights and M exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from editing.adapters import MlpRole
+from editing.edit_state import EditState
+from editing.editors.base import EditError, Editor, EditResult, restore, write_deltas
+from editing.keystats import KeyStatistics
+from editing.models import LoadedModel
+from editing.nse.config import NSEConfig, preset_for
+from editing.nse.keys import compute_target
+from editing.nse.shift import RoundResult, run_round
+from editing.paths import Paths
+from editing.requests import EditRequest
+
+log = logging.getLogger(__name__)
+
+_MEMORY_KEY = "nse_memory_before"
+_SEEN_KEY = "nse_edits_seen_before"
+
+
+class NSEEditor(Editor):
+    """Neuron-level Sequential Editing (Jiang et al., ACL 2025), spec ``shared/specs/nse.md``."""
+
+    name = "nse"
+    supports_batch = True
+    needs_training = False
+
+    def __init__(
+        self,
+        config: NSEConfig | None = None,
+        *,
+        stats: KeyStatistics | None = None,
+        state: EditState | None = None,
+        paths: Paths | None = None,
+    ) -> None:
+        """
+        Args:
+            config: hyperparameters; None picks the preset for the model's name at first use.
+            stats: source of C0; None builds one on ``paths`` with the default corpus.
+            state: original weights and past-edit memory, e.g. loaded from a snapshot; None
+                snapshots the model on first use (it must hold its base weights then).
+            paths: factkeeper home for the default key statistics.
+        """
+        self.config = config
+        self.stats = stats
+        self.state = state
+        self._paths = paths
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def config_for(self, lm: LoadedModel) -> NSEConfig:
+        if self.config is None:
+            self.config = preset_for(lm.name)
+        n_layers = lm.adapter.num_layers(lm.model)
+        if self.config.layers[-1] >= n_layers:
+            raise EditError(f"NSE layers {self.config.layers} exceed the model's {n_layers}")
+        return self.config
+
+    def state_for(self, lm: LoadedModel) -> EditState:
+        config = self.config_for(lm)
+        if self.state is None:
+            log.info("NSE: taking the current weights of layers %s as originals", config.layers)
+            self.state = EditState.from_model(lm, config.layers, MlpRole.DOWN)
+        self.state.check(lm, config.layers)
+        return self.state
+
+    def c0(self, lm: LoadedModel) -> dict[int, torch.Tensor]:
+        if self.stats is None:
+            self.stats = KeyStatistics(self._paths or Paths.from_env())
+        moments = self.stats.moments(lm, self.config_for(lm).layers, MlpRole.DOWN)
+        return {layer: m.c0 for layer, m in moments.items()}
+
+    # --- the algorithm ------------------------------------------------------------------------
+
+    def targets(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> torch.Tensor:
+        """Z (d, n): each request's target value, computed once on the ORIGINAL weights."""
+        config, state = self.config_for(lm), self.state_for(lm)
+        columns = []
+        missing = [r for r in requests if self.target_key(r) not in state.targets]
+        if missing:
+            with state.rewound(lm):
+                for done, request in enumerate(missing, start=1):
+                    value = compute_target(lm, request, config.z_layer, config)
+                    state.targets[self.target_key(request)] = value.z
+                    log.info(
+                        "nse target %d/%d %s: nll %.3f after %d steps",
+                        done,
+                        len(missing),
+                        request.request_id,
+                        value.nll,
+                        value.steps,
+                    )
+        for request in requests:
+            columns.append(state.targets[self.target_key(request)])
+        return torch.stack(columns, dim=1)  # n x (d,) -> (d, n)
+
+    def target_key(self, request: EditRequest) -> str:
+        """Content hash of everything z depends on besides the (fixed) original weights."""
+        config = self.config
+        assert config is not None
+        relevant = {
+            "prompt": request.prompt,
+            "subject": request.subject,
+            "target": request.target_new,
+            "z_layer": config.z_layer,
+            "value": [
+                config.v_num_grad_steps,
+                config.v_lr,
+                config.v_weight_decay,
+                config.clamp_norm_factor,
+                config.kl_factor,
+                config.early_stop_loss,
+                list(config.prefixes[: config.value_prefixes]),
+                config.kl_prompt,
+            ],
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
+
+    def plan(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> RoundResult:
+        """Everything one batch needs, with the model and the memory unchanged."""
+        if not requests:
+            raise EditError("no requests to edit")
+        config, state = self.config_for(lm), self.state_for(lm)
+        c0 = self.c0(lm)
+        targets = self.targets(lm, requests)
+        return run_round(lm, requests, targets, c0, state.memory, config)
+
+    def compute_deltas(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        return self._stored(lm, self.plan(lm, requests))
+
+    def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        """Write the batch's deltas and add its keys to the past-edit memory."""
+        started = time.perf_counter()
+        plan = self.plan(lm, requests)
+        state = self.state_for(lm)
+        deltas = self._stored(lm, plan)
+        previous = write_deltas(lm.model, deltas)
+        info: dict[str, object] = {
+            _MEMORY_KEY: state.memory_copy(),
+            _SEEN_KEY: state.edits_seen,
+            "residual_before": plan.residual_before.tolist(),
+            "residual_after": plan.residual_after.tolist(),
+            "edited": plan.edited.tolist(),
+            "outlier": plan.outlier.tolist(),
+            "passes": plan.passes,
+            "neurons": plan.neurons,
+        }
+        state.add_keys_(plan.memory_keys)
+        seconds = time.perf_counter() - started
+        log.info(
+            "nse: %d requests, %d passes, residual %.3f -> %.3f (mean), %.1f s",
+            len(requests),
+            plan.passes,
+            float(plan.residual_before.mean()),
+            float(plan.residual_after.mean()),
+            seconds,
+        )
+        return EditResult(deltas, previous, seconds, info)
+
+    def undo(self, lm: LoadedModel, result: EditResult) -> None:
+        """Restore the weights and the past-edit memory to their values before ``apply``."""
+        restore(lm.model, result.previous)
+        memory = result.info.get(_MEMORY_KEY)
+        if memory is not None and self.state is not None:
+            self.state.restore_memory_(memory, int(result.info[_SEEN_KEY]))  # type: ignore[arg-type]
+
+    def _stored(self, lm: LoadedModel, plan: RoundResult) -> dict[str, torch.Tensor]:
+        """Layer deltas as state-dict key -> contiguous float32 tensor in stored orientation."""
+        return {
+            lm.adapter.weight_name(MlpRole.DOWN, layer): lm.adapter.to_stored(delta).contiguous()
+            for layer, delta in plan.deltas.items()
+        }

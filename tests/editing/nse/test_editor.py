@@ -1,0 +1,185 @@
+"""NSE on a tiny llama trained to know a few facts: the edit takes, leaves the other facts, is
+pure until applied, undoes exactly, is deterministic, computes targets on the original weights,
+and its state survives a safetensors round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from editing.edit_state import EditState, EditStateError
+from editing.editors import EDITORS, get_editor
+from editing.generation import greedy_generate
+from editing.keystats import KeyStatistics
+from editing.models import LoadedModel
+from editing.nse import PRESETS, NSEEditor
+from editing.requests import EditRequest
+from tests.editing.nse.conftest import FACTS
+
+EDIT = EditRequest("e1", "The twin city of Paris", "Paris", "Japan")
+SECOND = EditRequest("e2", "The twin city of Japan", "Japan", "Rome")
+
+
+def _answers(lm: LoadedModel) -> list[str]:
+    return [
+        a.strip(" .") for a in greedy_generate(lm.model, lm.tokenizer, [p for p, _, _ in FACTS], 1)
+    ]
+
+
+def _editor(stats: KeyStatistics) -> NSEEditor:
+    return NSEEditor(PRESETS["tiny"], stats=stats)
+
+
+def _weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def test_registered() -> None:
+    assert EDITORS["nse"] is NSEEditor
+    assert isinstance(get_editor("nse"), NSEEditor)
+
+
+def test_the_trained_model_knows_its_facts(trained_lm: LoadedModel) -> None:
+    assert _answers(trained_lm) == [answer for _, _, answer in FACTS]
+
+
+def test_edit_takes_and_keeps_other_facts(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    editor = _editor(small_stats)
+    result = editor.apply(trained_lm, [EDIT])
+    assert _answers(trained_lm) == ["Japan", "Japan", "Paris"]
+    assert result.info["passes"] >= 1
+    assert result.info["residual_after"][0] < result.info["residual_before"][0]
+    names = {
+        trained_lm.adapter.weight_name(trained_lm.adapter.roles()[-1], layer) for layer in (1, 2)
+    }
+    assert set(result.deltas) == names
+    assert editor.state is not None and editor.state.edits_seen == 1
+
+
+def test_compute_deltas_is_pure_and_apply_writes_the_same(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    editor = _editor(small_stats)
+    before = _weights(trained_lm)
+    deltas = editor.compute_deltas(trained_lm, [EDIT])
+    after = _weights(trained_lm)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert editor.state is not None and editor.state.edits_seen == 0
+    assert all(m.abs().sum() == 0 for m in editor.state.memory.values())
+    result = editor.apply(trained_lm, [EDIT])
+    assert all(torch.equal(deltas[k], result.deltas[k]) for k in deltas)
+
+
+def test_undo_restores_weights_and_memory_exactly(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    editor = _editor(small_stats)
+    editor.apply(trained_lm, [SECOND])
+    assert editor.state is not None
+    memory_before = editor.state.memory_copy()
+    weights_before = _weights(trained_lm)
+    result = editor.apply(trained_lm, [EDIT])
+    assert editor.state.edits_seen == 2
+    editor.undo(trained_lm, result)
+    weights_after = _weights(trained_lm)
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+    assert all(torch.equal(memory_before[k], editor.state.memory[k]) for k in memory_before)
+    assert editor.state.edits_seen == 1
+
+
+def test_deterministic(trained_state: dict[str, torch.Tensor], small_stats: KeyStatistics) -> None:
+    from editing.tiny import tiny_loaded
+
+    runs = []
+    for _ in range(2):
+        lm = tiny_loaded("llama")
+        lm.model.load_state_dict(trained_state)
+        editor = _editor(small_stats)
+        editor.apply(lm, [SECOND])
+        runs.append(editor.apply(lm, [EDIT]).deltas)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_targets_use_the_original_weights(
+    trained_lm: LoadedModel, trained_state: dict[str, torch.Tensor], small_stats: KeyStatistics
+) -> None:
+    from editing.tiny import tiny_loaded
+
+    editor = _editor(small_stats)
+    editor.apply(trained_lm, [SECOND])  # the model has drifted now
+    z_after_drift = editor.targets(trained_lm, [EDIT])
+
+    fresh = tiny_loaded("llama")
+    fresh.model.load_state_dict(trained_state)
+    z_on_base = _editor(small_stats).targets(fresh, [EDIT])
+    assert torch.equal(z_after_drift, z_on_base)
+
+
+def test_sequential_edits_keep_earlier_ones(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    editor = _editor(small_stats)
+    editor.apply(trained_lm, [EDIT])
+    editor.apply(trained_lm, [SECOND])
+    assert _answers(trained_lm) == ["Japan", "Japan", "Rome"]
+
+
+def test_state_roundtrip_reproduces_the_next_edit(
+    tmp_path: Path,
+    trained_lm: LoadedModel,
+    trained_state: dict[str, torch.Tensor],
+    small_stats: KeyStatistics,
+) -> None:
+    from editing.tiny import tiny_loaded
+
+    editor = _editor(small_stats)
+    first = editor.apply(trained_lm, [EDIT])
+    assert editor.state is not None
+    path = tmp_path / "nse-state.safetensors"
+    editor.state.save(path, extra={"config": PRESETS["tiny"].to_dict()})
+    loaded = EditState.load(path)
+    assert loaded.edits_seen == 1 and loaded.layers == editor.state.layers
+    assert all(torch.equal(loaded.memory[k], editor.state.memory[k]) for k in loaded.memory)
+    assert all(
+        torch.equal(loaded.originals[k], editor.state.originals[k]) for k in loaded.originals
+    )
+    assert set(loaded.targets) == set(editor.state.targets)
+
+    # A restarted process: base weights + the applied deltas + the saved state.
+    restarted = tiny_loaded("llama")
+    restarted.model.load_state_dict(trained_state)
+    with torch.no_grad():
+        for name, delta in first.deltas.items():
+            restarted.model.get_parameter(name).add_(delta)
+    resumed = NSEEditor(PRESETS["tiny"], stats=small_stats, state=loaded)
+    expected = editor.compute_deltas(trained_lm, [SECOND])
+    got = resumed.compute_deltas(restarted, [SECOND])
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_state_of_other_weights_is_refused(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    state = EditState.from_model(trained_lm, (1, 2))
+    state.base_hash = "something-else"
+    with pytest.raises(EditStateError, match="base weights"):
+        NSEEditor(PRESETS["tiny"], stats=small_stats, state=state).compute_deltas(
+            trained_lm, [EDIT]
+        )
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_families_edit_in_stored_orientation(family: str, small_stats: KeyStatistics) -> None:
+    from editing.tiny import tiny_loaded
+
+    lm = tiny_loaded(family)
+    before = _weights(lm)
+    result = NSEEditor(PRESETS["tiny"], stats=small_stats).apply(lm, [EDIT])
+    for name, delta in result.deltas.items():
+        assert delta.shape == before[name].shape and delta.is_contiguous()
+        assert torch.equal(lm.model.state_dict()[name], before[name] + delta)
+    assert result.info["residual_after"][0] < result.info["residual_before"][0]
