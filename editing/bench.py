@@ -1,0 +1,426 @@
+"""The sequential-editing benchmark: every method on the same request stream, in one process.
+
+Recipe: load the model and the first ``n_edits`` requests; keep a bit-exact copy of the base
+weights; probe each method's first edit to learn the lowest block it changes (so the base pass
+can keep the residual stream entering that block); run every metric once on the base model; then
+per method: restore the base weights, apply the stream in batches, and after every turn measure
+retention (efficacy of all edits so far) and locality on a fixed probe sample; after the last turn
+run every metric over all edits (the papers' protocol). Results go to
+``<out>/<dataset>-<n_edits>.json`` (stable keys, read by other tools) with a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from editing.datasets import DATASETS, DatasetName, load_dataset
+from editing.editors import EDITORS, Editor, get_editor
+from editing.errors import FactkeeperError
+from editing.metrics import EvalConfig, Evaluator, ModelState, mean
+from editing.models import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+class BenchError(FactkeeperError):
+    """The benchmark's settings are inconsistent, or a method broke the editor contract."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run; checked when built."""
+
+    dataset: DatasetName
+    methods: tuple[str, ...]
+    n_edits: int = 1000
+    batch_size: int = 1
+    """Requests per editor call."""
+    turn_size: int = 100
+    """Edits between evaluations (a multiple of batch_size)."""
+    model: str = "smollm2"
+    seed: int = 0
+    out_dir: Path = Path("bench/results")
+    threads: int = 1
+    """torch intra-op threads (fixed, for deterministic edits)."""
+    data_dir: Path | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    editor_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per method, keyword arguments for ``get_editor`` (its config fields)."""
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise BenchError(f"--dataset must be one of {', '.join(DATASETS)}")
+        if not self.methods:
+            raise BenchError("--methods needs at least one method")
+        unknown = [m for m in self.methods if m not in EDITORS]
+        if unknown:
+            raise BenchError(
+                f"--methods: unknown {', '.join(unknown)}; known: {', '.join(sorted(EDITORS))}"
+            )
+        if len(set(self.methods)) != len(self.methods):
+            raise BenchError("--methods lists a method twice")
+        if self.n_edits < 1 or self.batch_size < 1 or self.turn_size < 1 or self.threads < 1:
+            raise BenchError("--edits, --batch, --turn-size and threads must be >= 1")
+        if self.turn_size % self.batch_size:
+            raise BenchError("--turn-size must be a multiple of --batch")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (nothing seeds at import time)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def result_path(out_dir: Path, dataset: str, n_edits: int) -> Path:
+    """Where a run's JSON goes; the plot sits beside it with ``.png``."""
+    return Path(out_dir) / f"{dataset}-{n_edits}.json"
+
+
+def run_bench(
+    dataset: DatasetName,
+    methods: Sequence[str],
+    n_edits: int = 1000,
+    batch_size: int = 1,
+    turn_size: int = 100,
+    model: str | LoadedModel = "smollm2",
+    seed: int = 0,
+    out_dir: Path | str = Path("bench/results"),
+    *,
+    data_dir: Path | None = None,
+    eval_config: EvalConfig | None = None,
+    threads: int = 1,
+    editor_options: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark and write its JSON and PNG; returns the JSON's content.
+
+    Args:
+        dataset: ``zsre``, ``counterfact`` or ``mquake`` (the eval split).
+        methods: registry names, run in this order on the same stream.
+        n_edits: requests from the start of the stream (fewer if the dataset is smaller).
+        batch_size: requests per editor call.
+        turn_size: edits between evaluations.
+        model: ``"smollm2"``, a local Hugging Face folder, or an already loaded model.
+        seed: seeds Python and torch before the run and before each method.
+        out_dir: folder for ``<dataset>-<n_edits>.json`` and ``.png``.
+        data_dir: dataset folder (default ``editing.datasets.default_data_dir()``).
+        eval_config: evaluation settings.
+        threads: torch threads, fixed for determinism (1 is fastest on a shared machine: spinning
+            OpenMP threads lose more to contention than they gain).
+        editor_options: per method, config fields passed to ``get_editor``.
+        progress: show progress bars (interactive use).
+        command: the command line to record (default: this process's argv).
+    """
+    cfg = BenchConfig(
+        dataset=dataset,
+        methods=tuple(methods),
+        n_edits=n_edits,
+        batch_size=batch_size,
+        turn_size=turn_size,
+        model=model if isinstance(model, str) else model.name,
+        seed=seed,
+        out_dir=Path(out_dir),
+        threads=threads,
+        data_dir=data_dir,
+        eval=eval_config or EvalConfig(),
+        editor_options=dict(editor_options or {}),
+    )
+    return Benchmark(cfg, model if isinstance(model, LoadedModel) else None).run(
+        progress=progress, command=command
+    )
+
+
+class Benchmark:
+    """State of one run: the model, its base weights, the stream and the evaluator."""
+
+    def __init__(self, config: BenchConfig, lm: LoadedModel | None = None) -> None:
+        self.config = config
+        self.lm = lm
+        self.base_state: dict[str, torch.Tensor] = {}
+
+    def run(self, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+        cfg = self.config
+        started_at = _now()
+        loadavg_start = list(os.getloadavg())
+        wall, cpu = time.perf_counter(), time.process_time()
+        torch.set_num_threads(cfg.threads)
+        torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.seed)
+        lm = self.lm or load_model(cfg.model)
+        self.lm = lm
+        requests = load_dataset(cfg.dataset, "eval", cfg.data_dir, limit=cfg.n_edits)
+        if len(requests) < cfg.n_edits:
+            log.warning(
+                "dataset has %d requests, fewer than --edits %d", len(requests), cfg.n_edits
+            )
+        self.base_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+        editors = {
+            name: get_editor(name, **cfg.editor_options.get(name, {})) for name in cfg.methods
+        }
+
+        probe_layers = self._probe_resume_layers(editors, requests[: cfg.batch_size])
+        evaluator = Evaluator(lm, requests, cfg.eval)
+        base_report = evaluator.prepare_base(capture_layers=sorted(set(probe_layers.values())))
+        log.info("base model evaluated", extra={"seconds": round(evaluator.base_seconds or 0, 1)})
+
+        methods: dict[str, Any] = {}
+        for name, editor in editors.items():
+            methods[name] = self._run_method(name, editor, requests, evaluator, progress)
+        self._restore_base()
+
+        out = {
+            "dataset": cfg.dataset,
+            "split": "eval",
+            "n_edits": len(requests),
+            "batch_size": cfg.batch_size,
+            "turn_size": cfg.turn_size,
+            "model": lm.name,
+            "base_hash": lm.base_hash,
+            "seed": cfg.seed,
+            "threads": cfg.threads,
+            "git_rev": _git_rev(),
+            "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "started_at": started_at,
+            "finished_at": _now(),
+            "wall_seconds": time.perf_counter() - wall,
+            "cpu_seconds": time.process_time() - cpu,
+            "machine": _machine(),
+            "torch_version": torch.__version__,
+            "transformers_version": importlib.metadata.version("transformers"),
+            "loadavg_start": loadavg_start,
+            "loadavg_end": list(os.getloadavg()),
+            "eval_config": dataclasses.asdict(cfg.eval),
+            "base_eval_seconds": evaluator.base_seconds,
+            "final_eval_seconds": {n: m["final_eval_seconds"] for n, m in methods.items()},
+            "base": base_report,
+            "methods": methods,
+            "known_before_editing": _known_examples(evaluator, requests),
+        }
+        path = result_path(cfg.out_dir, cfg.dataset, cfg.n_edits)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
+        from editing.bench_report import plot_curves
+
+        out["plot"] = str(plot_curves(out, path.with_suffix(".png")))
+        path.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
+        log.info("bench written", extra={"path": str(path), "seconds": round(out["wall_seconds"])})
+        return out
+
+    # -- steps --
+
+    def _probe_resume_layers(
+        self, editors: dict[str, Editor], first_batch: Sequence[Any]
+    ) -> dict[str, int]:
+        """Apply and undo each method's first batch to learn the lowest block it changes."""
+        assert self.lm is not None
+        layers = {}
+        for name, editor in editors.items():
+            result = editor.apply(self.lm, first_batch)
+            if result.deltas:
+                layers[name] = self._state(set(result.deltas)).resume_layer
+            editor.undo(self.lm, result)
+        self._check_base(set(), "the probe edit")
+        return layers
+
+    def _run_method(
+        self,
+        name: str,
+        editor: Editor,
+        requests: Sequence[Any],
+        evaluator: Evaluator,
+        progress: bool,
+    ) -> dict[str, Any]:
+        assert self.lm is not None
+        cfg = self.config
+        self._restore_base()
+        seed_everything(cfg.seed)
+        touched: set[str] = set()
+        edit_seconds: list[float] = []
+        immediate: list[float] = []
+        infos: list[dict[str, object]] = []
+        curve: list[dict[str, Any]] = []
+        eval_seconds = 0.0
+        turn_edit_seconds = 0.0
+        turn_immediate: list[float] = []
+        bar = tqdm(total=len(requests), desc=f"{cfg.dataset} {name}", disable=not progress)
+        for start in range(0, len(requests), cfg.batch_size):
+            batch = requests[start : start + cfg.batch_size]
+            result = editor.apply(self.lm, batch)
+            touched |= set(result.deltas)
+            edit_seconds.append(result.seconds)
+            turn_edit_seconds += result.seconds
+            infos.append({k: v for k, v in result.info.items() if isinstance(v, int | float)})
+            del result  # deltas and previous values: keeping 1000 of them would not fit
+            state = self._state(touched)
+            t0 = time.perf_counter()
+            eff = evaluator.efficacies(batch, state)
+            eval_seconds += time.perf_counter() - t0
+            immediate += eff
+            turn_immediate += eff
+            done = start + len(batch)
+            bar.update(len(batch))
+            if done % cfg.turn_size == 0 or done == len(requests):
+                t0 = time.perf_counter()
+                retention = mean(evaluator.efficacies(requests[:done], state))
+                locality = evaluator.curve_locality(state)
+                seconds = time.perf_counter() - t0
+                eval_seconds += seconds
+                curve.append(
+                    {
+                        "turn": len(curve) + 1,
+                        "n_edits": done,
+                        "retention": retention,
+                        "locality": locality,
+                        "efficacy_immediate": mean(turn_immediate),
+                        "edit_seconds": turn_edit_seconds,
+                        "eval_seconds": seconds,
+                    }
+                )
+                log.info(
+                    "turn done",
+                    extra={
+                        "method": name,
+                        "n_edits": done,
+                        "retention": round(retention or 0, 4),
+                        "locality": None if locality is None else round(locality, 4),
+                        "edit_s": round(turn_edit_seconds, 1),
+                        "eval_s": round(seconds, 1),
+                    },
+                )
+                turn_edit_seconds, turn_immediate = 0.0, []
+        bar.close()
+
+        final = evaluator.evaluate(requests, self._state(touched))
+        self._check_base(touched, name)
+        eval_seconds += final["eval_seconds"]
+        report = dict(final)
+        report.update(
+            {
+                "efficacy_immediate": mean(immediate),
+                "edit_seconds_p50": _percentile(edit_seconds, 50),
+                "edit_seconds_p95": _percentile(edit_seconds, 95),
+                "edit_seconds_total": sum(edit_seconds),
+                "eval_seconds": eval_seconds,
+                "final_eval_seconds": final["eval_seconds"],
+                "touched_parameters": sorted(touched),
+                "editor_config": _editor_config(editor),
+                "editor_info_mean": _mean_info(infos),
+                "curve": curve,
+            }
+        )
+        return report
+
+    # -- weights --
+
+    def _state(self, touched: set[str]) -> ModelState:
+        assert self.lm is not None
+        return ModelState.from_touched(self.lm.adapter, touched)
+
+    def _restore_base(self) -> None:
+        """Copy the base weights back into every parameter that differs (bit-exact)."""
+        assert self.lm is not None
+        with torch.no_grad():
+            for key, value in self.lm.model.state_dict().items():
+                if not torch.equal(value, self.base_state[key]):
+                    value.copy_(self.base_state[key])
+
+    def _check_base(self, touched: set[str], what: str) -> None:
+        """Parameters an editor did not report must still hold the base weights."""
+        assert self.lm is not None
+        for key, value in self.lm.model.state_dict().items():
+            if key not in touched and not torch.equal(value, self.base_state[key]):
+                raise BenchError(f"{what} changed {key} without reporting a delta for it")
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = int(rank), min(int(rank) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _editor_config(editor: Editor) -> dict[str, Any] | None:
+    config = getattr(editor, "config", None)
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
+
+
+def _mean_info(infos: Sequence[dict[str, object]]) -> dict[str, float]:
+    keys = sorted({k for info in infos for k in info})
+    return {k: float(mean(float(i[k]) for i in infos if k in i) or 0.0) for k in keys}
+
+
+def _known_examples(evaluator: Evaluator, requests: Sequence[Any]) -> dict[str, Any]:
+    """Which true facts the base model states under greedy decoding (a few examples)."""
+    report = evaluator.base_report or {}
+    return {
+        "gen_exact_match_true": report.get("gen_exact_match_true"),
+        "examples": evaluator.known_true_examples(limit=10),
+    }
+
+
+def _git_rev() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,156 @@
+"""Presenting benchmark results: the terminal table, the curve plot, and the README table.
+
+Everything here reads the benchmark JSON (``editing.bench``), never live objects, so the README
+Results table is generated from ``bench/results/*.json`` rather than typed by hand:
+``python -m editing.bench_report bench/results/*.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+# (JSON key, column title) of the headline columns, in order.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("efficacy", "Eff."),
+    ("generalization", "Gen."),
+    ("locality", "Loc."),
+    ("specificity", "Spec."),
+    ("gen_exact_match", "Gen-EM"),
+    ("efficacy_immediate", "Eff.@edit"),
+    ("retention_first100", "Ret.first100"),
+    ("efficacy_score", "ES"),
+    ("paraphrase_score", "PS"),
+    ("neighborhood_score", "NS"),
+    ("fluency", "Flu."),
+    ("multihop_accuracy", "MH acc."),
+)
+
+
+def _fmt(value: Any, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if key == "fluency":
+        return f"{value:.2f}"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}"
+    return str(value)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _present_columns(results: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Headline columns that have a value for at least one method."""
+    return [
+        (key, title)
+        for key, title in COLUMNS
+        if any(m.get(key) is not None for r in results for m in r["methods"].values())
+    ]
+
+
+def render_table(result: dict[str, Any]) -> Table:
+    """A rich table of one run: a row per method (percentages; fluency in bits)."""
+    columns = _present_columns([result])
+    table = Table(
+        title=(
+            f"{result['dataset']} · {result['n_edits']} edits · batch {result['batch_size']} · "
+            f"{result['model']}"
+        )
+    )
+    table.add_column("method")
+    for _, title in columns:
+        table.add_column(title, justify="right")
+    for title in ("edit s p50", "edit s p95", "eval s"):
+        table.add_column(title, justify="right")
+    for name, m in result["methods"].items():
+        table.add_row(
+            name,
+            *(_fmt(m.get(key), key) for key, _ in columns),
+            _seconds(m.get("edit_seconds_p50")),
+            _seconds(m.get("edit_seconds_p95")),
+            _seconds(m.get("eval_seconds")),
+        )
+    return table
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> Path:
+    """Retention and locality per turn, one line per method, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for name, m in result["methods"].items():
+        xs = [p["n_edits"] for p in m["curve"]]
+        for ax, key in zip(axes, ("retention", "locality"), strict=True):
+            ys = [p[key] for p in m["curve"]]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+    axes[0].set_title("retention: efficacy of all edits so far")
+    axes[1].set_title("locality: base top-1 kept (fixed probes)")
+    for ax in axes:
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    load = result.get("loadavg_start"), result.get("loadavg_end")
+    fig.suptitle(
+        f"{result['model']} · {result['dataset']} · {result['n_edits']} edits, batch "
+        f"{result['batch_size']} · load avg {load[0][0]:.1f}→{load[1][0]:.1f} · "
+        f"{result.get('git_rev') or ''}"[:110],
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def results_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """The README Results table: one row per (run, method), with command, revision and machine."""
+    columns = _present_columns(results)
+    head = ["dataset", "edits", "method", *(t for _, t in columns), "edit s p50/p95", "run min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        for name, m in r["methods"].items():
+            cells = [
+                r["dataset"],
+                str(r["n_edits"]),
+                name,
+                *(_fmt(m.get(key), key) for key, _ in columns),
+                f"{_seconds(m.get('edit_seconds_p50'))}/{_seconds(m.get('edit_seconds_p95'))}",
+                f"{r['wall_seconds'] / 60:.0f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in results:
+        machine = r["machine"]
+        lines.append(
+            f"- `{r['dataset']}-{r['n_edits']}`: `{r['command']}` · git `{r['git_rev']}` · "
+            f"{machine['cpu']}, {machine['cores']} cores, "
+            f"{machine['torch_threads']} torch thread(s)"
+            f" · load avg {r['loadavg_start'][0]:.1f} → {r['loadavg_end'][0]:.1f} · "
+            f"wall {r['wall_seconds'] / 60:.1f} min · base eval {r['base_eval_seconds']:.0f} s"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the README Results table for the given result JSON files."""
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
+    results = [json.loads(p.read_text()) for p in sorted(paths)]
+    sys.stdout.write(results_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

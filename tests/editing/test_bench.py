@@ -1,0 +1,93 @@
+"""The benchmark end to end on a tiny model and the fixture data (20 edits, two turns)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import COMMANDS
+from editing.bench import BenchConfig, BenchError, run_bench
+from editing.bench_report import render_table, results_markdown
+from editing.metrics import EvalConfig
+from editing.tiny import tiny_loaded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+TOP_KEYS = {"dataset", "n_edits", "batch_size", "model", "git_rev", "command", "methods"}
+METHOD_KEYS = {
+    "efficacy",
+    "generalization",
+    "locality",
+    "specificity",
+    "gen_exact_match",
+    "retention_first100",
+    "edit_seconds_p50",
+    "edit_seconds_p95",
+    "curve",
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return run_bench(
+        "zsre",
+        ["none", "ft"],
+        n_edits=20,
+        batch_size=1,
+        turn_size=10,
+        model=tiny_loaded("llama"),
+        seed=0,
+        out_dir=out,
+        data_dir=FIXTURE,
+        eval_config=EvalConfig(fluency_prompts=2, fluency_new_tokens=8),
+        threads=1,
+        editor_options={"ft": {"norm_constraint": 0.5, "lr": 0.05, "num_steps": 20}},
+        progress=False,
+        command="test",
+    )
+
+
+def test_json_has_every_stable_field(result):
+    path = Path(result["plot"]).with_suffix(".json")
+    assert path.name == "zsre-20.json" and Path(result["plot"]).is_file()
+    saved = json.loads(path.read_text())
+    assert set(saved) >= TOP_KEYS
+    assert (saved["dataset"], saved["n_edits"], saved["batch_size"]) == ("zsre", 20, 1)
+    assert set(saved["methods"]) == {"none", "ft"}
+    for name, m in saved["methods"].items():
+        assert set(m) >= METHOD_KEYS, name
+        for key in METHOD_KEYS - {"curve", "edit_seconds_p50", "edit_seconds_p95"}:
+            assert 0.0 <= m[key] <= 1.0, (name, key)
+        assert [p["n_edits"] for p in m["curve"]] == [10, 20]
+    for key in ("machine", "torch_version", "transformers_version", "loadavg_start"):
+        assert saved[key]
+    assert saved["base_eval_seconds"] > 0
+
+
+def test_none_keeps_everything_and_ft_edits(result):
+    none, ft = result["methods"]["none"], result["methods"]["ft"]
+    assert none["locality"] == 1.0
+    assert all(p["locality"] == 1.0 for p in none["curve"])
+    assert none["touched_parameters"] == []
+    assert none["efficacy"] == result["base"]["efficacy"]
+    assert ft["touched_parameters"] == ["model.layers.2.mlp.down_proj.weight"]
+    assert ft["efficacy_immediate"] > none["efficacy_immediate"]
+
+
+def test_report_renders(result):
+    assert render_table(result).row_count == 2
+    table = results_markdown([result])
+    assert "| zsre | 20 | ft |" in table and "`test`" in table
+
+
+def test_config_is_checked():
+    with pytest.raises(BenchError, match="multiple"):
+        BenchConfig(dataset="zsre", methods=("none",), batch_size=3, turn_size=10)
+    with pytest.raises(BenchError, match="unknown"):
+        BenchConfig(dataset="zsre", methods=("rome",))
+
+
+def test_cli_has_bench():
+    assert "bench" in COMMANDS
