@@ -7,8 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 from editing.editors.base import EditError, Editor, EditResult
+from editing.editors.ft import FineTuneL
+from editing.editors.noop import NoEdit
+from editing.emsedit.editor import EMSEditEditor
+from editing.nse.editor import NSEEditor
 
-EDITORS: dict[str, type[Editor]] = {}
+EDITORS: dict[str, type[Editor]] = {
+    NoEdit.name: NoEdit,
+    FineTuneL.name: FineTuneL,
+    EMSEditEditor.name: EMSEditEditor,
+    NSEEditor.name: NSEEditor,
+}
 
 
 def get_editor(name: str, **options: Any) -> Editor:
