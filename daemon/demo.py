@@ -13,6 +13,7 @@ import time
 from datetime import UTC, datetime
 
 from daemon import kafka_broker
+from daemon.applier import answer_matches
 from daemon.config import load_settings
 from daemon.kafka_clients import ensure_topics
 from daemon.produce import events_from_requests, send
@@ -88,8 +89,14 @@ def run_demo(
             + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
         )
 
-        after = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in shown], 6)
-        print("[5/5] answers before -> after (target):")
+        now = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in requests], 6)
+        held = sum(answer_matches(a, r.target_new) for a, r in zip(now, requests, strict=True))
+        after = now[:SHOWN]
+        print(
+            f"[5/5] {held}/{len(requests)} corrections still hold now (each passed its post-check "
+            f"when applied; later edits can undo earlier ones: what the audits will catch)"
+        )
+        print("      answers before -> after:")
         for request, old, new in zip(shown, before, after, strict=True):
             print(f"      {request.prompt!r}: {old.strip()!r} -> {new.strip()!r}")
             print(f"      (correction: {request.target_new!r})")
