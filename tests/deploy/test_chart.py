@@ -327,7 +327,7 @@ def test_rendered_prometheus_rule_passes_promtool(tools: Tools, tmp_path: Path) 
     """The rules survive Helm's YAML round trip (multi-line exprs, template annotations)."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+        pytest.fail("promtool missing: `make test` installs Debian's prometheus package")
     rule = only(tools.render(values=[chart_values("prod")]), "PrometheusRule")
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
