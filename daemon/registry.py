@@ -52,7 +52,11 @@ class ModelRegistry:
         from mlflow import MlflowClient
 
         if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            # Without a location MLflow puts artifacts in ./mlruns of whatever the working
+            # directory is; the embedded store keeps them next to its database instead.
+            artifact_root = artifact_root or db.parent / "artifacts"
         self.model_name = model_name
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._experiment_id = self._ensure_experiment(artifact_root)

@@ -120,3 +120,17 @@ def test_registry_versions_aliases_and_download(tmp_path):
     tensors, meta = read_snapshot(registry.download("1", tmp_path / "dl"))
     assert meta.journal_seq == 1
     assert set(tensors) == {"model.layers.1.mlp.down_proj.weight"}
+
+
+def test_a_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the daemon happens to run from."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model("llama")
+    base = InMemoryBaseWeights(model, _candidates(model))
+    _edit(model, 1, 0.05, 1)
+    tensors = edited_tensors(model, base, _candidates(model))
+    write_snapshot(tmp_path / "s1", tensors, _meta(tensors, base, seq=1))
+    db = tmp_path / "store" / "mlflow.db"
+    ModelRegistry(f"sqlite:///{db}", "tiny").register(tmp_path / "s1", {"journal_seq": "1"})
+    assert not (tmp_path / "mlruns").exists()
+    assert list((db.parent / "artifacts").rglob("tensors.safetensors"))
