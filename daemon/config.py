@@ -287,7 +287,7 @@ class SnapshotSettings(_Section):
 
 
 class AuditSettings(_Section):
-    """Audit schedule (0 disables a trigger) and gate thresholds, as fractions in [0, 1]."""
+    """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1])."""
 
     every_n_edits: int = Field(default=100, ge=0)
     every_minutes: float = Field(default=30.0, ge=0.0)
@@ -297,8 +297,13 @@ class AuditSettings(_Section):
     """Lowest acceptable share of locality probes that keep the base model's answer."""
     max_drop: Fraction = 0.05
     """Largest acceptable drop of any ratio against the previous good version."""
+    max_perplexity_drift: float = Field(default=0.1, ge=0.0)
+    """Largest acceptable relative rise of perplexity on the text sample (0.1 = +10 %)."""
     probe_set: UserPath | None = None
     """Locality probes (JSONL); default: the bundled set."""
+    text_sample: UserPath | None = None
+    """Plain text for the perplexity check, one passage a line; default: the probe set's
+    statements ("<prompt> <answer>")."""
     sample_cap: int = Field(default=1000, ge=1)
     """Audit all applied edits up to this many, beyond it a seeded stratified sample."""
 
@@ -311,11 +316,16 @@ class MetricsSettings(_Section):
 
 
 class AdminSettings(_Section):
-    """The authenticated admin HTTP endpoint for control commands."""
+    """The authenticated admin HTTP endpoint for control commands, and the control-topic key."""
 
     enabled: bool = False
+    """Serve ``POST /control`` and ``GET /control/<id>`` (``daemon/admin.py``)."""
+    host: Name = "127.0.0.1"
+    """Interface to listen on; loopback by default (reach it with ``kubectl port-forward``)."""
+    port: int = Field(default=9109, ge=1, le=65535)
     token: SecretStr | None = None
-    """Bearer token; required when enabled, at least 16 characters."""
+    """Bearer token; required when enabled, at least 16 characters. When set, control-topic
+    records must also carry its HMAC-SHA256 signature (``daemon/control_auth.py``)."""
 
     @model_validator(mode="after")
     def _token(self) -> AdminSettings:
