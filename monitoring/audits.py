@@ -1,0 +1,1132 @@
+"""Audits: do the applied edits still hold, and does everything else still behave like the base?
+
+An edit is checked when it is applied, but later edits can undo earlier ones and slowly damage
+unrelated knowledge. An audit measures, on the current weights:
+
+* retention: each applied fact's greedy answer (target tokens + 2) passes ``answer_matches``,
+  plus the teacher-forced token accuracy of its target; every fact up to ``sample_cap``, beyond
+  it a seeded sample stratified by edit age, with a 95 % Wilson interval;
+* generalisation: the same exact match on the facts' rephrases (by default the first of each);
+* locality: the share of a fixed probe set whose greedy answer is still the base model's, and
+  the share that still passes against the probe's gold answer;
+* perplexity on a small text sample, against the base model's.
+
+Everything runs through one batched teacher-forced pass (``editing.scoring``). Greedy decoding
+is the teacher-forced argmax chain, so that pass already decides most greedy outcomes exactly:
+each target is scored followed by the end-of-text token, which makes the argmax right after the
+target (the character that decides ``answer_matches``' word boundary) come for free, and a probe
+is scored on the base model's greedy answer, which the current model reproduces exactly when
+every argmax agrees. Only the undecided rest is decoded with ``greedy_generate``. When the caller
+says which blocks still hold the base weights, the pass resumes above them from cached residuals.
+
+The base figures (``Baseline``) come from the base weights once and are cached as JSON, keyed by
+the base weights, the probe set and the text sample. Reports (``AuditReport``) are JSON files in
+the ``factkeeper-audit/v1`` shape that the report renderer reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import torch
+
+from daemon.applier import POST_CHECK_SLACK_TOKENS, answer_matches
+from editing.errors import FactkeeperError
+from editing.generation import greedy_generate
+from editing.metrics import greedy_match_from_argmax
+from editing.models import LoadedModel
+from editing.requests import continuation
+from editing.scoring import Pair, Scored, TeacherForcedScorer
+from monitoring.gates import GateDecision, GateThresholds
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "factkeeper-audit/v1"
+BASELINE_SCHEMA = "factkeeper-audit-baseline/v1"
+BUNDLED_PROBE_FILE = "counterfact-smollm2.jsonl"
+
+Trigger = Literal["edits", "timer", "requested", "shutdown"]
+Action = Literal["promoted", "rolled_back", "none"]
+TRIGGERS: tuple[str, ...] = get_args(Trigger)
+ACTIONS: tuple[str, ...] = get_args(Action)
+
+Z95 = 1.959963984540054  # two-sided 95 % standard normal quantile
+AGE_STRATA = 10
+"""A sampled audit splits the facts, oldest to newest, into this many strata of equal size."""
+FAILING_IDS_CAP = 100
+"""At most this many ids of facts that no longer hold are listed (all are counted)."""
+TEXT_LINE_CHARS = 500
+TEXT_BUDGET_CHARS = 4000
+"""The text sample is small by design (about 1,000 tokens): its first lines, each cut at a space
+to ``TEXT_LINE_CHARS``, until ``TEXT_BUDGET_CHARS`` characters. Base and current perplexity are
+measured on the same tokens, so the drift needs no more, and every audit pays for each token."""
+
+
+class AuditError(FactkeeperError):
+    """An audit cannot run or its inputs do not belong together."""
+
+
+class ProbeSetError(AuditError):
+    """A probe file is missing or malformed; the message names the line."""
+
+
+class AuditReportError(AuditError):
+    """An audit report file is not in the ``factkeeper-audit/v1`` shape."""
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditFact:
+    """One applied edit to check: the newest target for its prompt (the caller picks it)."""
+
+    event_id: str
+    prompt: str
+    target: str
+    rephrases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip() or not self.target.strip():
+            raise ValueError(f"{self.event_id}: an audited fact needs a prompt and a target")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """An unrelated prompt whose greedy answer must stay the base model's."""
+
+    prompt: str
+    answer: str
+
+
+def bundled_probe_path() -> Path:
+    """The probe set shipped in the package (see ``monitoring/probes/README.md``)."""
+    return Path(str(resources.files("monitoring.probes").joinpath(BUNDLED_PROBE_FILE)))
+
+
+def load_probe_set(path: Path | None) -> list[Probe]:
+    """Read probes from JSONL, one ``{"prompt": ..., "answer": ...}`` object per line.
+
+    Args:
+        path: the file; None reads the bundled CounterFact set.
+
+    Raises:
+        ProbeSetError: the file is missing or empty, or a line is not such an object (the
+            message names the line), or a prompt occurs twice.
+    """
+    path = path if path is not None else bundled_probe_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProbeSetError(
+            f"probe set {path} does not exist; set audit.probe_set to a JSONL file of "
+            f'{{"prompt", "answer"}} objects, or to null for the bundled set'
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProbeSetError(f"cannot read probe set {path}: {exc}") from None
+    probes: list[Probe] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ProbeSetError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or set(record) != {"prompt", "answer"}:
+            raise ProbeSetError(
+                f'{where}: expected an object with exactly the keys "prompt" and "answer"'
+            )
+        prompt, answer = record["prompt"], record["answer"]
+        if not (isinstance(prompt, str) and prompt.strip()) or not (
+            isinstance(answer, str) and answer.strip()
+        ):
+            raise ProbeSetError(f"{where}: prompt and answer must be non-empty strings")
+        if prompt in seen:
+            raise ProbeSetError(f"{where}: prompt already given on line {seen[prompt]}")
+        seen[prompt] = number
+        probes.append(Probe(prompt, answer))
+    if not probes:
+        raise ProbeSetError(f"probe set {path} holds no probes")
+    return probes
+
+
+def load_text_sample(path: Path | None, probes: Sequence[Probe]) -> list[str]:
+    """The perplexity text: the file's first lines, or the probes as statements.
+
+    Whitespace is collapsed, one-word lines are skipped (the first word of a line is context,
+    the rest is predicted), and reading stops at ``TEXT_BUDGET_CHARS`` characters.
+
+    Args:
+        path: a plain-text file; None uses ``"<prompt> <answer>"`` of the first probes, text
+            the base model is known to continue correctly.
+        probes: the probe set in use.
+    """
+    if path is None:
+        raw = [f"{p.prompt} {p.answer}" for p in probes]
+    else:
+        try:
+            raw = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AuditError(f"cannot read the audit text sample {path}: {exc}") from None
+    lines: list[str] = []
+    total = 0
+    for line in raw:
+        line = " ".join(line.split())
+        if len(line) > TEXT_LINE_CHARS:
+            line = line[:TEXT_LINE_CHARS].rsplit(" ", 1)[0]
+        if " " in line:
+            lines.append(line)
+            total += len(line)
+        if total >= TEXT_BUDGET_CHARS:
+            break
+    if not lines:
+        raise AuditError(f"the audit text sample {path} has no line of two or more words")
+    return lines
+
+
+def probe_set_hash(probes: Sequence[Probe]) -> str:
+    return _sha256_json([[p.prompt, p.answer] for p in probes])
+
+
+def text_sample_hash(lines: Sequence[str]) -> str:
+    return _sha256_json(list(lines))
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: sensible at 0 and 1, unlike the normal one."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes}/{n}")
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def stratified_sample(n: int, cap: int, seed: int, strata: int = AGE_STRATA) -> list[int]:
+    """Indices of the facts to audit, sorted; all of them when ``n <= cap``.
+
+    Facts are listed oldest first, so contiguous strata are age bands: each gets a share of
+    ``cap`` proportional to its size (largest remainder), drawn with ``random.Random(seed)``,
+    and early edits stay represented however many later ones arrive.
+    """
+    if cap < 1:
+        raise ValueError("cap must be >= 1")
+    if n <= cap:
+        return list(range(n))
+    k = min(strata, cap)
+    bounds = [n * i // k for i in range(k + 1)]
+    sizes = [bounds[i + 1] - bounds[i] for i in range(k)]
+    exact = [size * cap / n for size in sizes]
+    quotas = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(k), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: cap - sum(quotas)]:
+        quotas[i] += 1
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    for i in range(k):
+        chosen += rng.sample(range(bounds[i], bounds[i + 1]), quotas[i])
+    return sorted(chosen)
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetentionFigures:
+    """Do the applied edits still hold (the audited ones, when sampled)?"""
+
+    exact_match: float | None
+    """Share of audited facts whose greedy answer still passes; None with no facts."""
+    token_accuracy: float | None
+    """Mean teacher-forced token accuracy of the targets."""
+    ci95: tuple[float, float] | None
+    """Wilson 95 % interval of ``exact_match`` over the audited facts."""
+
+
+@dataclass(frozen=True)
+class GeneralisationFigures:
+    """Do the edits carry over to their rephrases?"""
+
+    exact_match: float | None
+    """Share of rephrase prompts answered with the target; None when no fact has rephrases."""
+    n: int
+
+
+@dataclass(frozen=True)
+class LocalityFigures:
+    """Does the rest of the model still answer as the base model did?"""
+
+    agreement: float
+    """Share of probes whose greedy answer equals the base model's."""
+    gold_accuracy: float
+    """Share of probes whose greedy answer passes ``answer_matches`` for the probe's answer."""
+    n: int
+
+
+@dataclass(frozen=True)
+class PerplexityFigures:
+    """Has the model's language modelling drifted from the base model's?"""
+
+    base: float
+    current: float
+    drift: float
+    """``current / base - 1``."""
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What one audit measured on the current weights."""
+
+    started_at: str  # ISO-8601, UTC
+    seconds: float
+    edits_total: int
+    edits_audited: int
+    sampled: bool
+    retention: RetentionFigures
+    generalisation: GeneralisationFigures
+    locality: LocalityFigures
+    perplexity: PerplexityFigures
+    failing_event_ids: tuple[str, ...]
+    """Audited facts that no longer hold, oldest first, at most ``FAILING_IDS_CAP``."""
+    failing_total: int
+    timings: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per phase (``teacher_forced_seconds``, ``generation_seconds``), the audit's
+    ``cpu_seconds``, and how many pairs were scored and prompts decoded."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        ci = data["retention"]["ci95"]
+        data["retention"]["ci95"] = list(ci) if ci is not None else None
+        data["failing_event_ids"] = list(self.failing_event_ids)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditResult:
+        retention = dict(data["retention"])
+        ci = retention["ci95"]
+        retention["ci95"] = (float(ci[0]), float(ci[1])) if ci is not None else None
+        return cls(
+            started_at=str(data["started_at"]),
+            seconds=float(data["seconds"]),
+            edits_total=int(data["edits_total"]),
+            edits_audited=int(data["edits_audited"]),
+            sampled=bool(data["sampled"]),
+            retention=RetentionFigures(**retention),
+            generalisation=GeneralisationFigures(**data["generalisation"]),
+            locality=LocalityFigures(**data["locality"]),
+            perplexity=PerplexityFigures(**data["perplexity"]),
+            failing_event_ids=tuple(data["failing_event_ids"]),
+            failing_total=int(data["failing_total"]),
+            timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for MLflow (``audit_retention_exact_match``, ...); None ones left out."""
+        ci = self.retention.ci95
+        values: dict[str, float | int | bool | None] = {
+            "audit_edits_total": self.edits_total,
+            "audit_edits_audited": self.edits_audited,
+            "audit_sampled": self.sampled,
+            "audit_retention_exact_match": self.retention.exact_match,
+            "audit_retention_token_accuracy": self.retention.token_accuracy,
+            "audit_retention_ci95_low": ci[0] if ci else None,
+            "audit_retention_ci95_high": ci[1] if ci else None,
+            "audit_retention_failing": self.failing_total,
+            "audit_generalisation_exact_match": self.generalisation.exact_match,
+            "audit_generalisation_n": self.generalisation.n,
+            "audit_locality_agreement": self.locality.agreement,
+            "audit_locality_gold_accuracy": self.locality.gold_accuracy,
+            "audit_locality_n": self.locality.n,
+            "audit_perplexity_base": self.perplexity.base,
+            "audit_perplexity_current": self.perplexity.current,
+            "audit_perplexity_drift": self.perplexity.drift,
+            "audit_seconds": self.seconds,
+        }
+        values.update({f"audit_{name}": value for name, value in self.timings.items()})
+        return {k: float(v) for k, v in values.items() if v is not None}
+
+
+# --- the base model's figures ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The base model's greedy probe answers and text perplexity, for one probe set and text.
+
+    ``forceable[i]`` says that re-tokenising answer ``i`` gives exactly the ``max_new_tokens[i]``
+    tokens the base model generated (checked on the base weights), so a later model reproduces
+    that answer exactly when its teacher-forced argmax matches every one of those tokens.
+    """
+
+    base_hash: str
+    probes_hash: str
+    text_hash: str
+    answers: tuple[str, ...]
+    max_new_tokens: tuple[int, ...]
+    forceable: tuple[bool, ...]
+    perplexity: float
+    text_tokens: int
+    seconds: float = field(default=0.0, compare=False)
+
+    @classmethod
+    def compute(
+        cls,
+        lm: LoadedModel,
+        probes: Sequence[Probe],
+        text: Sequence[str],
+        *,
+        batch_size: int = 32,
+        batch_tokens: int = 2048,
+    ) -> Baseline:
+        """Run the probes and the text sample on ``lm``, which must hold the BASE weights."""
+        if not probes:
+            raise AuditError("a baseline needs at least one probe")
+        started = time.perf_counter()
+        scorer = TeacherForcedScorer(lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens)
+        budgets = [
+            _answer_length(scorer, (p.prompt, p.answer)) + POST_CHECK_SLACK_TOKENS for p in probes
+        ]
+        answers = _generate(
+            lm, [(p.prompt, n) for p, n in zip(probes, budgets, strict=True)], batch_size
+        )
+        checkable = [
+            i
+            for i, (p, a) in enumerate(zip(probes, answers, strict=True))
+            if a.strip()
+            and continuation(a) == a
+            and _answer_length(scorer, (p.prompt, a)) == budgets[i]
+            and lm.tokenizer.decode(scorer.encode((p.prompt, a)).ids[-budgets[i] :]) == a
+        ]
+        text_pairs = _text_pairs(text)
+        scored = scorer.score([(probes[i].prompt, answers[i]) for i in checkable] + text_pairs)
+        forceable = [False] * len(probes)
+        for i, s in zip(checkable, scored[: len(checkable)], strict=True):
+            forceable[i] = s.all_correct
+        perplexity, tokens = _perplexity(scored[len(checkable) :])
+        baseline = cls(
+            base_hash=lm.base_hash,
+            probes_hash=probe_set_hash(probes),
+            text_hash=text_sample_hash(text),
+            answers=tuple(answers),
+            max_new_tokens=tuple(budgets),
+            forceable=tuple(forceable),
+            perplexity=perplexity,
+            text_tokens=tokens,
+            seconds=time.perf_counter() - started,
+        )
+        log.info(
+            "audit baseline computed",
+            extra={
+                "probes": len(probes),
+                "forceable": sum(forceable),
+                "perplexity": round(perplexity, 3),
+                "seconds": round(baseline.seconds, 1),
+            },
+        )
+        return baseline
+
+    @classmethod
+    def load_or_compute(
+        cls,
+        lm: LoadedModel,
+        probes: Sequence[Probe],
+        text: Sequence[str],
+        folder: Path,
+        *,
+        batch_size: int = 32,
+        batch_tokens: int = 2048,
+    ) -> Baseline:
+        """The cached baseline for these weights, probes and text, computed and saved if absent.
+
+        Call it while ``lm`` holds the base weights (before restoring any edited version): a
+        cache miss computes from whatever weights the model holds.
+        """
+        probes_hash, text_hash = probe_set_hash(probes), text_sample_hash(text)
+        path = folder / f"baseline-{_sha256_json([lm.base_hash, probes_hash, text_hash])[:24]}.json"
+        cached = cls._read(path)
+        if cached is not None and (cached.base_hash, cached.probes_hash, cached.text_hash) == (
+            lm.base_hash,
+            probes_hash,
+            text_hash,
+        ):
+            log.info("audit baseline loaded from %s", path)
+            return cached
+        baseline = cls.compute(lm, probes, text, batch_size=batch_size, batch_tokens=batch_tokens)
+        _write_atomic(path, json.dumps(baseline.to_dict(), indent=1, ensure_ascii=False))
+        return baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data = {"schema": BASELINE_SCHEMA, **data}
+        for key in ("answers", "max_new_tokens", "forceable"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        if data.get("schema") != BASELINE_SCHEMA:
+            raise ValueError(f"not a {BASELINE_SCHEMA} file")
+        baseline = cls(
+            base_hash=str(data["base_hash"]),
+            probes_hash=str(data["probes_hash"]),
+            text_hash=str(data["text_hash"]),
+            answers=tuple(str(a) for a in data["answers"]),
+            max_new_tokens=tuple(int(n) for n in data["max_new_tokens"]),
+            forceable=tuple(bool(f) for f in data["forceable"]),
+            perplexity=float(data["perplexity"]),
+            text_tokens=int(data["text_tokens"]),
+            seconds=float(data["seconds"]),
+        )
+        if not len(baseline.answers) == len(baseline.max_new_tokens) == len(baseline.forceable):
+            raise ValueError("per-probe lists differ in length")
+        return baseline
+
+    @classmethod
+    def _read(cls, path: Path) -> Baseline | None:
+        """The cached baseline, or None when absent or unreadable (it is then recomputed)."""
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the unreadable audit baseline %s (%s); recomputing", path, exc)
+            return None
+
+
+# --- the audit ---------------------------------------------------------------------------------
+
+
+class Auditor:
+    """Audits one model against one probe set, text sample and baseline.
+
+    It keeps a ``TeacherForcedScorer``: its tokenisation cache, and, when ``run`` is told the
+    lower blocks still hold the base weights, the residual stream entering the lowest edited
+    block, so later audits run only the blocks above it.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        probes: Sequence[Probe],
+        baseline: Baseline,
+        *,
+        sample_cap: int,
+        seed: int = 0,
+        batch_size: int = 32,
+        batch_tokens: int = 2048,
+        text: Sequence[str] | None = None,
+        rephrases_per_fact: int | None = 1,
+        residual_cache_pairs: int = 6000,
+    ) -> None:
+        """
+        Args:
+            lm: the model whose current weights are audited.
+            probes: the locality probe set the baseline was computed for.
+            baseline: the base model's figures (``Baseline.load_or_compute``).
+            sample_cap: audit every fact up to this many, beyond it a stratified sample.
+            seed: seed of the sample.
+            batch_size: prompts per batch when decoding.
+            batch_tokens: padded tokens per teacher-forced batch.
+            text: the perplexity text sample (``load_text_sample``); None: the probes as
+                statements, the default of ``load_text_sample``.
+            rephrases_per_fact: generalisation checks each audited fact's first this many
+                rephrases (None: all). An event may carry ten, and each costs about what its
+                fact costs; one per fact already gives as many checks as there are facts.
+            residual_cache_pairs: most sequences whose residuals are kept for resumed passes
+                (about 28 KB each for SmolLM2); past it the cache starts again.
+        """
+        if sample_cap < 1 or batch_size < 1:
+            raise ValueError("sample_cap and batch_size must be >= 1")
+        if residual_cache_pairs < 0 or (rephrases_per_fact is not None and rephrases_per_fact < 0):
+            raise ValueError("residual_cache_pairs and rephrases_per_fact must be >= 0")
+        self.lm = lm
+        self.probes = list(probes)
+        self.text = list(text) if text is not None else load_text_sample(None, self.probes)
+        self.baseline = baseline
+        self.sample_cap = sample_cap
+        self.seed = seed
+        self.batch_size = batch_size
+        self.rephrases_per_fact = rephrases_per_fact
+        self.residual_cache_pairs = residual_cache_pairs
+        self._check_baseline()
+        self.scorer = TeacherForcedScorer(
+            lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens
+        )
+        self._text_pairs = _text_pairs(self.text)
+        self._sentinel: str | None = lm.tokenizer.eos_token
+        self._pieces: dict[int, str] = {}
+        self._resumed: set[Pair] = set()
+        self._resumed_layer = 0
+
+    def _check_baseline(self) -> None:
+        b = self.baseline
+        problems = []
+        if b.base_hash != self.lm.base_hash:
+            problems.append(
+                f"other base weights ({b.base_hash[:12]}, not {self.lm.base_hash[:12]})"
+            )
+        if b.probes_hash != probe_set_hash(self.probes) or len(b.answers) != len(self.probes):
+            problems.append("another probe set")
+        if b.text_hash != text_sample_hash(self.text):
+            problems.append("another text sample")
+        if problems:
+            raise AuditError(
+                "the audit baseline belongs to "
+                + ", ".join(problems)
+                + "; build it with Baseline.load_or_compute for this model, probes and text"
+            )
+
+    @torch.no_grad()
+    def run(self, facts: Sequence[AuditFact], *, resume_layer: int = 0) -> AuditResult:
+        """Audit the current weights.
+
+        Args:
+            facts: every applied edit, oldest first, one per prompt (its newest target).
+            resume_layer: blocks below this index hold the base weights (the lowest edited
+                block, ``ModelState.from_touched(...).resume_layer``); 0 runs every block.
+
+        Returns:
+            The figures; the model is not changed.
+        """
+        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        started, cpu_started = time.perf_counter(), time.process_time()
+        chosen = [facts[i] for i in stratified_sample(len(facts), self.sample_cap, self.seed)]
+        rephrased = [(x, f.target) for f in chosen for x in f.rephrases[: self.rephrases_per_fact]]
+        checks = list(dict.fromkeys([(f.prompt, f.target) for f in chosen] + rephrased))
+        forced_rows = [i for i, ok in enumerate(self.baseline.forceable) if ok]
+        forced_pairs = [(self.probes[i].prompt, self.baseline.answers[i]) for i in forced_rows]
+
+        t0 = time.perf_counter()
+        pairs = [self._extended(c) for c in checks] + forced_pairs + self._text_pairs
+        self._bound_residuals(pairs, resume_layer)
+        scored = self.scorer.score(pairs, resume_layer=resume_layer)
+        n_checks, n_forced = len(checks), len(forced_pairs)
+        targets = self._target_scores(checks, scored[:n_checks], resume_layer)
+        teacher_forced = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        verdicts, decoded = self._verdicts(targets)
+        forced = dict(zip(forced_rows, scored[n_checks : n_checks + n_forced], strict=True))
+        locality, decoded_probes = self._locality(forced)
+        generation = time.perf_counter() - t0
+
+        held = [verdicts[(f.prompt, f.target)] for f in chosen]
+        failing = [f.event_id for f, ok in zip(chosen, held, strict=True) if not ok]
+        generalised = [verdicts[pair] for pair in rephrased]
+        current, _ = _perplexity(scored[n_checks + n_forced :])
+        result = AuditResult(
+            started_at=started_at,
+            seconds=time.perf_counter() - started,
+            edits_total=len(facts),
+            edits_audited=len(chosen),
+            sampled=len(chosen) < len(facts),
+            retention=RetentionFigures(
+                exact_match=_mean(held),
+                token_accuracy=_mean(
+                    targets[(f.prompt, f.target)][0].token_accuracy for f in chosen
+                ),
+                ci95=wilson_interval(sum(held), len(held)) if held else None,
+            ),
+            generalisation=GeneralisationFigures(_mean(generalised), len(generalised)),
+            locality=locality,
+            perplexity=PerplexityFigures(
+                base=self.baseline.perplexity,
+                current=current,
+                drift=current / self.baseline.perplexity - 1.0,
+            ),
+            failing_event_ids=tuple(failing[:FAILING_IDS_CAP]),
+            failing_total=len(failing),
+            timings={
+                "teacher_forced_seconds": teacher_forced,
+                "generation_seconds": generation,
+                # CPU seconds say more than wall seconds on a machine shared with other work.
+                "cpu_seconds": time.process_time() - cpu_started,
+                "pairs_scored": float(len(pairs)),
+                "prompts_decoded": float(decoded + decoded_probes),
+            },
+        )
+        log.info(
+            "audit done",
+            extra={
+                "edits": result.edits_total,
+                "audited": result.edits_audited,
+                "retention": result.retention.exact_match,
+                "locality": locality.agreement,
+                "seconds": round(result.seconds, 1),
+            },
+        )
+        return result
+
+    # -- retention and generalisation --
+
+    def _extended(self, check: Pair) -> Pair:
+        """The pair scored for a check: its target followed by the end-of-text token."""
+        prompt, target = check
+        return (prompt, target + self._sentinel) if self._sentinel else check
+
+    def _target_scores(
+        self, checks: list[Pair], scored: list[Scored], resume_layer: int
+    ) -> dict[Pair, tuple[Scored, int | None]]:
+        """Per check: the target's own teacher-forced score and the argmax right after it.
+
+        The end-of-text token is special, so it never merges with the target's last token: the
+        extended answer is the target's tokens plus one. Where a tokenizer splits it otherwise,
+        the plain pair is scored again and the token after the target stays unknown.
+        """
+        out: dict[Pair, tuple[Scored, int | None]] = {}
+        again: list[Pair] = []
+        for check, s in zip(checks, scored, strict=True):
+            plain = self.scorer.encode(check)
+            want = plain.ids[plain.n_prompt :]
+            k = len(want)
+            if self._sentinel and len(s.answer_ids) == k + 1 and s.answer_ids[:k] == want:
+                out[check] = (Scored(want, s.argmax_ids[:k], s.logprobs[:k]), s.argmax_ids[k])
+            else:
+                again.append(check)
+        if again:
+            rescored = self.scorer.score(again, resume_layer=resume_layer)
+            out.update((c, (s, None)) for c, s in zip(again, rescored, strict=True))
+        return out
+
+    def _verdicts(
+        self, targets: dict[Pair, tuple[Scored, int | None]]
+    ) -> tuple[dict[Pair, bool], int]:
+        """Greedy exact match per check, decoding only where the argmax path cannot tell."""
+        verdicts: dict[Pair, bool] = {}
+        undecided: list[Pair] = []
+        for check, (scored, following) in targets.items():
+            verdict = self._argmax_verdict(check[1], scored, following)
+            if verdict is None:
+                undecided.append(check)
+            else:
+                verdicts[check] = verdict
+        jobs = [(c[0], len(targets[c][0].answer_ids) + POST_CHECK_SLACK_TOKENS) for c in undecided]
+        for check, text in zip(undecided, _generate(self.lm, jobs, self.batch_size), strict=True):
+            verdicts[check] = answer_matches(text, check[1])
+        return verdicts, len(undecided)
+
+    def _argmax_verdict(self, target: str, scored: Scored, following: int | None) -> bool | None:
+        """``answer_matches`` of the greedy answer, when the teacher-forced argmax decides it.
+
+        If every target token is the argmax, greedy emits the target and then ``following``,
+        whose first character settles the word boundary. Otherwise greedy leaves the target's
+        tokens at the first miss; that either rules the target out or needs decoding.
+        """
+        tok = self.lm.tokenizer
+        if scored.all_correct:
+            if following is None:
+                return None
+            piece = tok.decode([following], skip_special_tokens=True)
+            if not piece or "\ufffd" in piece:  # special, or part of a character: decode
+                return None
+            return answer_matches(tok.decode([*scored.answer_ids, following]), target)
+        if greedy_match_from_argmax(scored, target, self._piece) is False:
+            return False
+        return None  # the same text through other tokens, or a word-boundary question
+
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.lm.tokenizer.decode([token])
+        return self._pieces[token]
+
+    # -- locality --
+
+    def _locality(self, forced: dict[int, Scored]) -> tuple[LocalityFigures, int]:
+        """Agreement with the base answers, decoding only probes the forced pass cannot settle.
+
+        A forced probe whose every argmax is the base model's token gives exactly the base
+        answer; any other probe is decoded and compared as text.
+        """
+        base = self.baseline
+        answers = {i: base.answers[i] for i, s in forced.items() if s.all_correct}
+        todo = [i for i in range(len(self.probes)) if i not in answers]
+        jobs = [(self.probes[i].prompt, base.max_new_tokens[i]) for i in todo]
+        answers.update(zip(todo, _generate(self.lm, jobs, self.batch_size), strict=True))
+        n = len(self.probes)
+        agree = sum(answers[i] == base.answers[i] for i in range(n))
+        gold = sum(answer_matches(answers[i], self.probes[i].answer) for i in range(n))
+        return LocalityFigures(agreement=agree / n, gold_accuracy=gold / n, n=n), len(todo)
+
+    def _bound_residuals(self, pairs: Sequence[Pair], resume_layer: int) -> None:
+        """Keep the scorer's residual cache bounded: restart it on another layer or past the cap."""
+        if resume_layer <= 0:
+            return
+        fresh = set(pairs) - self._resumed
+        too_many = len(self._resumed) + len(fresh) > self.residual_cache_pairs
+        if resume_layer != self._resumed_layer or too_many:
+            self.scorer.clear_residuals()
+            self._resumed = set()
+            self._resumed_layer = resume_layer
+        self._resumed.update(pairs)
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The JSON written for every audit (schema ``factkeeper-audit/v1``)."""
+
+    version: str | None
+    previous_good_version: str | None
+    started_at: str
+    seconds: float
+    trigger: Trigger
+    edits_total: int
+    edits_audited: int
+    sampled: bool
+    retention: RetentionFigures
+    generalisation: GeneralisationFigures
+    locality: LocalityFigures
+    perplexity: PerplexityFigures
+    gate: GateDecision
+    thresholds: GateThresholds
+    action: Action = "none"
+    rolled_back_to: str | None = None
+    quarantined_event_ids: tuple[str, ...] = ()
+    failing_event_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.trigger not in TRIGGERS:
+            raise AuditReportError(f"trigger {self.trigger!r} is not one of {', '.join(TRIGGERS)}")
+        if self.action not in ACTIONS:
+            raise AuditReportError(f"action {self.action!r} is not one of {', '.join(ACTIONS)}")
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        result: AuditResult,
+        decision: GateDecision,
+        thresholds: GateThresholds,
+        trigger: Trigger,
+        version: str | None,
+        previous_good_version: str | None,
+        action: Action = "none",
+        rolled_back_to: str | None = None,
+        quarantined_event_ids: Sequence[str] = (),
+        started_at: datetime | None = None,
+        seconds: float | None = None,
+    ) -> AuditReport:
+        """The report of one audit and what the daemon did about it.
+
+        Args:
+            started_at, seconds: of the whole audit step (snapshot, audit, promotion or
+                rollback); default: the measurement's own.
+        """
+        return cls(
+            version=version,
+            previous_good_version=previous_good_version,
+            started_at=(
+                started_at.astimezone(UTC).isoformat(timespec="seconds")
+                if started_at is not None
+                else result.started_at
+            ),
+            seconds=seconds if seconds is not None else result.seconds,
+            trigger=trigger,
+            edits_total=result.edits_total,
+            edits_audited=result.edits_audited,
+            sampled=result.sampled,
+            retention=result.retention,
+            generalisation=result.generalisation,
+            locality=result.locality,
+            perplexity=result.perplexity,
+            gate=decision,
+            thresholds=thresholds,
+            action=action,
+            rolled_back_to=rolled_back_to,
+            quarantined_event_ids=tuple(quarantined_event_ids),
+            failing_event_ids=result.failing_event_ids,
+        )
+
+    @property
+    def gate_passed(self) -> bool:
+        return self.gate.passed
+
+    @property
+    def result(self) -> AuditResult:
+        """The figures as an ``AuditResult``: ``evaluate_gate``'s ``previous`` after a restart.
+
+        A report has no timings, and its failing count is the number of ids it lists.
+        """
+        return AuditResult(
+            started_at=self.started_at,
+            seconds=self.seconds,
+            edits_total=self.edits_total,
+            edits_audited=self.edits_audited,
+            sampled=self.sampled,
+            retention=self.retention,
+            generalisation=self.generalisation,
+            locality=self.locality,
+            perplexity=self.perplexity,
+            failing_event_ids=self.failing_event_ids,
+            failing_total=len(self.failing_event_ids),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        ci = self.retention.ci95
+        return {
+            "schema": REPORT_SCHEMA,
+            "version": self.version,
+            "previous_good_version": self.previous_good_version,
+            "started_at": self.started_at,
+            "seconds": self.seconds,
+            "trigger": self.trigger,
+            "edits_total": self.edits_total,
+            "edits_audited": self.edits_audited,
+            "sampled": self.sampled,
+            "retention": {
+                "exact_match": self.retention.exact_match,
+                "token_accuracy": self.retention.token_accuracy,
+                "ci95": list(ci) if ci is not None else None,
+            },
+            "generalisation": asdict(self.generalisation),
+            "locality": asdict(self.locality),
+            "perplexity": asdict(self.perplexity),
+            "gate": {
+                "passed": self.gate.passed,
+                "reasons": list(self.gate.reasons),
+                "thresholds": self.thresholds.to_dict(),
+            },
+            "action": self.action,
+            "rolled_back_to": self.rolled_back_to,
+            "quarantined_event_ids": list(self.quarantined_event_ids),
+            "failing_event_ids": list(self.failing_event_ids),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AuditReport:
+        """Parse a report, checking every key of the shape (unknown or missing keys are errors)."""
+        _expect_keys(data, _REPORT_KEYS, "report")
+        if data["schema"] != REPORT_SCHEMA:
+            raise AuditReportError(f"schema {data['schema']!r} is not {REPORT_SCHEMA!r}")
+        for name, keys in _NESTED_KEYS.items():
+            _expect_keys(data[name], keys, name)
+        gate = data["gate"]
+        _expect_keys(
+            gate["thresholds"], set(GateThresholds.__dataclass_fields__), "gate.thresholds"
+        )
+        try:
+            ci = data["retention"]["ci95"]
+            return cls(
+                version=_optional_str(data["version"]),
+                previous_good_version=_optional_str(data["previous_good_version"]),
+                started_at=str(data["started_at"]),
+                seconds=float(data["seconds"]),
+                trigger=cast(Trigger, data["trigger"]),
+                edits_total=int(data["edits_total"]),
+                edits_audited=int(data["edits_audited"]),
+                sampled=bool(data["sampled"]),
+                retention=RetentionFigures(
+                    exact_match=_optional_float(data["retention"]["exact_match"]),
+                    token_accuracy=_optional_float(data["retention"]["token_accuracy"]),
+                    ci95=(float(ci[0]), float(ci[1])) if ci is not None else None,
+                ),
+                generalisation=GeneralisationFigures(
+                    exact_match=_optional_float(data["generalisation"]["exact_match"]),
+                    n=int(data["generalisation"]["n"]),
+                ),
+                locality=LocalityFigures(
+                    agreement=float(data["locality"]["agreement"]),
+                    gold_accuracy=float(data["locality"]["gold_accuracy"]),
+                    n=int(data["locality"]["n"]),
+                ),
+                perplexity=PerplexityFigures(
+                    **{k: float(v) for k, v in data["perplexity"].items()}
+                ),
+                gate=GateDecision(passed=bool(gate["passed"]), reasons=tuple(gate["reasons"])),
+                thresholds=GateThresholds.from_dict(gate["thresholds"]),
+                action=cast(Action, data["action"]),
+                rolled_back_to=_optional_str(data["rolled_back_to"]),
+                quarantined_event_ids=tuple(str(x) for x in data["quarantined_event_ids"]),
+                failing_event_ids=tuple(str(x) for x in data["failing_event_ids"]),
+            )
+        except (TypeError, ValueError, IndexError) as exc:
+            raise AuditReportError(f"malformed audit report: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> AuditReport:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AuditReportError(f"an audit report is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+_REPORT_KEYS = {
+    "schema", "version", "previous_good_version", "started_at", "seconds", "trigger",
+    "edits_total", "edits_audited", "sampled", "retention", "generalisation", "locality",
+    "perplexity", "gate", "action", "rolled_back_to", "quarantined_event_ids",
+    "failing_event_ids",
+}  # fmt: skip
+_NESTED_KEYS = {
+    "retention": {"exact_match", "token_accuracy", "ci95"},
+    "generalisation": {"exact_match", "n"},
+    "locality": {"agreement", "gold_accuracy", "n"},
+    "perplexity": {"base", "current", "drift"},
+    "gate": {"passed", "reasons", "thresholds"},
+}
+
+
+def write_report(folder: Path, report: AuditReport) -> Path:
+    """Write ``audit-<UTC yyyymmddTHHMMSS>-v<version>.json`` atomically; returns its path.
+
+    The time is the audit's start; a second report with the same name gets ``-1``, ``-2``, ...
+    """
+    stamp = datetime.fromisoformat(report.started_at).astimezone(UTC).strftime("%Y%m%dT%H%M%S")
+    stem = f"audit-{stamp}-v{report.version if report.version is not None else 'none'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path, n = folder / f"{stem}.json", 0
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    _write_atomic(path, report.to_json() + "\n")
+    return path
+
+
+def read_reports(folder: Path) -> list[AuditReport]:
+    """Every report in ``folder``, oldest first; an absent folder has none.
+
+    Raises:
+        AuditReportError: a file is not a report; the message names it.
+    """
+    if not folder.is_dir():
+        return []
+    found: list[tuple[datetime, str, AuditReport]] = []
+    for path in sorted(folder.glob("audit-*.json")):
+        try:
+            report = AuditReport.from_json(path.read_text(encoding="utf-8"))
+        except AuditReportError as exc:
+            raise AuditReportError(f"{path}: {exc}; move it aside to continue") from None
+        when = datetime.fromisoformat(report.started_at).astimezone(UTC)
+        found.append((when, path.name, report))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [report for _, _, report in found]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _answer_length(scorer: TeacherForcedScorer, pair: Pair) -> int:
+    encoded = scorer.encode(pair)
+    return len(encoded.ids) - encoded.n_prompt
+
+
+def _generate(lm: LoadedModel, jobs: Sequence[tuple[str, int]], batch_size: int) -> list[str]:
+    """Greedy continuations of (prompt, max_new_tokens) jobs, batched per token budget."""
+    by_budget: dict[int, list[int]] = {}
+    for row, (_, n) in enumerate(jobs):
+        by_budget.setdefault(n, []).append(row)
+    out = [""] * len(jobs)
+    for n, rows in sorted(by_budget.items()):
+        texts = greedy_generate(lm.model, lm.tokenizer, [jobs[r][0] for r in rows], n, batch_size)
+        for row, text in zip(rows, texts, strict=True):
+            out[row] = text
+    return out
+
+
+def _text_pairs(lines: Sequence[str]) -> list[Pair]:
+    """Each line as (first word, rest): the rest is what the perplexity is measured on."""
+    pairs = []
+    for line in lines:
+        head, _, rest = line.strip().partition(" ")
+        if not rest.strip():
+            raise AuditError(f"text sample line {line[:40]!r} has one word; nothing to predict")
+        pairs.append((head, rest.strip()))
+    return pairs
+
+
+def _perplexity(scored: Sequence[Scored]) -> tuple[float, int]:
+    """Token-weighted perplexity of scored continuations, and the number of tokens."""
+    tokens = sum(len(s.logprobs) for s in scored)
+    if tokens == 0:
+        raise AuditError("the perplexity text sample has no tokens to predict")
+    nll = -sum(sum(s.logprobs) for s in scored)
+    return math.exp(nll / tokens), tokens
+
+
+def _mean(values: Any) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _expect_keys(value: Any, keys: set[str], where: str) -> None:
+    if not isinstance(value, dict):
+        raise AuditReportError(f"{where}: expected an object")
+    missing, unknown = keys - set(value), set(value) - keys
+    if missing or unknown:
+        raise AuditReportError(
+            f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
+        )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+__all__ = [
+    "AuditError",
+    "AuditFact",
+    "AuditReport",
+    "AuditReportError",
+    "AuditResult",
+    "Auditor",
+    "Baseline",
+    "GeneralisationFigures",
+    "LocalityFigures",
+    "PerplexityFigures",
+    "Probe",
+    "ProbeSetError",
+    "RetentionFigures",
+    "load_probe_set",
+    "load_text_sample",
+    "read_reports",
+    "stratified_sample",
+    "wilson_interval",
+    "write_report",
+]
