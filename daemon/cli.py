@@ -81,7 +81,10 @@ def cmd_kafka(ns: argparse.Namespace) -> int:
     """Start, stop or inspect the local single-node Kafka broker (KRaft, 127.0.0.1)."""
     from daemon import kafka_broker
 
-    cfg = kafka_broker.LocalBrokerConfig(port=ns.port)
+    sasl = None
+    if ns.sasl_ssl and ns.action != "stop":
+        sasl = kafka_broker.local_sasl_ssl(user=ns.sasl_user)
+    cfg = kafka_broker.LocalBrokerConfig(port=ns.port, sasl_ssl=sasl)
     if ns.action == "start":
         st = kafka_broker.start(cfg)
     elif ns.action == "stop":
@@ -90,6 +93,12 @@ def cmd_kafka(ns: argparse.Namespace) -> int:
     else:
         st = kafka_broker.status(cfg)
     print(st)
+    if sasl is not None and st.running:
+        # The daemon's settings for the SASL_SSL listener; the password stays in its file.
+        for key, value in kafka_broker.sasl_ssl_client_settings(cfg, ns.sasl_user).items():
+            print(f"export FACTKEEPER_KAFKA__{key.upper()}={value}")
+        password_file = kafka_broker.sasl_password_file(cfg.data_dir, ns.sasl_user)
+        print(f'export FACTKEEPER_KAFKA__SASL_PASSWORD="$(cat {password_file})"')
     return EXIT_OK if (st.running or ns.action == "stop") else EXIT_FAILED
 
 
@@ -138,7 +147,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     """Run the daemon: replay the journal, then apply corrections from Kafka until SIGTERM."""
     from daemon.service import Daemon
 
-    daemon = Daemon(_settings(ns))
+    daemon = Daemon(_settings(ns), start_version=ns.version)
     try:
         stats = daemon.run(max_messages=ns.max_messages, idle_timeout_s=ns.idle_timeout)
     finally:
@@ -183,6 +192,90 @@ def cmd_config(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _control(ns: argparse.Namespace, command: Any) -> int:
+    from daemon.operations import send_control
+
+    result = send_control(_settings(ns), command, wait_s=ns.wait)
+    if result.outcome is None:
+        print(f"{result.command}: sent; no outcome journaled within {ns.wait:g} s")
+        return EXIT_FAILED
+    print(f"{result.command}: {result.outcome}")
+    return EXIT_OK if result.outcome.startswith("done") else EXIT_FAILED
+
+
+def cmd_snapshot(ns: argparse.Namespace) -> int:
+    """Ask the running daemon to register its current weights as a new version."""
+    from daemon.control import TakeSnapshot
+
+    return _control(ns, TakeSnapshot(command="snapshot"))
+
+
+def cmd_audit(ns: argparse.Namespace) -> int:
+    """Ask the running daemon to audit now and act on the gate."""
+    from daemon.control import RunAudit
+
+    return _control(ns, RunAudit(command="audit"))
+
+
+def cmd_rollback(ns: argparse.Namespace) -> int:
+    """Ask the running daemon to return to VERSION and point `production` at it."""
+    from daemon.control import Rollback
+
+    return _control(ns, Rollback(command="rollback", version=ns.version))
+
+
+def cmd_revert(ns: argparse.Namespace) -> int:
+    """Ask the running daemon to remove one edit (replaying the later ones without it)."""
+    from daemon.control import Revert
+
+    return _control(ns, Revert(command="revert", event_id=ns.event_id))
+
+
+def cmd_versions(ns: argparse.Namespace) -> int:
+    """List the registered versions with aliases, lineage tags and audit figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from daemon.operations import registry_for, version_rows
+
+    rows = version_rows(registry_for(_settings(ns)).versions())
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no versions registered yet")
+        return EXIT_OK
+    table = Table(*rows[0].keys())
+    for row in rows:
+        table.add_row(
+            *(
+                "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+                for v in row.values()
+            )
+        )
+    Console(width=160).print(table)
+    return EXIT_OK
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    """Write VERSION as a full Hugging Face folder (safetensors) for serving replicas."""
+    from daemon.operations import export_version
+    from editing.paths import Paths
+
+    out = export_version(_settings(ns), str(ns.version), ns.dir, Paths.from_env())
+    print(f"version {ns.version} exported to {out}")
+    return EXIT_OK
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    """Write a one-page HTML report (and optionally a PNG) of versions and audit history."""
+    from daemon.operations import write_daemon_report
+
+    files = write_daemon_report(_settings(ns), ns.output, png=ns.png)
+    print(f"report written to {files.html}" + (f" and {files.png}" if files.png else ""))
+    return EXIT_OK
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     """Sequential-editing benchmark: every method on the same stream; JSON + PNG + table."""
     from rich.console import Console
@@ -211,6 +304,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 _MODEL = arg("--model", default="smollm2", help="'smollm2' or a local Hugging Face folder")
 _CONFIG = arg("--config", type=Path, default=None, help="YAML settings file (see configs/)")
 _PORT = arg("--port", type=int, default=9092, help="broker port on 127.0.0.1")
+_WAIT = arg("--wait", type=float, default=120.0, help="seconds to wait for the daemon's outcome")
 
 COMMANDS: dict[str, Command] = {
     "ask": Command(
@@ -221,7 +315,19 @@ COMMANDS: dict[str, Command] = {
             arg("--max-new-tokens", type=int, default=12),
         ),
     ),
-    "kafka": Command(cmd_kafka, (arg("action", choices=("start", "stop", "status")), _PORT)),
+    "kafka": Command(
+        cmd_kafka,
+        (
+            arg("action", choices=("start", "stop", "status")),
+            _PORT,
+            arg(
+                "--sasl-ssl",
+                action="store_true",
+                help="also a TLS + SCRAM listener on port + 2; prints the daemon's settings",
+            ),
+            arg("--sasl-user", default="factkeeper", help="the SASL_SSL listener's user"),
+        ),
+    ),
     "demo": Command(
         cmd_demo,
         (
@@ -239,6 +345,7 @@ COMMANDS: dict[str, Command] = {
             _CONFIG,
             arg("--max-messages", type=int, default=None, help="stop after this many records"),
             arg("--idle-timeout", type=float, default=None, help="stop after S idle seconds"),
+            arg("--version", default=None, help="start from this registered version"),
         ),
     ),
     "produce": Command(
@@ -255,6 +362,31 @@ COMMANDS: dict[str, Command] = {
         cmd_status, (_CONFIG, arg("--check", action="store_true", help="exit 1 unless ready"))
     ),
     "config": Command(cmd_config, (arg("action", choices=("show",)), _CONFIG)),
+    "versions": Command(
+        cmd_versions, (_CONFIG, arg("--json", action="store_true", help="JSON, not a table"))
+    ),
+    "snapshot": Command(cmd_snapshot, (_CONFIG, _WAIT)),
+    "audit": Command(cmd_audit, (_CONFIG, _WAIT)),
+    "rollback": Command(
+        cmd_rollback, (arg("version", type=int, help="registered version"), _CONFIG, _WAIT)
+    ),
+    "revert": Command(cmd_revert, (arg("event_id", help="id of an applied event"), _CONFIG, _WAIT)),
+    "export": Command(
+        cmd_export,
+        (
+            arg("version", help="registered version"),
+            arg("dir", type=Path, help="new folder for the Hugging Face model"),
+            _CONFIG,
+        ),
+    ),
+    "report": Command(
+        cmd_report,
+        (
+            _CONFIG,
+            arg("--output", type=Path, default=Path("factkeeper-report.html")),
+            arg("--png", type=Path, default=None, help="also write the page as a PNG"),
+        ),
+    ),
     "train-editor": Command(
         cmd_train_editor,
         (

@@ -30,7 +30,8 @@ from kafka.structs import OffsetAndMetadata
 from daemon.applier import BatchOutcome, EditApplier
 from daemon.config import Settings
 from daemon.control import ControlCommand, Pause, Resume, parse_control
-from daemon.errors import InvalidControlError, InvalidEventError
+from daemon.control_auth import verify_control
+from daemon.errors import DaemonError, InvalidControlError, InvalidEventError
 from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
 from daemon.journal import EventRecord, Journal
 from monitoring.http import Readiness
@@ -39,6 +40,10 @@ from monitoring.metrics import FactkeeperMetrics
 log = logging.getLogger(__name__)
 
 LAG_REFRESH_S = 10.0
+UNASSIGNED_PAUSE_S = 0.1
+METADATA_REFRESH_S = 5.0
+#: How often readiness's ``broker_connected`` is re-read from the Kafka client (issue 9).
+BROKER_CHECK_S = 1.0
 ControlHandler = Callable[[ControlCommand], str]
 
 
@@ -80,6 +85,7 @@ class FactConsumer:
         readiness: Readiness,
         on_control: ControlHandler | None = None,
         after_batch: Callable[[BatchOutcome], None] | None = None,
+        between_batches: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = settings.kafka.topics
@@ -91,6 +97,7 @@ class FactConsumer:
         self.readiness = readiness
         self.on_control = on_control
         self.after_batch = after_batch
+        self.between_batches = between_batches
         self.stop_requested = threading.Event()
         self.assignment_changed = threading.Event()
         self.paused = False
@@ -98,6 +105,7 @@ class FactConsumer:
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
         self._last_lag = 0.0
+        self._last_metadata_refresh = 0.0
         # Highest journaled offset per (topic, partition): records at or below it were handled
         # before a crash that came between the journal write and the offset commit.
         self._journaled = dict(journal.last_offsets())
@@ -111,6 +119,7 @@ class FactConsumer:
         )
         last_activity = time.monotonic()
         linger_s = self.settings.batching.linger_ms / 1000
+        broker_watch = _BrokerWatch(self.consumer, self.readiness).start()
         try:
             while not self.stop_requested.is_set():
                 budget = self.settings.batching.max_size - self._valid_pending()
@@ -121,6 +130,8 @@ class FactConsumer:
                     (r for batch in polled.values() for r in batch),
                     key=lambda r: (r.topic, r.partition, r.offset),
                 )
+                if not records and not self.consumer.assignment():
+                    self._wait_for_assignment()
                 if self.assignment_changed.is_set():
                     self.assignment_changed.clear()
                     self._apply_pause()
@@ -137,6 +148,8 @@ class FactConsumer:
                     or time.monotonic() - self._pending_since >= linger_s
                 ):
                     self.flush()
+                if not self._pending and self.between_batches is not None:
+                    self.between_batches()  # scheduled audits, admin commands: never mid-batch
                 if records or not self.consumer.assignment():
                     # Idle time starts once the work is done, and only counts while we hold
                     # partitions (a restart may wait for the group to drop a dead member).
@@ -148,8 +161,24 @@ class FactConsumer:
                 if idle_timeout_s is not None and idle >= idle_timeout_s and not self._pending:
                     break
         finally:
+            broker_watch.stop()
             self.flush()
         return self.stats
+
+    def _wait_for_assignment(self) -> None:
+        """Unassigned, ``poll`` returns at once: pause instead of spinning, and refresh metadata.
+
+        We saw a member restarted after ``kill -9`` (static membership) join with metadata that
+        did not list its topics, get no partitions, and spin for 14 minutes. kafka-python asks
+        to rejoin when the metadata of a subscribed topic changes, so fetch it now and then.
+        """
+        time.sleep(UNASSIGNED_PAUSE_S)
+        if time.monotonic() - self._last_metadata_refresh >= METADATA_REFRESH_S:
+            self._last_metadata_refresh = time.monotonic()
+            try:
+                self.consumer.topics()
+            except KafkaError as exc:
+                log.debug("metadata refresh failed", extra={"error": str(exc)})
 
     def close(self) -> None:
         """Close the clients without auto-committing anything we did not journal."""
@@ -331,17 +360,39 @@ class FactConsumer:
     def _handle_control(self, record: object) -> None:
         now = datetime.now(UTC)
         source = f"{record.topic}[{record.partition}]@{record.offset}"
+        token = self.settings.admin.token
         try:
             command = parse_control(record.value)
         except InvalidControlError as exc:
             log.warning("invalid control command", extra={"reason": exc.reason_code, "at": source})
             self.metrics.events.labels(result="invalid").inc()
         else:
-            outcome = self._execute(command)
-            self.journal.record_control(command, received_at=now, outcome=outcome, source=source)
-            log.info("control command", extra={"command": command.command, "outcome": outcome})
+            if token is not None and not verify_control(record.value, record.headers, token):
+                outcome = "refused: unauthenticated (missing or wrong signature)"
+                log.warning(
+                    "control command refused", extra={"reason": "bad-signature", "at": source}
+                )
+                self.journal.record_control(
+                    command, received_at=now, outcome=outcome, source=source
+                )
+            else:
+                self.execute_control(command, source=source, received_at=now)
         tp = TopicPartition(record.topic, record.partition)
         self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+
+    def execute_control(
+        self, command: ControlCommand, *, source: str, received_at: datetime
+    ) -> str:
+        """Run an authenticated command between batches and journal its outcome."""
+        try:
+            outcome = self._execute(command)
+        except DaemonError as exc:
+            outcome = f"failed: {exc}"
+        self.journal.record_control(
+            command, received_at=received_at, outcome=outcome, source=source
+        )
+        log.info("control command", extra={"command": command.command, "outcome": outcome})
+        return outcome
 
     def _execute(self, command: ControlCommand) -> str:
         if isinstance(command, Pause):
@@ -397,3 +448,54 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.owner.assignment_changed.set()
         self.owner.readiness.set("partitions_assigned", bool(assigned))
+
+
+class _BrokerWatch:
+    """Keeps readiness's ``broker_connected`` current while the loop runs (issue 9).
+
+    It is a thread of its own because the loop can sit for a whole request timeout (30 s) in a
+    commit, a DLQ flush or a lag query while the broker is away, and ``/readyz`` must say so
+    meanwhile. It reads kafka-python's ``connection-count`` metric (the broker connections the
+    client holds: 0 while no broker answers, back above 0 once it reconnects by itself) and
+    writes only the locked readiness, never the model or the journal.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, readiness: Readiness) -> None:
+        self.consumer = consumer
+        self.readiness = readiness
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="broker-watch", daemon=True)
+
+    def start(self) -> _BrokerWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching; the consumer is about to close, so the broker no longer counts."""
+        self._done.set()
+        self._thread.join()
+        self.readiness.set("broker_connected", False)
+
+    def connections(self) -> int | None:
+        """Broker connections the consumer holds (open or opening); None if metrics are off."""
+        for name, metric in (self.consumer.metrics(raw=True) or {}).items():
+            if name.group == "consumer-metrics" and name.name == "connection-count":
+                return int(metric.value())
+        return None
+
+    def _watch(self) -> None:
+        was_connected = False
+        seen = 0  # consecutive checks that found a connection (or could not tell: no metrics)
+        while not self._done.is_set():
+            count = self.connections()
+            seen = seen + 1 if count is None or count > 0 else 0
+            # Two in a row: a reconnect attempt to a dead broker holds a connection object for
+            # an instant, and one check landing in that instant must not report ready.
+            connected = seen >= 2
+            if was_connected and not connected:
+                log.warning("lost every broker connection; not ready until the client reconnects")
+            elif connected and not was_connected:
+                log.info("broker connection up; ready once partitions are assigned")
+            was_connected = connected
+            self.readiness.set("broker_connected", connected)
+            self._done.wait(BROKER_CHECK_S)

@@ -1,4 +1,4 @@
-"""Control commands (``pause``, ``resume``, ``audit``, ``rollback``, ``revert``): schema and parser.
+"""Control commands (``pause``, ``resume``, ``audit``, ``snapshot``, ``rollback``, ``revert``).
 
 Commands arrive on the control topic or the admin endpoint and change what the daemon does, so
 they are validated as strictly as events: one JSON object whose ``command`` field selects the
@@ -54,6 +54,12 @@ class RunAudit(_Command):
     command: Literal["audit"]
 
 
+class TakeSnapshot(_Command):
+    """Register the current weights as a new version now, rather than on schedule."""
+
+    command: Literal["snapshot"]
+
+
 class Rollback(_Command):
     """Move ``production`` to an earlier registered-model version and reload it."""
 
@@ -71,13 +77,13 @@ class Revert(_Command):
 
 
 ControlCommand = Annotated[
-    Pause | Resume | RunAudit | Rollback | Revert, Field(discriminator="command")
+    Pause | Resume | RunAudit | TakeSnapshot | Rollback | Revert, Field(discriminator="command")
 ]
 _ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 #: The accepted ``command`` values, read off the variants so the list cannot drift.
 COMMAND_NAMES: tuple[str, ...] = tuple(
     get_args(variant.model_fields["command"].annotation)[0]
-    for variant in (Pause, Resume, RunAudit, Rollback, Revert)
+    for variant in (Pause, Resume, RunAudit, TakeSnapshot, Rollback, Revert)
 )
 
 

@@ -103,3 +103,7 @@ class UnknownEventError(JournalError):
     def __init__(self, event_ids: Sequence[str]) -> None:
         self.event_ids = tuple(event_ids)
         super().__init__(f"no journaled event with id(s): {', '.join(self.event_ids)}")
+
+
+class HistoryError(DaemonError):
+    """A rollback or revert was refused (unknown version, edit not applied, other base)."""

@@ -269,19 +269,29 @@ class Journal:
             UnknownEventError: some id has no claiming row; nothing is changed.
             ValueError: ``status`` is ``invalid`` or ``duplicate`` (arrival-only outcomes).
         """
-        if status not in MARK_STATUSES:
-            raise ValueError(f"mark sets one of {sorted(MARK_STATUSES)}, not {status!r}")
-        with self._write("mark"):
-            missing = sorted({i for i in event_ids if not self._claimed(i)})
+        return self.mark_many(dict.fromkeys(event_ids, (status, reason)))
+
+    def mark_many(self, changes: Mapping[str, tuple[EventStatus, str | None]]) -> int:
+        """Set several events' status and reason in one transaction (rollback, roll forward).
+
+        Raises:
+            UnknownEventError: some id has no claiming row; nothing is changed.
+            ValueError: a status is ``invalid`` or ``duplicate``.
+        """
+        bad = sorted({status for status, _ in changes.values()} - MARK_STATUSES)
+        if bad:
+            raise ValueError(f"mark sets one of {sorted(MARK_STATUSES)}, not {bad}")
+        with self._write("mark_many"):
+            missing = sorted(i for i in changes if not self._claimed(i))
             if missing:
                 raise UnknownEventError(missing)
-            for event_id in dict.fromkeys(event_ids):
+            for event_id, (status, reason) in changes.items():
                 self._conn.execute(
                     f"UPDATE events SET status = ?, reason = ? "
                     f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
                     (status, reason, event_id),
                 )
-        return len(set(event_ids))
+        return len(changes)
 
     def assign_model_version(self, version: str, up_to_seq: int) -> int:
         """Record the snapshot version that now contains the applied edits up to ``up_to_seq``.

@@ -1075,3 +1075,15 @@ def _log_tails(cfg: LocalBrokerConfig, count: int = 30) -> str:
             if tail:
                 parts.append(f"--- last lines of {path} ---\n{tail}")
     return "\n".join(parts) if parts else f"(no broker output in {cfg.data_dir})"
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that were free on 127.0.0.1 a moment ago."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -16,12 +16,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import torch
 
+from daemon.admin import AdminServer, ControlInbox
 from daemon.applier import BatchOutcome, EditApplier
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
+from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
+from daemon.errors import HistoryError
+from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer
 from daemon.versions import VersionKeeper
@@ -31,9 +36,14 @@ from editing.paths import Paths
 from monitoring.http import MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
+if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that audits needs it
+    from daemon.audit_schedule import AuditSchedule
+    from daemon.auditing import AuditRunner
+
 log = logging.getLogger(__name__)
 
-READINESS_CONDITIONS = ("model_loaded", "partitions_assigned")
+# broker_connected: set by the consumer from the Kafka client's open connections (issue 9).
+READINESS_CONDITIONS = ("model_loaded", "partitions_assigned", "broker_connected")
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ def snapshots_enabled(settings: Settings) -> bool:
     """Versioning is off when no trigger is set (every_n_edits, every_minutes, on_shutdown)."""
     s = settings.snapshots
     return s.every_n_edits > 0 or s.every_minutes > 0 or s.on_shutdown
+
+
+def audits_enabled(settings: Settings) -> bool:
+    """Audits are off when neither trigger is set (``audit.every_n_edits``, ``every_minutes``)."""
+    return settings.audit.every_n_edits > 0 or settings.audit.every_minutes > 0
 
 
 def replay_units(entries: list[JournalEntry]) -> Iterator[tuple[str, list[JournalEntry]]]:
@@ -83,6 +98,7 @@ class Daemon:
         metrics: FactkeeperMetrics | None = None,
         serve_metrics: bool = True,
         paths: Paths | None = None,
+        start_version: str | None = None,
     ) -> None:
         self.settings = settings
         self.paths = paths or Paths.from_env()
@@ -104,20 +120,55 @@ class Daemon:
         self.applier = EditApplier(self.lm, self.editor)
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path)
+        # The audit baseline needs the base weights: build it before any version is restored.
+        auditor = None
+        if audits_enabled(settings):
+            from daemon.auditing import build_auditor
+
+            auditor = build_auditor(settings, self.lm)
         self.versions = (
             VersionKeeper(settings, self.lm, self.journal, self.metrics)
             if (snapshots_enabled(settings))
             else None
         )
+        self.history = (
+            History(self.versions, self.journal, self._replay_after, self.metrics)
+            if self.versions is not None
+            else None
+        )
         self.restored = self.versions.restore() if self.versions else None
         after_seq = self.restored.journal_seq if self.restored else 0
         self.replay = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        if start_version is not None:
+            if self.history is None:
+                raise HistoryError("starting from a version needs versioning (snapshots) on")
+            self.history.rollback(start_version, "start")
         self.metrics.edits_applied.set(len(self.journal.applied_events()))
-        version = self.restored.version if self.restored and self.restored.version else "base"
-        self.metrics.set_model_version(version, self.lm.name)
+        version = self.versions.current_version if self.versions else None
+        self.metrics.set_model_version(version or "base", self.lm.name)
+        self.audits: AuditRunner | None = None
+        self.schedule: AuditSchedule | None = None
+        if auditor is not None:
+            from daemon.audit_schedule import AuditSchedule
+            from daemon.auditing import AuditRunner
+            from daemon.operations import audit_reports_dir
+
+            reports = audit_reports_dir(settings)
+            self.audits = AuditRunner(
+                settings, auditor, self.journal, self.versions, self.history, self.metrics, reports
+            )
+            self.schedule = AuditSchedule.from_settings(settings.audit)
+        self.inbox: ControlInbox | None = None
+        self._admin: AdminServer | None = None
+        if settings.admin.enabled:
+            self.inbox = ControlInbox()
+            self._admin = AdminServer.from_settings(settings.admin, self.inbox).start()
         self.readiness.set("model_loaded", True)
         self.consumer: FactConsumer | None = None
         self._applied_since_snapshot = self.replay.events
+
+    def _replay_after(self, seq: int) -> int:
+        return replay_journal(self.applier, self.journal, after_seq=seq).events
 
     def run(
         self,
@@ -136,17 +187,22 @@ class Daemon:
             build_producer(self.settings.kafka),
             self.metrics,
             self.readiness,
-            on_control=on_control,
+            on_control=on_control or self.handle_control,
             after_batch=self._after_batch,
+            between_batches=self._between_batches,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
+        if self.schedule is not None:
+            self.schedule.start()
         try:
             stats = consumer.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
             if self.versions is not None and self.settings.snapshots.on_shutdown:
                 self.versions.snapshot("shutdown")
             return stats
         finally:
+            if self.schedule is not None:
+                self.schedule.shutdown()
             consumer.close()
             self.readiness.set("partitions_assigned", False)
             for sig, handler in previous.items():
@@ -156,11 +212,66 @@ class Daemon:
         applied = len(outcome.applied_ids)
         self.metrics.edits_applied.inc(applied)
         self._applied_since_snapshot += applied
+        if self.schedule is not None:
+            self.schedule.note_applied(applied)
         if self.versions is not None and self.versions.due(self._applied_since_snapshot):
             self.versions.snapshot("schedule")
             self._applied_since_snapshot = 0
 
+    def _between_batches(self) -> None:
+        """Work that must not overlap an edit (admin commands, a due audit): loop thread only."""
+        if self.inbox is not None and self.consumer is not None:
+            for item in self.inbox.drain():
+                outcome = self.consumer.execute_control(
+                    item.command, source=item.source, received_at=item.received_at
+                )
+                self.inbox.complete(item.id, outcome)
+        if self.schedule is not None:
+            trigger = self.schedule.take()
+            if trigger is not None:
+                self.run_audit(trigger)
+
+    def run_audit(self, trigger: str) -> str:
+        """Audit now (between batches) and act on the gate; returns the outcome line."""
+        if self.audits is None:
+            return "unsupported: audits are off (audit.every_n_edits and every_minutes are 0)"
+        producer = self.consumer.producer if self.consumer is not None else None
+        report = self.audits.run(trigger, producer)
+        self._applied_since_snapshot = 0
+        verdict = "passed" if report.gate_passed else "failed: " + "; ".join(report.gate.reasons)
+        return f"done: audit of version {report.version} {verdict}; action {report.action}"
+
+    def handle_control(self, command: ControlCommand) -> str:
+        """Execute ``audit``, ``snapshot``, ``rollback`` and ``revert``; returns the outcome."""
+        if isinstance(command, RunAudit):
+            return self.run_audit("requested")
+        if self.versions is None or self.history is None:
+            return f"unsupported: {command.command} needs versioning (snapshots) on"
+        try:
+            if isinstance(command, TakeSnapshot):
+                version = self.versions.snapshot("requested")
+                self._applied_since_snapshot = 0
+                current = self.versions.current_version
+                return f"done: version {version}" if version else f"done: unchanged ({current})"
+            if isinstance(command, Rollback):
+                report = self.history.rollback(str(command.version), "manual")
+                return (
+                    f"done: version {report.version}; {len(report.rolled_back)} edits rolled "
+                    f"back, {len(report.restored)} restored"
+                )
+            if isinstance(command, Revert):
+                rev = self.history.revert(command.event_id)
+                return (
+                    f"done: version {rev.new_version}; replayed {rev.replayed} edits from "
+                    f"{rev.rebuilt_from or 'base'} in {rev.seconds:.1f} s"
+                )
+        except HistoryError as exc:
+            return f"refused: {exc}"
+        return f"unsupported: {command.command}"
+
     def close(self) -> None:
+        if self._admin is not None:
+            self._admin.stop()
         self.journal.close()
         if self._server is not None:
             self._server.stop()

@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
 from daemon.config import Settings
 from daemon.journal import Journal
-from daemon.registry import ModelRegistry
+from daemon.registry import PRODUCTION, ModelRegistry
 from daemon.snapshots import (
     BaseWeights,
     FolderBaseWeights,
     InMemoryBaseWeights,
+    SnapshotError,
     SnapshotMeta,
     delta_norms,
     edited_tensors,
@@ -117,9 +120,57 @@ class VersionKeeper:
         return Restored(None, 0, time.perf_counter() - started)
 
     def _rolled_back_since(self, meta: SnapshotMeta) -> bool:
-        """A version holding an edit the journal no longer counts as applied is stale."""
-        applied = {e.event_id for e in self.journal.applied_events() if e.seq <= meta.journal_seq}
-        return not set(meta.event_ids) <= applied
+        """A version is stale unless it holds exactly the edits the journal counts as applied
+        up to its ``journal_seq`` (a rollback, revert or quarantine since changed that set)."""
+        return set(meta.event_ids) != self.applied_ids_upto(meta.journal_seq)
+
+    def applied_ids_upto(self, journal_seq: int) -> set[str]:
+        return {e.event_id for e in self.journal.applied_events() if e.seq <= journal_seq}
+
+    def read(self, version: str) -> tuple[dict[str, torch.Tensor], SnapshotMeta]:
+        """A version's tensors and metadata, verified against this daemon's base model."""
+        tensors, meta = read_snapshot(self.registry.download(version))
+        if meta.base_hash != self.lm.base_hash:
+            raise SnapshotError(
+                f"version {version} was made from other base weights "
+                f"({meta.base_hash[:12]} != {self.lm.base_hash[:12]})"
+            )
+        return tensors, meta
+
+    def load(self, version: str | None) -> SnapshotMeta | None:
+        """Set the model to ``version`` (None: the base weights); nothing changes on error."""
+        if version is None:
+            load_into(self.lm.model, self.base, {}, reset=self.names)
+            self.current_version = None
+            return None
+        tensors, meta = self.read(version)
+        load_into(self.lm.model, self.base, tensors, reset=self.names)
+        self.current_version = version
+        return meta
+
+    def mark_synced(self) -> None:
+        """The weights now equal ``current_version``; nothing since the journal's end is new."""
+        self.snapshot_seq = self.journal.last_seq()
+
+    def newest_usable_before(self, seq: int) -> tuple[str, SnapshotMeta] | None:
+        """The newest version whose edits all come before journal ``seq`` and still stand."""
+        for info in self.registry.versions():
+            if info.tags.get("base_hash") != self.lm.base_hash:
+                continue
+            if int(info.tags.get("journal_seq", -1)) >= seq:
+                continue
+            _, meta = self.read(info.version)
+            if not self._rolled_back_since(meta):
+                return info.version, meta
+        return None
+
+    def production(self) -> str | None:
+        return self.registry.alias(PRODUCTION)
+
+    def promote(self, version: str) -> None:
+        """Point ``production`` at ``version`` (the gate passed, or an operator rolled back)."""
+        self.registry.set_alias(PRODUCTION, version)
+        self.metrics.set_model_version(version, self.lm.name, "production")
 
     def due(self, applied_since: int) -> bool:
         s = self.settings.snapshots
@@ -160,6 +211,7 @@ class VersionKeeper:
                 "tensors_hash": meta.tensors_hash,
                 "parent_version": self.current_version or "",
                 "reason": reason,
+                "created_at": meta.created_at,
             }
             version = self.registry.register(folder, tags, {"edits": len(applied)})
         self.journal.assign_model_version(version, seq)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -32,10 +35,12 @@ def save_editable_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def config_file(tmp_path: Path) -> Path:
+def config_file(tmp_path: Path, editor_options: Mapping[str, object] | None = None) -> Path:
+    """The daemon's YAML: FT-L with ``editor_options`` (default ``FT_OPTIONS``)."""
+    options = dict(FT_OPTIONS if editor_options is None else editor_options)
     path = tmp_path / "factkeeper.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"editor": {"method": "ft", "options": FT_OPTIONS}}))
+    path.write_text(yaml.safe_dump({"editor": {"method": "ft", "options": options}}))
     return path
 
 
@@ -63,6 +68,9 @@ def env_for(tmp_path: Path, bootstrap: str, topic: str, model_dir: Path, **extra
         "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": "0",
         "FACTKEEPER_SNAPSHOTS__EVERY_MINUTES": "0",
         "FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN": "false",
+        # Audits off too (a test that needs them turns them on): the baseline costs seconds.
+        "FACTKEEPER_AUDIT__EVERY_N_EDITS": "0",
+        "FACTKEEPER_AUDIT__EVERY_MINUTES": "0",
     }
     env.update(extra)
     return env
@@ -97,6 +105,20 @@ def committed(bootstrap: str, group: str, topic: str) -> int:
         consumer.close(autocommit=False)
 
 
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    """The group's committed offset per partition of ``topic`` (None: nothing committed yet).
+
+    Reads with OffsetFetch only, without joining the group, so it is safe while a daemon of
+    that group runs or lies killed.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in partitions}
+    finally:
+        consumer.close(autocommit=False)
+
+
 def dlq_records(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list:
     consumer = KafkaConsumer(
         f"{topic}.dlq",
@@ -126,3 +148,23 @@ def create_topics(bootstrap: str, topic: str) -> None:
 def daemon_from_env(env: dict, serve_metrics: bool = False) -> Daemon:
     home = Path(env["FACTKEEPER_HOME"])
     return Daemon(load_settings(config_file(home), env=env), serve_metrics=serve_metrics)
+
+
+def journal_path(env: Mapping[str, str]) -> Path:
+    """Where a daemon run with ``env`` keeps its journal (the default under its home)."""
+    return Path(env["FACTKEEPER_HOME"]) / "state" / "journal.sqlite3"
+
+
+def daemon_command(config: Path, *args: str) -> list[str]:
+    """``factkeeper run --config CONFIG ARGS`` as a child of this interpreter."""
+    return [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), *args]
+
+
+def subprocess_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A child daemon's environment: ours plus ``env``, pinned to one torch thread.
+
+    One thread keeps the child's float reductions identical to an in-process daemon's (whose
+    test also runs with one thread), and keeps it from fighting other jobs for the 2 cores.
+    """
+    pinned = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, **env, **pinned}

@@ -12,6 +12,7 @@ from daemon.control import (
     Revert,
     Rollback,
     RunAudit,
+    TakeSnapshot,
     control_json_schema,
     encode_control,
     parse_control,
@@ -26,6 +27,7 @@ from daemon.errors import InvalidControlError
         (b'{"command": "resume"}', Resume(command="resume")),
         (b'{"command": "audit"}', RunAudit(command="audit")),
         (b'{"command": "rollback", "version": 7}', Rollback(command="rollback", version=7)),
+        (b'{"command": "snapshot"}', TakeSnapshot(command="snapshot")),
         (b'{"command": "revert", "event_id": "cf:12"}', Revert(command="revert", event_id="cf:12")),
     ],
 )
@@ -67,4 +69,15 @@ def test_unknown_command_is_not_echoed() -> None:
 
 def test_command_names_match_the_schema() -> None:
     mapping = control_json_schema()["discriminator"]["mapping"]
-    assert set(mapping) == set(COMMAND_NAMES) == {"pause", "resume", "audit", "rollback", "revert"}
+    assert (
+        set(mapping)
+        == set(COMMAND_NAMES)
+        == {
+            "pause",
+            "resume",
+            "audit",
+            "snapshot",
+            "rollback",
+            "revert",
+        }
+    )

@@ -1,0 +1,129 @@
+"""Rollback and single-edit revert on a running daemon (real broker, real MLflow on SQLite)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from daemon.applier import EditApplier
+from daemon.control import Revert, Rollback, encode_control
+from daemon.service import replay_journal
+from editing.editors import get_editor
+from editing.models import load_model
+from tests.daemon.builders import to_bytes
+from tests.daemon.harness import (
+    FT_OPTIONS,
+    committed,
+    create_topics,
+    daemon_from_env,
+    env_for,
+    fact,
+    produce,
+)
+
+pytestmark = pytest.mark.kafka
+
+
+def _env(tmp_path, kafka_broker, kafka_topic, tiny_model_dir) -> dict:
+    return env_for(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="4",
+        FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN="true",
+    )
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_equal(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_rollback_restores_the_version_exactly_and_moves_production(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(8)])
+    env = _env(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
+    daemon = daemon_from_env(env)
+    try:
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        registry = daemon.versions.registry
+        first = registry.versions()[-1]
+        held = set(daemon.versions.read(first.version)[1].event_ids)
+        applied_before = {e.event_id for e in daemon.journal.applied_events()}
+        assert held < applied_before  # the first version holds only the first few edits
+        expected, _ = daemon.versions.read(first.version)
+
+        produce(
+            kafka_broker,
+            f"{kafka_topic}.control",
+            [encode_control(Rollback(command="rollback", version=int(first.version)))],
+        )
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+
+        params = dict(daemon.lm.model.named_parameters())
+        for name, value in expected.items():
+            assert torch.equal(params[name], value), name
+        assert registry.alias("production") == first.version
+        counts = daemon.journal.counts_by_status()
+        assert counts["rolled_back"] == len(applied_before - held)
+        assert {e.event_id for e in daemon.journal.applied_events()} == held
+        [control] = daemon.journal.control_commands()
+        assert control.outcome.startswith("done")
+        rolled_back_weights = _weights(daemon.lm.model)
+    finally:
+        daemon.close()
+    # Nothing was un-committed: the rolled-back events stay consumed.
+    assert committed(kafka_broker, f"{kafka_topic}-group", kafka_topic) == 8
+
+    restarted = daemon_from_env(env)
+    try:
+        assert restarted.replay.events == 0
+        _assert_equal(restarted.lm.model, rolled_back_weights)
+    finally:
+        restarted.close()
+
+
+def test_revert_removes_one_edit_and_equals_a_run_without_it(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(8)])
+    env = _env(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
+    daemon = daemon_from_env(env)
+    try:
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        applied = [e.event_id for e in daemon.journal.applied_events()]
+        victim = applied[len(applied) // 2 + 1]  # after the first snapshot: a partial replay
+        versions_before = len(daemon.versions.registry.versions())
+
+        outcome = daemon.handle_control(Revert(command="revert", event_id=victim))
+
+        assert outcome.startswith("done"), outcome
+        assert daemon.journal.get(victim).status == "reverted"
+        assert [e.event_id for e in daemon.journal.applied_events()] == [
+            i for i in applied if i != victim
+        ]
+        assert len(daemon.versions.registry.versions()) == versions_before + 1
+        refused = daemon.handle_control(Revert(command="revert", event_id=victim))
+        assert refused.startswith("refused")
+
+        # The same journal replayed from the base weights gives the same model.
+        fresh = load_model(str(tiny_model_dir))
+        replay_journal(EditApplier(fresh, get_editor("ft", **FT_OPTIONS)), daemon.journal)
+        _assert_equal(daemon.lm.model, fresh.model.state_dict())
+        reverted_weights = _weights(daemon.lm.model)
+    finally:
+        daemon.close()
+
+    restarted = daemon_from_env(env)
+    try:
+        _assert_equal(restarted.lm.model, reverted_weights)
+    finally:
+        restarted.close()
