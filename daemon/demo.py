@@ -2,8 +2,10 @@
 
 Starts the local broker, loads SmolLM2, asks a few CounterFact questions, streams real CounterFact
 corrections through the daemon (validate, edit, post-check, journal, commit), asks again, and
-prints throughput and the journal summary. Each run uses its own topic and state folder under
-``FACTKEEPER_HOME/demo/`` so it can be repeated; each step prints one line on stdout.
+prints throughput and the journal summary, lists the MLflow versions the daemon registered (each
+audited and gated on the way), rolls back to the first one through the control topic, and writes
+the HTML/PNG report. Each run uses its own topic, journal and MLflow store under
+``FACTKEEPER_HOME/demo/<run>/`` so it can be repeated; each step prints one line on stdout.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from datetime import UTC, datetime
 from daemon import kafka_broker
 from daemon.applier import answer_matches
 from daemon.config import load_settings
+from daemon.control import Rollback, encode_control
 from daemon.kafka_clients import ensure_topics
+from daemon.operations import version_rows, write_daemon_report
 from daemon.produce import events_from_requests, send
 from daemon.service import Daemon
 from editing.datasets import load_dataset
@@ -42,11 +46,11 @@ def run_demo(
     was_running = kafka_broker.status(cfg).running
     started = time.perf_counter()
     broker = kafka_broker.start(cfg)
-    print(f"[1/5] kafka ready at {broker.bootstrap} ({time.perf_counter() - started:.1f} s)")
+    print(f"[1/7] kafka ready at {broker.bootstrap} ({time.perf_counter() - started:.1f} s)")
     try:
         lm = load_model("smollm2", paths=paths)
         source = "safetensors cache" if lm.from_cache else "GGUF, now cached"
-        print(f"[2/5] model {lm.name} loaded from {source} ({lm.load_seconds:.1f} s)")
+        print(f"[2/7] model {lm.name} loaded from {source} ({lm.load_seconds:.1f} s)")
         [answer] = greedy_generate(lm.model, lm.tokenizer, [prompt], max_new_tokens=8)
         print(f"      {prompt!r} -> {answer!r}")
 
@@ -56,6 +60,7 @@ def run_demo(
 
         run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         topic = f"factkeeper-demo-{run_id}"
+        run_dir = paths.home / "demo" / run_id
         env = {
             "FACTKEEPER_HOME": str(paths.home),
             "FACTKEEPER_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
@@ -64,7 +69,11 @@ def run_demo(
             "FACTKEEPER_KAFKA__TOPICS__CONTROL": f"{topic}.control",
             "FACTKEEPER_KAFKA__TOPICS__QUARANTINE": f"{topic}.quarantine",
             "FACTKEEPER_KAFKA__GROUP_ID": topic,
-            "FACTKEEPER_JOURNAL__PATH": str(paths.home / "demo" / run_id / "journal.sqlite3"),
+            "FACTKEEPER_JOURNAL__PATH": str(run_dir / "journal.sqlite3"),
+            "FACTKEEPER_SNAPSHOTS__TRACKING_URI": f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}",
+            # A version, an audit and a gate decision every quarter of the stream.
+            "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": str(max(1, corrections // 4)),
+            "FACTKEEPER_AUDIT__EVERY_N_EDITS": str(max(1, corrections // 4)),
             "FACTKEEPER_METRICS__HOST": "127.0.0.1",
         }
         if method:
@@ -72,7 +81,7 @@ def run_demo(
         settings = load_settings(None, env=env)
         ensure_topics(settings.kafka)
         sent = send(settings.kafka, events_from_requests(requests, source="counterfact/eval"))
-        print(f"[3/5] produced {sent} CounterFact corrections to {topic}")
+        print(f"[3/7] produced {sent} CounterFact corrections to {topic}")
 
         daemon = Daemon(settings, lm=lm, serve_metrics=False, paths=paths)
         try:
@@ -80,27 +89,67 @@ def run_demo(
             stats = daemon.run(max_messages=sent, idle_timeout_s=20.0, handle_signals=False)
             seconds = time.perf_counter() - started
             counts = daemon.journal.counts_by_status()
+            rate = stats.consumed / seconds if seconds else 0.0
+            print(
+                f"[4/7] daemon ({settings.editor.method}) consumed {stats.consumed} events in "
+                f"{seconds:.1f} s ({rate:.2f} events/s, audits and snapshots included): "
+                + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+            )
+
+            now = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in requests], 6)
+            held = sum(answer_matches(a, r.target_new) for a, r in zip(now, requests, strict=True))
+            print(
+                f"[5/7] {held}/{len(requests)} corrections hold now (each passed its post-check "
+                f"when applied; later edits can undo earlier ones: what the audits measure)"
+            )
+            _show_answers(shown, before, now[:SHOWN])
+
+            versions = daemon.versions.registry.versions()
+            print(f"[6/7] {len(versions)} versions of {settings.snapshots.registered_model_name}:")
+            for row in version_rows(versions):
+                print("      " + _version_line(row))
+
+            target = _rollback_target(versions)
+            if target is None:
+                print("[7/7] no earlier version to roll back to")
+            else:
+                rollback = Rollback(command="rollback", version=int(target))
+                send(settings.kafka, [encode_control(rollback)], settings.kafka.topics.control)
+                daemon.run(idle_timeout_s=5.0, handle_signals=False)
+                [control] = daemon.journal.control_commands()[-1:]
+                again = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in shown], 6)
+                print(f"[7/7] rollback to v{target} through the control topic: {control.outcome}")
+                _show_answers(shown, now[:SHOWN], again)
+            report = write_daemon_report(
+                settings, run_dir / "report.html", png=run_dir / "report.png"
+            )
+            print(f"      report: {report.html} (and {report.png})")
         finally:
             daemon.close()
-        rate = stats.consumed / seconds if seconds else 0.0
-        print(
-            f"[4/5] daemon ({settings.editor.method}) consumed {stats.consumed} events in "
-            f"{seconds:.1f} s ({rate:.2f} events/s): "
-            + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-        )
-
-        now = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in requests], 6)
-        held = sum(answer_matches(a, r.target_new) for a, r in zip(now, requests, strict=True))
-        after = now[:SHOWN]
-        print(
-            f"[5/5] {held}/{len(requests)} corrections still hold now (each passed its post-check "
-            f"when applied; later edits can undo earlier ones: what the audits will catch)"
-        )
-        print("      answers before -> after:")
-        for request, old, new in zip(shown, before, after, strict=True):
-            print(f"      {request.prompt!r}: {old.strip()!r} -> {new.strip()!r}")
-            print(f"      (correction: {request.target_new!r})")
     finally:
         if not (was_running or keep_broker):
             kafka_broker.stop(cfg)
     return 0
+
+
+def _show_answers(shown: list, before: list[str], after: list[str]) -> None:
+    print("      answers before -> after:")
+    for request, old, new in zip(shown, before, after, strict=True):
+        print(f"      {request.prompt!r}: {old.strip()!r} -> {new.strip()!r}")
+        print(f"      (correction: {request.target_new!r})")
+
+
+def _version_line(row: dict) -> str:
+    audit = (
+        f"retention {row['retention_exact_match']:.2f}, locality {row['locality']:.2f}"
+        if row.get("retention_exact_match") is not None
+        else "not audited"
+    )
+    aliases = f" [{row['aliases']}]" if row["aliases"] else ""
+    return f"v{row['version']}{aliases}: {row['edits']} edits, {row['reason']}; {audit}"
+
+
+def _rollback_target(versions: list) -> str | None:
+    """The oldest version holding some edits: rolling back to it visibly undoes the rest."""
+    with_edits = [v for v in versions if int(v.tags.get("edits", "0")) > 0]
+    return with_edits[-1].version if len(with_edits) > 1 else None
