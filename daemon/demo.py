@@ -16,16 +16,17 @@ from datetime import UTC, datetime
 
 from daemon import kafka_broker
 from daemon.applier import answer_matches
-from daemon.config import load_settings
+from daemon.config import Settings, load_settings
 from daemon.control import Rollback, encode_control
 from daemon.kafka_clients import ensure_topics
-from daemon.operations import version_rows, write_daemon_report
+from daemon.operations import audit_reports_dir, version_rows, write_daemon_report
 from daemon.produce import events_from_requests, send
 from daemon.service import Daemon
 from editing.datasets import load_dataset
 from editing.generation import greedy_generate
 from editing.models import load_model
 from editing.paths import Paths
+from monitoring.report import load_audits
 
 SHOWN = 4  # facts whose answers are printed before and after
 
@@ -71,9 +72,9 @@ def run_demo(
             "FACTKEEPER_KAFKA__GROUP_ID": topic,
             "FACTKEEPER_JOURNAL__PATH": str(run_dir / "journal.sqlite3"),
             "FACTKEEPER_SNAPSHOTS__TRACKING_URI": f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}",
-            # A version, an audit and a gate decision every quarter of the stream.
-            "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": str(max(1, corrections // 4)),
-            "FACTKEEPER_AUDIT__EVERY_N_EDITS": str(max(1, corrections // 4)),
+            # A version, an audit and a gate decision after each half of the stream.
+            "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": str(max(1, corrections // 2)),
+            "FACTKEEPER_AUDIT__EVERY_N_EDITS": str(max(1, corrections // 2)),
             "FACTKEEPER_METRICS__HOST": "127.0.0.1",
         }
         if method:
@@ -99,9 +100,12 @@ def run_demo(
             now = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in requests], 6)
             held = sum(answer_matches(a, r.target_new) for a, r in zip(now, requests, strict=True))
             print(
-                f"[5/7] {held}/{len(requests)} corrections hold now (each passed its post-check "
-                f"when applied; later edits can undo earlier ones: what the audits measure)"
+                f"[5/7] {held}/{len(requests)} corrections hold in the served model; each passed "
+                f"its post-check when applied, then the audits judged them "
+                f"(gate: {_gate(settings)}):"
             )
+            for audit in load_audits(audit_reports_dir(settings)):
+                print("      " + _audit_line(audit))
             _show_answers(shown, before, now[:SHOWN])
 
             versions = daemon.versions.registry.versions()
@@ -140,16 +144,44 @@ def _show_answers(shown: list, before: list[str], after: list[str]) -> None:
 
 
 def _version_line(row: dict) -> str:
-    audit = (
-        f"retention {row['retention_exact_match']:.2f}, locality {row['locality']:.2f}"
-        if row.get("retention_exact_match") is not None
-        else "not audited"
-    )
+    if row.get("retention_exact_match") is None:
+        audit = "not audited"
+    else:
+        verdict = "passed" if row.get("audit_passed") == "true" else "failed"
+        audit = (
+            f"audit {verdict}: retention {row['retention_exact_match']:.2f}, locality "
+            f"{row['locality_agreement']:.2f}, perplexity drift {row['perplexity_drift']:+.2f}"
+        )
     aliases = f" [{row['aliases']}]" if row["aliases"] else ""
-    return f"v{row['version']}{aliases}: {row['edits']} edits, {row['reason']}; {audit}"
+    return f"v{row['version']}{aliases}: {row['edits']} edits ({row['reason']}); {audit}"
+
+
+def _gate(settings: Settings) -> str:
+    a = settings.audit
+    return (
+        f"retention >= {a.retention_floor:g}, locality >= {a.locality_floor:g}, "
+        f"perplexity drift <= {a.max_perplexity_drift:g}"
+    )
+
+
+def _audit_line(audit: dict) -> str:
+    gate = "passed" if audit["gate"]["passed"] else "FAILED"
+    retention = audit["retention"]["exact_match"]
+    line = (
+        f"audit of v{audit['version']} at {audit['edits_total']} edits: retention "
+        f"{'-' if retention is None else f'{retention:.2f}'}, locality "
+        f"{audit['locality']['agreement']:.2f}, perplexity drift "
+        f"{audit['perplexity']['drift']:+.2f} -> {gate}, {audit['action']}"
+    )
+    if audit["quarantined_event_ids"]:
+        line += f" ({len(audit['quarantined_event_ids'])} edits quarantined)"
+    return line
 
 
 def _rollback_target(versions: list) -> str | None:
-    """The oldest version holding some edits: rolling back to it visibly undoes the rest."""
+    """The oldest version holding edits: returning to it visibly changes the served answers.
+
+    An operator may pick a version whose audit failed (its edits come back from quarantine).
+    """
     with_edits = [v for v in versions if int(v.tags.get("edits", "0")) > 0]
     return with_edits[-1].version if len(with_edits) > 1 else None

@@ -26,7 +26,11 @@ from editing.models import load_model
 from editing.paths import Paths
 from monitoring.report import ReportFiles
 
-AUDIT_TAGS = ("audit_retention_exact_match", "audit_locality", "audit_perplexity_drift")
+AUDIT_TAGS = (
+    "audit_retention_exact_match",
+    "audit_locality_agreement",
+    "audit_perplexity_drift",
+)
 
 
 class OperationError(DaemonError):

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -355,7 +356,8 @@ def _summary_text(page: _Page) -> tuple[str, list[str], bool | None]:
         figures = [f"{label} {value}" for label, value in headline_figures(latest)]
         lines.extend(_pack(figures, SUMMARY_LINE_CHARS))
         if latest.reasons:
-            lines.append("Gate: " + "; ".join(latest.reasons))
+            reasons = "Gate: " + "; ".join(latest.reasons)
+            lines.extend(textwrap.wrap(reasons, SUMMARY_LINE_CHARS))
     lines.append(f"{len(page.versions)} registered versions · generated {_when(page.generated_at)}")
     return title, lines, latest.passed if latest else None
 
