@@ -121,7 +121,6 @@ class AuditRunner:
                 self.versions.promote(version)
                 action = "promoted"
             self.last_good = result
-            self.metrics.audit_last_success.set(time.time())
         elif self.history is not None and self.versions is not None:
             quarantined = self._quarantine(applied, production, result, decision, producer)
             if production is not None:
@@ -221,6 +220,7 @@ class AuditRunner:
     ) -> None:
         m = self.metrics
         m.audit_duration.observe(seconds)
+        m.audit_last_success.set(time.time())  # completed, pass or fail (the metric's meaning)
         if result.retention.exact_match is not None:
             m.retention.set(result.retention.exact_match)
         m.locality.set(result.locality.agreement)
