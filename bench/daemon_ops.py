@@ -51,7 +51,14 @@ from typing import Any, Literal
 
 import yaml
 
-from editing.bench import _git_rev, _json_default, _machine, _now, _percentile, seed_everything
+from editing.bench import (
+    git_revision,
+    json_default,
+    machine_info,
+    percentile,
+    seed_everything,
+    utc_now_iso,
+)
 from editing.datasets import DATASETS, DatasetName, load_dataset
 from editing.editors import EDITORS
 from editing.errors import FactkeeperError
@@ -425,8 +432,8 @@ class PathTimer:
             "flush_events_mean": (
                 sum(f["events"] for f in self.flushes) / len(self.flushes) if self.flushes else None
             ),
-            "flush_seconds_p50": _percentile(flush_seconds, 50),
-            "flush_seconds_p95": _percentile(flush_seconds, 95),
+            "flush_seconds_p50": percentile(flush_seconds, 50),
+            "flush_seconds_p95": percentile(flush_seconds, 95),
             "batches_fell_back": sum(f["fell_back"] for f in batched),
             "batches_of_more_than_one": len(batched),
         }
@@ -606,8 +613,8 @@ def _steady(daemon: Any, timer: PathTimer, task: DaemonTask, settings: Any) -> d
         "latency_applied_s": _summary(applied_lat),
         "latency_journaled_s": _summary(journaled_lat),
         # Rising from the first half of the stream to the second: the daemon falls behind.
-        "latency_applied_p50_first_half_s": _percentile(applied_lat[:half], 50),
-        "latency_applied_p50_second_half_s": _percentile(applied_lat[half:], 50),
+        "latency_applied_p50_first_half_s": percentile(applied_lat[:half], 50),
+        "latency_applied_p50_second_half_s": percentile(applied_lat[half:], 50),
         "catch_up_seconds_after_last_send": wall - send_span - producer.waited_s,
         "latency_source": "journal applied_at (received_at for all rows) - Kafka CreateTime",
         **timer.report(wall),
@@ -704,8 +711,8 @@ def run_bare_task(task: BareTask) -> dict[str, Any]:
         "cpu_per_wall": cpu / wall if wall else None,
         "edits_per_s": n / wall,
         "seconds_per_edit": wall / n,
-        "call_seconds_p50": _percentile(call_seconds, 50),
-        "call_seconds_p95": _percentile(call_seconds, 95),
+        "call_seconds_p50": percentile(call_seconds, 50),
+        "call_seconds_p95": percentile(call_seconds, 95),
         "model_load_seconds": lm.load_seconds,
         "rss": rss.report(),
     }
@@ -766,8 +773,8 @@ def _env(task: DaemonTask) -> dict[str, str]:
 def _summary(values: Sequence[float]) -> dict[str, float | int | None]:
     return {
         "n": len(values),
-        "p50": _percentile(values, 50),
-        "p95": _percentile(values, 95),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
         "max": max(values, default=None),
         "mean": sum(values) / len(values) if values else None,
     }
@@ -794,7 +801,7 @@ def run_daemon_ops(
     """
     from daemon.config import load_settings
 
-    started_at, loadavg_start = _now(), list(os.getloadavg())
+    started_at, loadavg_start = utc_now_iso(), list(os.getloadavg())
     wall, cpu = time.perf_counter(), time.process_time()
     needed = config.events + config.steady_events
     source = "given" if requests is not None else f"{config.dataset}/eval"
@@ -851,12 +858,12 @@ def run_daemon_ops(
     out = {
         "benchmark": "daemon-ops",
         "command": command or " ".join(["python", sys.argv[0], *sys.argv[1:]]),
-        "git_rev": _git_rev(),
+        "git_rev": git_revision(),
         "started_at": started_at,
-        "finished_at": _now(),
+        "finished_at": utc_now_iso(),
         "wall_seconds": time.perf_counter() - wall,
         "orchestrator_cpu_seconds": time.process_time() - cpu,
-        "machine": {**_machine(), "torch_threads": config.threads, "ram_bytes": _ram_bytes()},
+        "machine": {**machine_info(), "torch_threads": config.threads, "ram_bytes": _ram_bytes()},
         "loadavg_start": loadavg_start,
         "loadavg_end": list(os.getloadavg()),
         "torch_version": importlib.metadata.version("torch"),
@@ -876,7 +883,7 @@ def run_daemon_ops(
         "methods": runs,
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    config.out.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
+    config.out.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
     log.info("written", extra={"path": str(config.out), "seconds": round(out["wall_seconds"])})
     return out
 

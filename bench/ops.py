@@ -41,7 +41,7 @@ from daemon.events import parse_event  # noqa: E402
 from daemon.journal import EventRecord  # noqa: E402
 from daemon.produce import events_from_requests  # noqa: E402
 from daemon.service import Daemon  # noqa: E402
-from editing.bench import _git_rev, _json_default, _machine, _now  # noqa: E402
+from editing.bench import git_revision, json_default, machine_info, utc_now_iso  # noqa: E402
 from editing.datasets import load_dataset  # noqa: E402
 from editing.paths import Paths  # noqa: E402
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(ns.threads)
     checkpoints = sorted(int(c) for c in ns.checkpoints.split(","))
-    started_at, started, load_start = _now(), time.perf_counter(), list(_loadavg())
+    started_at, started, load_start = utc_now_iso(), time.perf_counter(), list(_loadavg())
 
     requests = load_dataset("counterfact", "eval", limit=ns.edits)
     events = [parse_event(p) for p in events_from_requests(requests, "counterfact/eval")]
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("applied %d edits", offset)
                 done = checkpoint
                 figures = measure_checkpoint(daemon, model_bytes, snapshot_seconds)
-                log.info("checkpoint %s", json.dumps(figures, default=_json_default))
+                log.info("checkpoint %s", json.dumps(figures, default=json_default))
                 results.append(figures)
         finally:
             daemon.close()
@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": ns.batch,
         "snapshot_every": ns.snapshot_every,
         "threads": ns.threads,
-        "git_rev": _git_rev(),
-        "machine": _machine(),
+        "git_rev": git_revision(),
+        "machine": machine_info(),
         "started_at": started_at,
-        "finished_at": _now(),
+        "finished_at": utc_now_iso(),
         "wall_seconds": time.perf_counter() - started,
         "loadavg_start": load_start,
         "loadavg_end": list(_loadavg()),
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoints": results,
     }
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    ns.out.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
     print(render(payload))
     print(ns.out)
     return 0

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from daemon.kafka_broker import LocalBrokerConfig, start, stop  # noqa: E402
-from editing.bench import _git_rev, _json_default, _machine, _now  # noqa: E402
+from editing.bench import git_revision, json_default, machine_info, utc_now_iso  # noqa: E402
 from tests.daemon.harness import save_editable_tiny_model  # noqa: E402
 from tests.fixtures.kafka import free_loopback_ports  # noqa: E402
 from tests.reliability.crash import CrashConfig, run_crash  # noqa: E402
@@ -82,7 +82,7 @@ def machine() -> dict[str, Any]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             ram = int(line.split()[1]) * 1024
-    return {**_machine(), "ram_bytes": ram, "torch": torch.__version__}
+    return {**machine_info(), "ram_bytes": ram, "torch": torch.__version__}
 
 
 def run_scenario(
@@ -153,9 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             [sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]
         ),
         "cwd": os.getcwd(),
-        "git_revision": _git_rev(),
+        "git_revision": git_revision(),
         "machine": machine(),
-        "started_at": _now(),
+        "started_at": utc_now_iso(),
         "load_average_start": list(os.getloadavg()),
     }
     configs = long_configs(ns.seed)
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ns.only:
             log.info("scenario %s: %s", name, configs[name])
             record: dict[str, Any] = {
-                "started_at": _now(),
+                "started_at": utc_now_iso(),
                 "load_average_start": list(os.getloadavg()),
             }
             began = time.monotonic()
@@ -194,14 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record.update(passed=False, failures=[f"{type(exc).__name__}: {exc}"])
             record.update(
                 seconds=round(time.monotonic() - began, 1),
-                finished_at=_now(),
+                finished_at=utc_now_iso(),
                 load_average_end=list(os.getloadavg()),
             )
             records[name] = record
     finally:
         if broker_cfg is not None:
             stop(broker_cfg)
-    invocation.update(finished_at=_now(), load_average_end=list(os.getloadavg()))
+    invocation.update(finished_at=utc_now_iso(), load_average_end=list(os.getloadavg()))
     write_results(ns.out, invocation, records)
     if ns.keep:
         log.info("work dir kept at %s", workdir)
@@ -223,7 +223,7 @@ def write_results(out: Path, invocation: dict[str, Any], records: dict[str, Any]
     scenarios = {**previous, **{n: {**r, "invocation": invocation} for n, r in records.items()}}
     payload = {"benchmark": "reliability", "latest": invocation, "scenarios": scenarios}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    out.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
 
 
 def print_table(records: dict[str, dict[str, Any]]) -> None:

@@ -158,7 +158,7 @@ class Benchmark:
 
     def run(self, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
         cfg = self.config
-        started_at = _now()
+        started_at = utc_now_iso()
         loadavg_start = list(os.getloadavg())
         wall, cpu = time.perf_counter(), time.process_time()
         torch.set_num_threads(cfg.threads)
@@ -196,13 +196,13 @@ class Benchmark:
             "base_hash": lm.base_hash,
             "seed": cfg.seed,
             "threads": cfg.threads,
-            "git_rev": _git_rev(),
+            "git_rev": git_revision(),
             "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "started_at": started_at,
-            "finished_at": _now(),
+            "finished_at": utc_now_iso(),
             "wall_seconds": time.perf_counter() - wall,
             "cpu_seconds": time.process_time() - cpu,
-            "machine": _machine(),
+            "machine": machine_info(),
             "torch_version": torch.__version__,
             "transformers_version": importlib.metadata.version("transformers"),
             "loadavg_start": loadavg_start,
@@ -216,11 +216,11 @@ class Benchmark:
         }
         path = result_path(cfg.out_dir, cfg.dataset, cfg.n_edits)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
+        path.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
         from editing.bench_report import plot_curves
 
         out["plot"] = str(plot_curves(out, path.with_suffix(".png")))
-        path.write_text(json.dumps(out, indent=1, default=_json_default) + "\n")
+        path.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
         log.info("bench written", extra={"path": str(path), "seconds": round(out["wall_seconds"])})
         return out
 
@@ -315,8 +315,8 @@ class Benchmark:
         report.update(
             {
                 "efficacy_immediate": mean(immediate),
-                "edit_seconds_p50": _percentile(edit_seconds, 50),
-                "edit_seconds_p95": _percentile(edit_seconds, 95),
+                "edit_seconds_p50": percentile(edit_seconds, 50),
+                "edit_seconds_p95": percentile(edit_seconds, 95),
                 "edit_seconds_total": sum(edit_seconds),
                 "eval_seconds": eval_seconds,
                 "final_eval_seconds": final["eval_seconds"],
@@ -350,7 +350,7 @@ class Benchmark:
                 raise BenchError(f"{what} changed {key} without reporting a delta for it")
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -378,7 +378,7 @@ def _known_examples(evaluator: Evaluator, requests: Sequence[Any]) -> dict[str, 
     }
 
 
-def _git_rev() -> str | None:
+def git_revision() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
         rev = subprocess.run(
@@ -396,7 +396,7 @@ def _git_rev() -> str | None:
     return rev + ("-dirty" if dirty else "")
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -414,11 +414,11 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _now() -> str:
+def utc_now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple | set):
