@@ -425,6 +425,8 @@ class Journal:
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self._write(f"migration to schema {target}"):
+                if int(self.pragma("user_version")) >= target:
+                    continue  # another process (daemon, `status`) migrated it since we looked
                 for statement in _MIGRATIONS[target - 1]:
                     self._conn.execute(statement)
                 self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")

@@ -278,3 +278,23 @@ def test_records_are_checked_when_built(fields: dict[str, object], message: str)
         values["event"] = make_event()
     with pytest.raises(ValueError, match=message):
         EventRecord(**values)  # type: ignore[arg-type]
+
+
+def test_two_openers_of_a_new_journal_do_not_both_migrate(tmp_path):
+    """A daemon and `factkeeper status` may open a fresh journal at the same moment."""
+    path = tmp_path / "journal.sqlite3"
+    first = Journal.open(path)
+    first.close()
+    # The second opener read user_version 0 just before the first one migrated the file.
+    second = Journal(sqlite3.connect(path, isolation_level=None), path)
+    real_pragma = second.pragma
+    stale_reads = iter([0])
+
+    def pragma(name):
+        stale = next(stale_reads, None) if name == "user_version" else None
+        return real_pragma(name) if stale is None else stale
+
+    second.pragma = pragma
+    second._migrate()  # must not raise "table events already exists"
+    assert second.last_seq() == 0
+    second.close()
