@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.events import FactCorrection
@@ -65,11 +65,20 @@ class BatchOutcome:
 
 
 class EditApplier:
-    """Applies events to one loaded model with one editor."""
+    """Applies events to one loaded model with one editor.
 
-    def __init__(self, lm: LoadedModel, editor: Editor) -> None:
+    ``rebuild`` makes the weights what the journal says (the daemon passes its restore + replay).
+    With it, an editor that fails in an unexpected way (not ``EditError``, so the weights may be
+    half-written) costs a rebuild and marks the events failed instead of crashing the daemon on
+    the same record after every restart; without it, the error propagates.
+    """
+
+    def __init__(
+        self, lm: LoadedModel, editor: Editor, rebuild: Callable[[], None] | None = None
+    ) -> None:
         self.lm = lm
         self.editor = editor
+        self.rebuild = rebuild
 
     def apply(self, events: Sequence[FactCorrection]) -> BatchOutcome:
         """Apply ``events``; every event ends up in ``applied`` or ``failed``, never half-done."""
@@ -77,13 +86,13 @@ class EditApplier:
         if not events:
             return outcome
         if len(events) > 1 and self.editor.supports_batch:
-            unit, failures = self._try_unit(list(events))
+            unit, failures = self._try_unit(list(events), outcome)
             if unit is not None:
                 outcome.applied.append(unit)
                 return outcome
             log.info("batch did not fully take; retrying one at a time", extra={"n": len(events)})
         for event in events:
-            unit, failures = self._try_unit([event])
+            unit, failures = self._try_unit([event], outcome)
             if unit is not None:
                 outcome.applied.append(unit)
             else:
@@ -96,19 +105,39 @@ class EditApplier:
         result = self.editor.apply(self.lm, [to_request(e) for e in events])
         return AppliedUnit(batch_id, list(events), result, time.perf_counter() - started)
 
-    def _try_unit(self, events: list[FactCorrection]) -> tuple[AppliedUnit | None, dict[str, str]]:
+    def _try_unit(
+        self, events: list[FactCorrection], outcome: BatchOutcome
+    ) -> tuple[AppliedUnit | None, dict[str, str]]:
         requests = [to_request(e) for e in events]
         started = time.perf_counter()
         try:
             result = self.editor.apply(self.lm, requests)
         except EditError as exc:  # the editor guarantees the model is unchanged
             return None, {e.id: f"editor refused: {exc}" for e in events}
+        except Exception as exc:
+            if self.rebuild is None:
+                raise
+            log.exception("editor failed; rebuilding the weights from the journal")
+            self._rebuild_keeping(outcome.applied)
+            return None, {e.id: f"editor error: {type(exc).__name__}: {exc}"[:300] for e in events}
         failures = self.post_check(requests)
         if failures:
             self.editor.undo(self.lm, result)
             return None, failures
         unit = AppliedUnit(uuid.uuid4().hex, events, result, time.perf_counter() - started)
         return unit, {}
+
+    def _rebuild_keeping(self, kept: list[AppliedUnit]) -> None:
+        """Journal state, then the units of this batch kept so far (not journaled yet)."""
+        assert self.rebuild is not None
+        self.rebuild()
+        for i, unit in enumerate(kept):
+            kept[i] = AppliedUnit(
+                unit.batch_id,
+                unit.events,
+                self.replay(unit.batch_id, unit.events).result,
+                unit.seconds,
+            )
 
     def post_check(self, requests: Sequence[EditRequest]) -> dict[str, str]:
         """Requests whose greedy answer does not start with the new target, with the answer."""

@@ -29,7 +29,8 @@ from daemon.errors import HistoryError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer
-from daemon.versions import VersionKeeper
+from daemon.snapshots import load_into
+from daemon.versions import VersionKeeper, base_weights, editable_weight_names
 from editing.editors import Editor, get_editor
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
@@ -117,7 +118,7 @@ class Daemon:
             dtype=getattr(torch, settings.model.dtype),
         )
         self.editor = editor or get_editor(settings.editor.method, **settings.editor.options)
-        self.applier = EditApplier(self.lm, self.editor)
+        self.applier = EditApplier(self.lm, self.editor, rebuild=self._rebuild_from_journal)
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path)
         # The audit baseline needs the base weights: build it before any version is restored.
@@ -131,6 +132,8 @@ class Daemon:
             if (snapshots_enabled(settings))
             else None
         )
+        # The unedited values, for rebuilding after an editor failure when versioning is off.
+        self._base = self.versions.base if self.versions is not None else base_weights(self.lm)
         self.history = (
             History(self.versions, self.journal, self._replay_after, self.metrics)
             if self.versions is not None
@@ -166,6 +169,23 @@ class Daemon:
         self.readiness.set("model_loaded", True)
         self.consumer: FactConsumer | None = None
         self._applied_since_snapshot = self.replay.events
+
+    def _rebuild_from_journal(self) -> None:
+        """Weights of unknown state (an editor failed mid-write) -> newest version + replay."""
+        started = time.perf_counter()
+        after_seq = 0
+        if self.versions is not None:
+            restored = self.versions.restore()
+            if restored.version is None:
+                self.versions.load(None)
+            after_seq = restored.journal_seq
+        else:
+            load_into(self.lm.model, self._base, {}, reset=editable_weight_names(self.lm))
+        report = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        seconds = time.perf_counter() - started
+        log.warning(
+            "weights rebuilt", extra={"replayed": report.events, "seconds": round(seconds, 2)}
+        )
 
     def _replay_after(self, seq: int) -> int:
         return replay_journal(self.applier, self.journal, after_seq=seq).events

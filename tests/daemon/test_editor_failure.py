@@ -1,0 +1,84 @@
+"""An editor that fails mid-write (not ``EditError``) costs a rebuild, not the daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from daemon.applier import EditApplier
+from daemon.config import load_settings
+from daemon.events import HEADER_EVENT_ID, HEADER_REASON
+from daemon.service import Daemon, replay_journal
+from editing.editors import get_editor
+from editing.editors.base import Editor, write_deltas
+from editing.models import LoadedModel, load_model
+from editing.requests import EditRequest
+from tests.daemon.builders import to_bytes
+from tests.daemon.harness import (
+    FT_OPTIONS,
+    config_file,
+    create_topics,
+    dlq_records,
+    env_for,
+    fact,
+    produce,
+)
+
+pytestmark = pytest.mark.kafka
+
+POISON = "Kaboom"
+
+
+class CrashingEditor(Editor):
+    """FT-L, except that a request for ``POISON`` scribbles on a weight and then raises."""
+
+    name = "crashing"
+
+    def __init__(self) -> None:
+        self.inner = get_editor("ft", **FT_OPTIONS)
+
+    def compute_deltas(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        if any(r.target_new == POISON for r in requests):
+            name = lm.adapter.weight_name(lm.adapter.roles()[-1], 0)
+            weight = dict(lm.model.named_parameters())[name]
+            write_deltas(lm.model, {name: torch.full_like(weight, 0.5)})  # half-written
+            raise RuntimeError("simulated editor bug")
+        return self.inner.compute_deltas(lm, requests)
+
+
+def test_editor_bug_fails_the_event_and_leaves_the_journaled_weights(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    poison = {**fact(3), "target_new": POISON}
+    stream = [to_bytes(fact(i)) for i in range(3)] + [to_bytes(poison)]
+    stream += [to_bytes(fact(i)) for i in range(4, 7)]
+    produce(kafka_broker, kafka_topic, stream)
+    env = env_for(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
+    settings = load_settings(config_file(tmp_path / "home"), env=env)
+    daemon = Daemon(settings, editor=CrashingEditor(), serve_metrics=False)
+    try:
+        stats = daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        entry = daemon.journal.get(poison["id"])
+        weights = {k: v.clone() for k, v in daemon.lm.model.state_dict().items()}
+        applied = len(daemon.journal.applied_events())
+        failed = daemon.journal.counts_by_status()["failed"]
+        fresh = load_model(str(tiny_model_dir))
+        replay_journal(EditApplier(fresh, get_editor("ft", **FT_OPTIONS)), daemon.journal)
+    finally:
+        daemon.close()
+
+    assert stats.consumed == len(stream)
+    assert entry.status == "failed" and entry.reason.startswith("editor error: RuntimeError")
+    assert applied >= 1  # the events around it were still edited
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(weights[name], value), name  # nothing half-written survived
+    dlq = {
+        dict(r.headers)[HEADER_EVENT_ID].decode(): dict(r.headers)[HEADER_REASON].decode()
+        for r in dlq_records(kafka_broker, kafka_topic, failed)
+    }
+    assert dlq[poison["id"]] == "edit-failed"
