@@ -252,7 +252,7 @@ class FactConsumer:
 
     def _send_rejections(self, pending: list[_Pending], outcome: BatchOutcome) -> None:
         now = datetime.now(UTC)
-        sent = 0
+        sent = []
         for p in pending:
             reason: DlqReason | None = None
             if p.invalid is not None:
@@ -277,10 +277,15 @@ class FactConsumer:
             headers = dlq_headers(
                 reason, detail, r.topic, r.partition, r.offset, now, event_id=event_id
             )
-            self.producer.send(self.topics.dlq, value=r.value, key=r.key, headers=headers)
-            sent += 1
+            sent.append(
+                self.producer.send(self.topics.dlq, value=r.value, key=r.key, headers=headers)
+            )
         if sent:
             self.producer.flush()
+            for future in sent:
+                # A record the broker did not take raises here, before anything is journaled or
+                # committed: the batch is undone and consumed again, never silently dropped.
+                future.get(timeout=0)
 
     def _rows(self, pending: list[_Pending], outcome: BatchOutcome) -> list[EventRecord]:
         units = {e.id: unit for unit in outcome.applied for e in unit.events}
