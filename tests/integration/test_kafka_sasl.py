@@ -9,9 +9,9 @@ listener, so both login modules are exercised by one JVM.
 from __future__ import annotations
 
 import logging
-import os
-import ssl
+import shutil
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -155,11 +155,43 @@ def test_unknown_user_and_mechanism_without_credentials_are_refused(
         )
 
 
-def test_untrusted_ca_is_a_tls_error(sasl_broker: LocalBrokerConfig) -> None:
-    # The system bundle holds real CAs, none of which signed the throwaway broker certificate.
-    bundle = ssl.get_default_verify_paths().cafile
-    if not bundle or not os.path.isfile(bundle):
-        pytest.skip("no system CA bundle to stand in for a foreign CA")
+def foreign_ca(folder: Path) -> Path:
+    """A CA certificate (PEM) that did not sign the broker's: a second throwaway one."""
+    keytool = shutil.which("keytool")
+    assert keytool, "keytool ships with the JDK the broker runs on"
+    store, pem = folder / "foreign.p12", folder / "foreign-ca.pem"
+    common = ["-keystore", str(store), "-storepass", "changeit", "-alias", "foreign"]
+    subprocess.run(
+        [
+            keytool,
+            "-genkeypair",
+            *common,
+            "-keyalg",
+            "RSA",
+            "-keysize",
+            "2048",
+            "-dname",
+            "CN=foreign-test-ca",
+            "-ext",
+            "bc:c",
+            "-validity",
+            "2",
+            "-storetype",
+            "PKCS12",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [keytool, "-exportcert", *common, "-rfc", "-file", str(pem)],
+        check=True,
+        capture_output=True,
+    )
+    return pem
+
+
+def test_untrusted_ca_is_a_tls_error(sasl_broker: LocalBrokerConfig, tmp_path: Path) -> None:
+    bundle = foreign_ca(tmp_path)
     began = time.monotonic()
     with pytest.raises(KafkaTlsError, match="not trusted by kafka.ssl_cafile"):
         build_consumer(daemon_settings(sasl_broker, "unused", ssl_cafile=bundle))
