@@ -295,6 +295,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         threads=ns.threads,
         progress=sys.stderr.isatty(),
         command="factkeeper " + " ".join(sys.argv[1:]),
+        split=ns.split,
     )
     Console(width=200).print(render_table(result))
     print(result["plot"].removesuffix(".png") + ".json")
@@ -408,7 +409,13 @@ COMMANDS: dict[str, Command] = {
         cmd_bench,
         (
             arg("--dataset", choices=("zsre", "counterfact", "mquake"), required=True),
-            arg("--methods", default="none,ft", help="comma-separated editor names"),
+            arg(
+                "--methods",
+                default="none,ft",
+                help="comma-separated method specs: NAME[+GUARD...][:KEY=VALUE...], e.g. "
+                "emsedit, emsedit:steps=1, emsedit+safeguards, emsedit+mask",
+            ),
+            arg("--split", choices=("eval", "val"), default="eval", help="val: for tuning"),
             arg("--edits", type=int, default=1000, help="requests from the start of the stream"),
             arg("--batch", type=int, default=1, help="requests per editor call"),
             arg("--turn-size", type=int, default=100, help="edits between evaluations"),

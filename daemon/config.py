@@ -229,9 +229,41 @@ class SafeguardSettings(_Section):
     preserved_knowledge: bool = True
     """Constrain the delta to leave preserved keys (C0, earlier edits) unchanged."""
     norm_guard: bool = True
-    """Reject an update whose relative norm exceeds ``max_delta_norm``."""
+    """Reject an update whose relative norm exceeds ``max_delta_norm``, or that the other
+    safeguards weaken by more than ``max_unexplained``."""
     max_delta_norm: float = Field(default=0.1, gt=0.0)
     """Largest ||dW||_F / ||W0||_F per edited matrix and batch (used when norm_guard is on)."""
+    max_unexplained: float = Field(default=0.6, gt=0.0)
+    """Largest share of the editor's intended output change the safeguards may leave undone."""
+    mask_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Cumulative activation mass of the neurons an edit may change."""
+    preserve_lambda: float = Field(default=50.0, ge=0.0)
+    """Weight of ordinary text's key statistics (C0) in the preserving refit."""
+    methods: list[EditorName] = Field(default_factory=lambda: ["emsedit"])
+    """Editors the daemon wraps with the safeguards (the hypernetwork editor by default)."""
+
+    def wraps(self, method: str) -> bool:
+        """Whether the daemon guards ``method`` (at least one safeguard on and listed)."""
+        on = (
+            self.neuron_mask,
+            self.original_weight_targets,
+            self.preserved_knowledge,
+            self.norm_guard,
+        )
+        return method in self.methods and any(on)
+
+    def to_config(self) -> dict[str, float | bool]:
+        """The fields of ``editing.safeguards.SafeguardConfig`` these settings give."""
+        return {
+            "original_weight_targets": self.original_weight_targets,
+            "neuron_mask": self.neuron_mask,
+            "mask_p": self.mask_p,
+            "preserved_knowledge": self.preserved_knowledge,
+            "preserve_lambda": self.preserve_lambda,
+            "norm_guard": self.norm_guard,
+            "max_delta_norm": self.max_delta_norm,
+            "max_unexplained": self.max_unexplained,
+        }
 
 
 class BatchingSettings(_Section):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from types import FrameType
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.admin import AdminServer, ControlInbox
-from daemon.applier import BatchOutcome, EditApplier
+from daemon.applier import BatchOutcome, EditApplier, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
@@ -34,6 +34,7 @@ from daemon.versions import VersionKeeper, base_weights, editable_weight_names
 from editing.editors import Editor, get_editor
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
+from editing.safeguards import GuardedEditor, SafeguardConfig
 from monitoring.http import MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
@@ -69,6 +70,14 @@ def replay_units(entries: list[JournalEntry]) -> Iterator[tuple[str, list[Journa
     """Applied entries grouped into the units they were applied in, in journal order."""
     for batch_id, group in groupby(entries, key=lambda e: e.batch_id or f"seq-{e.seq}"):
         yield batch_id, list(group)
+
+
+def build_editor(settings: Settings) -> Editor:
+    """The configured editor, wrapped with the safeguards when they apply to its method."""
+    editor = get_editor(settings.editor.method, **settings.editor.options)
+    if settings.safeguards.wraps(settings.editor.method):
+        editor = GuardedEditor(editor, SafeguardConfig(**settings.safeguards.to_config()))
+    return editor
 
 
 def replay_journal(applier: EditApplier, journal: Journal, after_seq: int = 0) -> ReplayReport:
@@ -117,7 +126,7 @@ class Daemon:
             device=settings.model.device,
             dtype=getattr(torch, settings.model.dtype),
         )
-        self.editor = editor or get_editor(settings.editor.method, **settings.editor.options)
+        self.editor = editor or build_editor(settings)
         self.applier = EditApplier(self.lm, self.editor, rebuild=self._rebuild_from_journal)
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path)
@@ -134,6 +143,10 @@ class Daemon:
         )
         # The unedited values, for rebuilding after an editor failure when versioning is off.
         self._base = self.versions.base if self.versions is not None else base_weights(self.lm)
+        if isinstance(self.editor, GuardedEditor):
+            self.editor.set_originals(self._base.get)
+            if self.versions is not None:
+                self.versions.on_load = self._editor_holds
         self.history = (
             History(self.versions, self.journal, self._replay_after, self.metrics)
             if self.versions is not None
@@ -181,11 +194,21 @@ class Daemon:
             after_seq = restored.journal_seq
         else:
             load_into(self.lm.model, self._base, {}, reset=editable_weight_names(self.lm))
+            self._editor_holds(())
         report = replay_journal(self.applier, self.journal, after_seq=after_seq)
         seconds = time.perf_counter() - started
         log.warning(
             "weights rebuilt", extra={"replayed": report.events, "seconds": round(seconds, 2)}
         )
+
+    def _editor_holds(self, event_ids: Sequence[str]) -> None:
+        """The weights were just set to hold exactly ``event_ids``: the safeguards' memory of
+        earlier edits' keys must say the same before anything is replayed on top."""
+        if not isinstance(self.editor, GuardedEditor):
+            return
+        entries = (self.journal.get(i) for i in event_ids)
+        held = [to_request(e.event) for e in entries if e is not None and e.event is not None]
+        self.editor.reset_memory(self.lm, held)
 
     def _replay_after(self, seq: int) -> int:
         return replay_journal(self.applier, self.journal, after_seq=seq).events

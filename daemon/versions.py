@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +96,8 @@ class VersionKeeper:
         self.base = base_weights(lm)
         self.names = editable_weight_names(lm)
         self.current_version: str | None = None
+        self.on_load: Callable[[Sequence[str]], None] | None = None
+        """Called with the event ids the weights hold after every load (editor state)."""
         self.snapshot_seq = 0  # journal seq the current weights were last snapshotted at
         self.last_snapshot_time = time.monotonic()
 
@@ -113,6 +116,7 @@ class VersionKeeper:
             if self._rolled_back_since(meta):
                 continue
             load_into(self.lm.model, self.base, tensors, reset=self.names)
+            self._loaded(meta.event_ids)
             self.current_version, self.snapshot_seq = info.version, meta.journal_seq
             seconds = time.perf_counter() - started
             log.info("restored", extra={"version": info.version, "journal_seq": meta.journal_seq})
@@ -141,12 +145,18 @@ class VersionKeeper:
         """Set the model to ``version`` (None: the base weights); nothing changes on error."""
         if version is None:
             load_into(self.lm.model, self.base, {}, reset=self.names)
+            self._loaded(())
             self.current_version = None
             return None
         tensors, meta = self.read(version)
         load_into(self.lm.model, self.base, tensors, reset=self.names)
+        self._loaded(meta.event_ids)
         self.current_version = version
         return meta
+
+    def _loaded(self, event_ids: Sequence[str]) -> None:
+        if self.on_load is not None:
+            self.on_load(event_ids)
 
     def mark_synced(self) -> None:
         """The weights now equal ``current_version``; nothing since the journal's end is new."""

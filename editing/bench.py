@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from editing.datasets import DATASETS, DatasetName, load_dataset
-from editing.editors import EDITORS, Editor, get_editor
+from editing.editors import EDITORS, EditError, Editor, get_editor, parse_method
 from editing.errors import FactkeeperError
 from editing.metrics import EvalConfig, Evaluator, ModelState, mean
 from editing.models import LoadedModel, load_model
@@ -63,13 +63,15 @@ class BenchConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     editor_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per method, keyword arguments for ``get_editor`` (its config fields)."""
+    split: str = "eval"
+    """``val`` (CounterFact only) for tuning, so settings are not chosen on the eval stream."""
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise BenchError(f"--dataset must be one of {', '.join(DATASETS)}")
         if not self.methods:
             raise BenchError("--methods needs at least one method")
-        unknown = [m for m in self.methods if m not in EDITORS]
+        unknown = [m for m in self.methods if parse_method(m)[0] not in EDITORS]
         if unknown:
             raise BenchError(
                 f"--methods: unknown {', '.join(unknown)}; known: {', '.join(sorted(EDITORS))}"
@@ -88,9 +90,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def result_path(out_dir: Path, dataset: str, n_edits: int) -> Path:
+def result_path(out_dir: Path, dataset: str, n_edits: int, split: str = "eval") -> Path:
     """Where a run's JSON goes; the plot sits beside it with ``.png``."""
-    return Path(out_dir) / f"{dataset}-{n_edits}.json"
+    name = dataset if split == "eval" else f"{dataset}-{split}"
+    return Path(out_dir) / f"{name}-{n_edits}.json"
 
 
 def run_bench(
@@ -109,6 +112,7 @@ def run_bench(
     editor_options: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
     command: str | None = None,
+    split: str = "eval",
 ) -> dict[str, Any]:
     """Run the benchmark and write its JSON and PNG; returns the JSON's content.
 
@@ -128,6 +132,7 @@ def run_bench(
         editor_options: per method, config fields passed to ``get_editor``.
         progress: show progress bars (interactive use).
         command: the command line to record (default: this process's argv).
+        split: the dataset split whose stream is edited (``val`` for tuning).
     """
     cfg = BenchConfig(
         dataset=dataset,
@@ -142,6 +147,7 @@ def run_bench(
         data_dir=data_dir,
         eval=eval_config or EvalConfig(),
         editor_options=dict(editor_options or {}),
+        split=split,
     )
     return Benchmark(cfg, model if isinstance(model, LoadedModel) else None).run(
         progress=progress, command=command
@@ -166,7 +172,7 @@ class Benchmark:
         seed_everything(cfg.seed)
         lm = self.lm or load_model(cfg.model)
         self.lm = lm
-        requests = load_dataset(cfg.dataset, "eval", cfg.data_dir, limit=cfg.n_edits)
+        requests = load_dataset(cfg.dataset, cfg.split, cfg.data_dir, limit=cfg.n_edits)
         if len(requests) < cfg.n_edits:
             log.warning(
                 "dataset has %d requests, fewer than --edits %d", len(requests), cfg.n_edits
@@ -188,7 +194,7 @@ class Benchmark:
 
         out = {
             "dataset": cfg.dataset,
-            "split": "eval",
+            "split": cfg.split,
             "n_edits": len(requests),
             "batch_size": cfg.batch_size,
             "turn_size": cfg.turn_size,
@@ -214,7 +220,7 @@ class Benchmark:
             "methods": methods,
             "known_before_editing": _known_examples(evaluator, requests),
         }
-        path = result_path(cfg.out_dir, cfg.dataset, cfg.n_edits)
+        path = result_path(cfg.out_dir, cfg.dataset, cfg.n_edits, cfg.split)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
         from editing.bench_report import plot_curves
@@ -233,7 +239,10 @@ class Benchmark:
         assert self.lm is not None
         layers = {}
         for name, editor in editors.items():
-            result = editor.apply(self.lm, first_batch)
+            try:
+                result = editor.apply(self.lm, first_batch)
+            except EditError:
+                continue  # refused: the base pass then keeps no residual for this method
             if result.deltas:
                 layers[name] = self._state(set(result.deltas)).resume_layer
             editor.undo(self.lm, result)
@@ -257,18 +266,25 @@ class Benchmark:
         immediate: list[float] = []
         infos: list[dict[str, object]] = []
         curve: list[dict[str, Any]] = []
+        refused: list[dict[str, Any]] = []
         eval_seconds = 0.0
         turn_edit_seconds = 0.0
         turn_immediate: list[float] = []
         bar = tqdm(total=len(requests), desc=f"{cfg.dataset} {name}", disable=not progress)
         for start in range(0, len(requests), cfg.batch_size):
             batch = requests[start : start + cfg.batch_size]
-            result = editor.apply(self.lm, batch)
-            touched |= set(result.deltas)
-            edit_seconds.append(result.seconds)
-            turn_edit_seconds += result.seconds
-            infos.append({k: v for k, v in result.info.items() if isinstance(v, int | float)})
-            del result  # deltas and previous values: keeping 1000 of them would not fit
+            t_edit = time.perf_counter()
+            try:
+                result = editor.apply(self.lm, batch)
+            except EditError as exc:  # refused (e.g. by a safeguard): the model is unchanged
+                refused.append({"first_edit": start, "size": len(batch), "reason": str(exc)})
+                turn_edit_seconds += time.perf_counter() - t_edit
+            else:
+                touched |= set(result.deltas)
+                edit_seconds.append(result.seconds)
+                turn_edit_seconds += result.seconds
+                infos.append({k: v for k, v in result.info.items() if isinstance(v, int | float)})
+                del result  # deltas and previous values: keeping 1000 of them would not fit
             state = self._state(touched)
             t0 = time.perf_counter()
             eff = evaluator.efficacies(batch, state)
@@ -323,6 +339,8 @@ class Benchmark:
                 "touched_parameters": sorted(touched),
                 "editor_config": _editor_config(editor),
                 "editor_info_mean": _mean_info(infos),
+                "refused_edits": sum(r["size"] for r in refused),
+                "refused_examples": refused[:5],
                 "curve": curve,
             }
         )
@@ -360,6 +378,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def _editor_config(editor: Editor) -> dict[str, Any] | None:
+    describe = getattr(editor, "describe", None)
+    if callable(describe):
+        return describe()
     config = getattr(editor, "config", None)
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None
 

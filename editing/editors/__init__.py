@@ -21,12 +21,52 @@ EDITORS: dict[str, type[Editor]] = {
 
 
 def get_editor(name: str, **options: Any) -> Editor:
-    """An editor instance by registry name."""
+    """An editor by method spec: a registry name, optionally with safeguards and options.
+
+    ``emsedit`` is the plain editor; ``emsedit+safeguards`` wraps it with every safeguard of
+    ``editing.safeguards`` and ``emsedit+mask`` with one (``rewind``, ``mask``, ``preserve``,
+    ``normguard``); ``emsedit:steps=1`` passes ``steps=1`` to the editor, and an option named
+    like a ``SafeguardConfig`` field (``emsedit+safeguards:mask_p=0.9``) sets that field.
+    ``options`` go to the inner editor too.
+    """
+    base, guards, spec_options = parse_method(name)
     try:
-        cls = EDITORS[name]
+        cls = EDITORS[base]
     except KeyError:
-        raise EditError(f"unknown editor {name!r}; known: {', '.join(sorted(EDITORS))}") from None
-    return cls(**options)
+        raise EditError(f"unknown editor {base!r}; known: {', '.join(sorted(EDITORS))}") from None
+    from editing.safeguards import GuardedEditor, SafeguardConfig
+
+    guard_fields = set(SafeguardConfig.__dataclass_fields__) if guards else set()
+    guard_options = {k: v for k, v in spec_options.items() if k in guard_fields}
+    inner_options = {k: v for k, v in spec_options.items() if k not in guard_fields}
+    editor = cls(**{**inner_options, **options})
+    if not guards:
+        return editor
+    return GuardedEditor(editor, SafeguardConfig.only(guards, **guard_options))
 
 
-__all__ = ["EDITORS", "EditError", "EditResult", "Editor", "get_editor"]
+def parse_method(spec: str) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """``base+guard+guard:key=value:key=value`` -> (base, guards, options)."""
+    head, *items = spec.split(":")
+    base, *guards = head.split("+")
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise EditError(f"method {spec!r}: options are key=value, got {item!r}")
+        options[key] = _parse_value(raw)
+    return base, tuple(guards), options
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+__all__ = ["EDITORS", "EditError", "EditResult", "Editor", "get_editor", "parse_method"]

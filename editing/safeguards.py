@@ -1,0 +1,471 @@
+"""Neuron-level safeguards around any editor's weight delta (specs/nse.md section 8).
+
+A hypernetwork editor such as EMSEdit proposes a shift ΔW_h per MLP matrix. ``GuardedEditor``
+wraps the editor and turns that proposal into the delta that is written, with four switchable
+safeguards, each measured on its own in the benchmark (``emsedit+mask`` etc.):
+
+- **rewind** (original-weight targets, S3): the inner editor runs with the original matrices
+  swapped in, so its inputs stay on the distribution it was trained on instead of drifting with
+  every earlier edit; the desired output change is then measured against the current weights:
+  R = (W0 + ΔW_h) U0 − W_t U_t.
+- **mask** (S1): only the neurons the edit's keys activate most may change (top ``mask_p`` of
+  the activation mass: rows of an up/gate matrix, columns of a down matrix).
+- **preserve** (S2): the delta is refit so it reproduces R on the edit keys while leaving keys of
+  ordinary text (λ·C0, from ``editing.keystats``) and the keys of earlier edits (M) unchanged as
+  far as possible: ΔW = R Uᵀ(λ C0 + M + U Uᵀ)⁻¹ on the allowed neurons.
+- **normguard** (S6): an update whose ||ΔW||_F / ||W0||_F exceeds ``max_delta_norm``, or that the
+  constraints leave more than ``max_unexplained`` of R undone, is refused with the reason
+  (``EditError``): a guarded edit that cannot take is a failed edit, never a silently weakened one.
+
+Without rewind and preserve the proposal is used as it is (masked, guarded). The wrapper keeps
+the original matrices and M; ``apply`` adds the edit's keys to M and ``undo`` restores it bit for
+bit. With rewind on, the keys added to M are computed on the original weights, so M depends only
+on which edits the model holds: ``reset_memory`` rebuilds it after a version is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from editing.adapters import MlpRole
+from editing.editors.base import EditError, Editor, EditResult, restore, write_deltas
+from editing.emsedit.keys import IGNORE, tokenize_pairs
+from editing.hooks import capture_inputs, frozen_parameters
+from editing.keyspace import mask_delta, select_neurons, solve_masked_update
+from editing.keystats import KeyStatistics
+from editing.models import LoadedModel
+from editing.paths import Paths
+from editing.requests import EditRequest, continuation
+
+log = logging.getLogger(__name__)
+
+GUARDS = ("rewind", "mask", "preserve", "normguard")
+"""Names of the single safeguards, as used in method specs (``emsedit+mask``)."""
+
+
+@dataclass(frozen=True)
+class SafeguardConfig:
+    """Which safeguards run and their thresholds; the defaults are the SmolLM2 settings."""
+
+    original_weight_targets: bool = True
+    neuron_mask: bool = True
+    mask_p: float = 0.9
+    """Cumulative activation mass of the neurons kept (NSE ships 0.8; on SmolLM2's up_proj 0.8
+    left about half of EMSEdit's intended change undone, 0.9 about a third)."""
+    preserved_knowledge: bool = True
+    preserve_lambda: float = 50.0
+    """Weight of the per-token C0 in the refit, in units of edit-key tokens."""
+    preserve_ridge: float = 0.01
+    """Ridge of the refit, as a share of λ·C0's mean eigenvalue: C0 of a normalised residual
+    stream is nearly singular in a few directions, and without it the refit puts huge weights
+    there (measured: ||ΔW|| up to 1.8 ||W0|| on SmolLM2's up_proj)."""
+    remember_edits: bool = True
+    """Add each applied edit's keys to M, so later refits also keep earlier edits."""
+    norm_guard: bool = True
+    max_delta_norm: float = 0.1
+    """Largest ||ΔW||_F / ||W0||_F per matrix and batch."""
+    max_unexplained: float = 0.6
+    """Largest ||ΔW U − R|| / ||R|| the mask and refit may leave (checked by the norm guard);
+    whether an accepted edit took is the daemon's post-check."""
+    stats_tokens: int = 65_536
+    """Corpus tokens for C0 (the cache key includes it)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_p <= 1.0:
+            raise EditError(f"safeguards: mask_p must be in (0, 1], got {self.mask_p}")
+        if self.preserve_lambda < 0 or self.max_delta_norm <= 0 or self.max_unexplained <= 0:
+            raise EditError(
+                "safeguards: preserve_lambda >= 0, max_delta_norm and max_unexplained > 0"
+            )
+
+    @classmethod
+    def only(cls, guards: Sequence[str], **overrides: Any) -> SafeguardConfig:
+        """A config with exactly the named safeguards on (``GUARDS``; ``safeguards`` = all)."""
+        names = set(GUARDS) if "safeguards" in guards else set(guards)
+        unknown = names - set(GUARDS)
+        if unknown:
+            raise EditError(f"unknown safeguard {sorted(unknown)}; known: {', '.join(GUARDS)}")
+        flags = {
+            "original_weight_targets": "rewind" in names,
+            "neuron_mask": "mask" in names,
+            "preserved_knowledge": "preserve" in names,
+            "norm_guard": "normguard" in names,
+            "remember_edits": "preserve" in names,
+        }
+        return cls(**{**flags, **overrides})
+
+
+OriginalWeights = Callable[[str], torch.Tensor]
+"""Parameter name -> its original (base) value, as stored in the state dict."""
+
+
+@dataclass
+class _Module:
+    """One edited matrix: where it lives and how its delta is oriented."""
+
+    param: str
+    module: torch.nn.Module
+    role: MlpRole
+    layer: int
+    transposed: bool  # stored (in, out), e.g. GPT-2's Conv1D
+
+    def out_in(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.T if self.transposed else stored
+
+    def stored(self, out_in: torch.Tensor) -> torch.Tensor:
+        return out_in.T if self.transposed else out_in
+
+
+@dataclass
+class _Proposal:
+    """What ``compute_deltas`` found, kept for ``apply`` (M update) and the run's figures."""
+
+    request_ids: tuple[str, ...]
+    memory_keys: dict[str, torch.Tensor]  # param -> (d_in, n) float64
+    info: dict[str, float]
+
+
+class GuardedEditor(Editor):
+    """An editor whose deltas pass through the safeguards before they are written.
+
+    Args:
+        inner: the editor that proposes ΔW_h (any registry editor).
+        config: which safeguards and thresholds.
+        stats: the key statistics owner (C0); default: one over ``Paths.from_env()``.
+        originals: parameter name -> base value; default: the model's values at the first
+            edit (the model must then still hold its base weights, as NSE's state assumes).
+    """
+
+    name: ClassVar[str] = "guarded"
+
+    def __init__(
+        self,
+        inner: Editor,
+        config: SafeguardConfig | None = None,
+        *,
+        stats: KeyStatistics | None = None,
+        originals: OriginalWeights | None = None,
+    ) -> None:
+        self.inner = inner
+        self.config = config or SafeguardConfig()
+        self.supports_batch = inner.supports_batch  # type: ignore[misc]
+        self._stats = stats
+        self._originals_source = originals
+        self._originals: dict[str, torch.Tensor] = {}
+        self.memory: dict[str, torch.Tensor] = {}  # param -> (d_in, d_in) float64 Σ k kᵀ
+        self._modules: dict[str, _Module] | None = None
+        self._last: _Proposal | None = None
+
+    @property
+    def label(self) -> str:
+        on = [g for g, flag in zip(GUARDS, self._flags(), strict=True) if flag]
+        return "+".join([self.inner.name, *on])
+
+    def _flags(self) -> tuple[bool, ...]:
+        c = self.config
+        return (c.original_weight_targets, c.neuron_mask, c.preserved_knowledge, c.norm_guard)
+
+    def set_originals(self, originals: OriginalWeights) -> None:
+        """Where the base values come from (the daemon passes its base weights)."""
+        self._originals_source = originals
+        self._originals.clear()
+
+    # -- the contract --
+
+    def compute_deltas(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        if not requests:
+            raise EditError("no requests")
+        started = time.perf_counter()
+        c = self.config
+        first = not self._originals and self._originals_source is None
+        rewind = c.original_weight_targets and not first
+        if rewind:
+            with self._rewound(lm):
+                proposal = self.inner.compute_deltas(lm, requests)
+        else:
+            proposal = self.inner.compute_deltas(lm, requests)
+        modules = self._resolve(lm, proposal)
+        if first:  # the model holds its base weights now: remember them
+            self._originals.update({m: _param(lm, m).detach().clone() for m in modules})
+        refit = c.preserved_knowledge
+        needs_keys = c.neuron_mask or refit
+        keys_now, acts_now = self._capture(lm, modules, requests) if needs_keys else ({}, {})
+        keys_orig = keys_now
+        if needs_keys and rewind:
+            with self._rewound(lm):
+                keys_orig = self._keys(lm, modules, requests)
+        deltas: dict[str, torch.Tensor] = {}
+        unexplained: list[float] = []
+        kept: list[float] = []
+        for name, module in modules.items():
+            delta_h = module.out_in(proposal[name]).double()  # (d_out, d_in)
+            if not needs_keys:
+                delta = delta_h
+                if c.norm_guard:
+                    self._check_norm(name, delta, module)
+                deltas[name] = proposal[name]
+                continue
+            w_now = module.out_in(_param(lm, name).detach()).double()  # (d_out, d_in)
+            k_now = keys_now[name]  # (d_in, n)
+            if rewind and refit:
+                w0 = module.out_in(self._original(name)).double()
+                # Desired change on the current keys: (W0 + ΔW_h) U0 − W_t U_t, (d_out, n).
+                intended = (w0 + delta_h) @ keys_orig[name] - w_now @ k_now
+            else:
+                intended = delta_h @ k_now  # (d_out, d_in) @ (d_in, n) -> (d_out, n)
+            neurons = None
+            if c.neuron_mask:
+                neurons = self._neurons(module, acts_now.get(name, k_now))
+                kept.append(len(neurons) / w_now.shape[1 if module.role is MlpRole.DOWN else 0])
+            if refit:
+                delta = self._refit(lm, module, intended, k_now, neurons)
+            else:
+                delta = (
+                    mask_delta(delta_h, neurons, _axis(module.role))
+                    if neurons is not None
+                    else delta_h
+                )
+            miss = _unexplained(delta, k_now, intended)
+            unexplained.append(miss)
+            if c.norm_guard:
+                self._check_norm(name, delta, module)
+                if miss > c.max_unexplained:
+                    raise EditError(
+                        f"safeguards: {name} would leave {miss:.0%} of the edit's intended "
+                        f"change undone (limit {c.max_unexplained:.0%}); edit refused"
+                    )
+            deltas[name] = module.stored(delta).to(torch.float32).contiguous()
+        info: dict[str, float] = {"guard_seconds": time.perf_counter() - started}
+        if kept:
+            info["neurons_kept"] = sum(kept) / len(kept)
+        if unexplained:
+            info["unexplained"] = max(unexplained)
+        self._last = _Proposal(
+            tuple(r.request_id for r in requests),
+            {n: keys_orig[n] for n in modules} if refit and c.remember_edits else {},
+            info,
+        )
+        return deltas
+
+    def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        if not requests:
+            raise EditError("no requests to apply")
+        started = time.perf_counter()
+        deltas = self.compute_deltas(lm, requests)
+        proposal = self._last
+        assert proposal is not None
+        previous = write_deltas(lm.model, deltas)
+        memory_before = {n: m.clone() for n, m in self.memory.items()}
+        for name, keys in proposal.memory_keys.items():
+            gram = keys @ keys.T  # (d_in, n) @ (n, d_in) -> (d_in, d_in)
+            self.memory[name] = self.memory[name] + gram if name in self.memory else gram
+        info: dict[str, object] = dict(proposal.info)
+        info["memory_before"] = memory_before
+        return EditResult(deltas, previous, time.perf_counter() - started, info)
+
+    def undo(self, lm: LoadedModel, result: EditResult) -> None:
+        restore(lm.model, result.previous)
+        before = result.info.get("memory_before")
+        if isinstance(before, dict):
+            self.memory = dict(before)
+
+    def reset_memory(self, lm: LoadedModel, held: Sequence[EditRequest]) -> None:
+        """M for a model that holds exactly ``held`` (after a version load or rollback).
+
+        Exact only with rewind on (keys on the original weights do not depend on the order or
+        on other edits); without it M is rebuilt from the original-weight keys as the closest
+        order-free estimate.
+        """
+        self.memory = {}
+        if not held or not self.config.remember_edits:
+            return
+        if self._modules is None:  # which matrices the inner editor writes: ask it once
+            self._resolve(lm, self.inner.compute_deltas(lm, held[:1]))
+        modules = self._modules or {}
+        with self._rewound(lm):
+            for start in range(0, len(held), 32):
+                keys = self._keys(lm, modules, held[start : start + 32])
+                for name, k in keys.items():
+                    gram = k.double() @ k.double().T
+                    self.memory[name] = self.memory[name] + gram if name in self.memory else gram
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved settings, for benchmark JSON and version lineage."""
+        inner = getattr(self.inner, "config", None)
+        return {
+            "inner": self.inner.name,
+            "safeguards": asdict(self.config),
+            "inner_config": asdict(inner) if hasattr(inner, "__dataclass_fields__") else None,
+        }
+
+    # -- pieces --
+
+    def _resolve(self, lm: LoadedModel, proposal: Mapping[str, torch.Tensor]) -> dict[str, _Module]:
+        if self._modules is None or not set(proposal) <= set(self._modules):
+            adapter = lm.adapter
+            names = {
+                adapter.weight_name(role, layer): (role, layer)
+                for layer in range(adapter.num_layers(lm.model))
+                for role in adapter.roles()
+            }
+            modules = dict(self._modules or {})
+            for param in proposal:
+                if param not in names:
+                    raise EditError(f"safeguards: {param} is not an MLP matrix they can guard")
+                role, layer = names[param]
+                modules[param] = _Module(
+                    param,
+                    adapter.module(lm.model, role, layer),
+                    role,
+                    layer,
+                    transposed=adapter.layout.name == "IN_OUT",
+                )
+            self._modules = modules
+        return {name: self._modules[name] for name in proposal}
+
+    def _original(self, name: str) -> torch.Tensor:
+        if name not in self._originals:
+            if self._originals_source is None:
+                raise EditError(f"safeguards: no original value for {name}")
+            self._originals[name] = self._originals_source(name).detach().clone()
+        return self._originals[name]
+
+    def _rewound(self, lm: LoadedModel) -> _Rewound:
+        names = list(self._modules or {})
+        return _Rewound(lm, {n: self._original(n) for n in names})
+
+    def _keys(
+        self, lm: LoadedModel, modules: Mapping[str, _Module], requests: Sequence[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        """Each module's inputs at the answer positions of the edit prompts, (d_in, n)."""
+        return self._capture(lm, modules, requests)[0]
+
+    def _capture(
+        self, lm: LoadedModel, modules: Mapping[str, _Module], requests: Sequence[EditRequest]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Keys (d_in, n) per module and, for up/gate matrices, their layer's neuron
+        activations (d_ff, n): the input of that layer's down matrix, at the answer positions."""
+        pairs = [(r.prompt, continuation(r.target_new)) for r in requests]
+        batch = tokenize_pairs(lm.tokenizer, pairs, lm.device)
+        answer = batch.labels != IGNORE  # (B, T)
+        watched = {name: m.module for name, m in modules.items()}
+        for m in modules.values():
+            if m.role is not MlpRole.DOWN:
+                watched[f"act:{m.layer}"] = lm.adapter.module(lm.model, MlpRole.DOWN, m.layer)
+        with torch.no_grad(), frozen_parameters(lm.model), capture_inputs(watched) as inputs:
+            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        keys = {name: inputs[name][answer].double().T.cpu() for name in modules}
+        acts = {
+            name: inputs[f"act:{m.layer}"][answer].double().T.cpu()
+            for name, m in modules.items()
+            if m.role is not MlpRole.DOWN
+        }
+        return keys, acts
+
+    def _neurons(self, module: _Module, activations: torch.Tensor) -> torch.Tensor:
+        """The units the edit activates most (cumulative mass ``mask_p``): columns of a down
+        matrix (its keys are the activations), rows of an up/gate matrix (the activations of
+        the units it feeds), never the pre-activations, which a closed gate makes irrelevant."""
+        return select_neurons(activations, self.config.mask_p)  # (d_ff, n)
+
+    def _refit(
+        self,
+        lm: LoadedModel,
+        module: _Module,
+        residual: torch.Tensor,
+        keys: torch.Tensor,
+        neurons: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """ΔW reproducing ``residual`` on ``keys`` under the preservation terms (float64)."""
+        c = self.config
+        c0 = None
+        if c.preserved_knowledge and c.preserve_lambda:
+            c0 = self._stats_for().c0(lm, module.layer, module.role)
+        memory = self.memory.get(module.param) if c.preserved_knowledge else None
+        # Without C0 or M, K Kᵀ alone is singular: a ridge tiny against the keys' scale gives
+        # the minimum-norm update without shrinking it.
+        if c0 is not None:
+            ridge = c.preserve_ridge * c.preserve_lambda * float(torch.trace(c0)) / c0.shape[0]
+        else:
+            ridge = 0.0 if memory is not None else 1e-10 * float(keys.square().sum())
+        if module.role is MlpRole.DOWN:
+            return solve_masked_update(
+                residual,
+                keys,
+                c0=c0,
+                lam=c.preserve_lambda,
+                memory=memory,
+                neurons=neurons,
+                ridge=ridge,
+            )
+        if neurons is not None:  # rows are independent: masking R masks ΔW's rows exactly
+            residual = mask_delta(residual, neurons, "out")
+        return solve_masked_update(
+            residual, keys, c0=c0, lam=c.preserve_lambda, memory=memory, ridge=ridge
+        )
+
+    def _stats_for(self) -> KeyStatistics:
+        if self._stats is None:
+            self._stats = KeyStatistics(Paths.from_env(), max_tokens=self.config.stats_tokens)
+        return self._stats
+
+    def _check_norm(self, name: str, delta: torch.Tensor, module: _Module) -> None:
+        base = module.out_in(self._original(name)).double()
+        ratio = float(delta.norm() / base.norm().clamp_min(1e-12))
+        if ratio > self.config.max_delta_norm:
+            raise EditError(
+                f"safeguards: {name} update norm is {ratio:.3g} of the weight's "
+                f"(limit {self.config.max_delta_norm}); edit refused"
+            )
+
+
+class _Rewound:
+    """Swap the original matrices in for a while; the current values always come back."""
+
+    def __init__(self, lm: LoadedModel, originals: Mapping[str, torch.Tensor]) -> None:
+        self.lm = lm
+        self.originals = originals
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> None:
+        params = dict(self.lm.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.originals.items():
+                self.saved[name] = params[name].detach().clone()
+                params[name].copy_(value)
+
+    def __exit__(self, *exc: object) -> None:
+        restore(self.lm.model, self.saved)
+        self.saved = {}
+
+
+def _param(lm: LoadedModel, name: str) -> torch.Tensor:
+    return dict(lm.model.named_parameters())[name]
+
+
+def _axis(role: MlpRole) -> str:
+    return "in" if role is MlpRole.DOWN else "out"
+
+
+def _unexplained(delta: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor) -> float:
+    """||ΔW U − R|| / ||R||: how much of the intended change the written delta misses."""
+    norm = float(residual.norm())
+    return float((delta @ keys - residual).norm()) / norm if norm > 0 else 0.0
+
+
+def guarded(inner: Editor, guards: Sequence[str], **overrides: Any) -> GuardedEditor:
+    """``inner`` wrapped with the named safeguards (``GUARDS`` or ``safeguards`` for all)."""
+    return GuardedEditor(inner, SafeguardConfig.only(guards, **overrides))
+
+
+def with_config(editor: GuardedEditor, **changes: Any) -> GuardedEditor:
+    """A copy of the wrapper's settings with some fields changed (same inner editor)."""
+    return GuardedEditor(editor.inner, replace(editor.config, **changes))
