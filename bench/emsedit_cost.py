@@ -28,7 +28,7 @@ import torch
 
 from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
 from editing.datasets import load_dataset
-from editing.editors import get_editor
+from editing.editors import EditError, get_editor
 from editing.emsedit.config import EMSEditConfig
 from editing.emsedit.keys import answer_loss, tokenize_pairs
 from editing.emsedit.train import train_editor
@@ -61,8 +61,14 @@ def fwd_bwd_seconds(lm, requests) -> float:
 def edit_cost(lm, methods: list[str], sizes: list[int], reps: int) -> dict[str, Any]:
     requests = load_dataset("counterfact", "eval", limit=max(sizes) * reps)
     editors = {m: get_editor(m) for m in methods}
+    refused: dict[str, int] = dict.fromkeys(methods, 0)
     for editor in editors.values():  # load checkpoints, C0 and originals outside the timing
-        editor.undo(lm, editor.apply(lm, requests[:1]))
+        for size in sizes:
+            try:
+                editor.undo(lm, editor.apply(lm, requests[:size]))
+                break
+            except EditError:
+                continue
     out: dict[str, Any] = {}
     for size in sizes:
         times: dict[str, list[float]] = {m: [] for m in ["fwd+bwd", *methods]}
@@ -71,7 +77,10 @@ def edit_cost(lm, methods: list[str], sizes: list[int], reps: int) -> dict[str, 
             times["fwd+bwd"].append(fwd_bwd_seconds(lm, batch))
             for name, editor in editors.items():
                 started = time.perf_counter()
-                editor.compute_deltas(lm, batch)
+                try:
+                    editor.compute_deltas(lm, batch)
+                except EditError:  # a safeguard refused: the work was done all the same
+                    refused[name] += 1
                 times[name].append(time.perf_counter() - started)
         ref = statistics.median(times["fwd+bwd"])
         out[str(size)] = {
@@ -83,6 +92,7 @@ def edit_cost(lm, methods: list[str], sizes: list[int], reps: int) -> dict[str, 
             }
             for name, values in times.items()
         }
+    out["refused_calls"] = refused
     return out
 
 
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
     print(f"{'batch':>5} {'method':<22} {'p50 s':>8} {'p95 s':>8} {'x fwd+bwd':>9}")
     for size, rows in out["edit_cost"].items():
+        if size == "refused_calls":
+            continue
         for name, row in rows.items():
             print(
                 f"{size:>5} {name:<22} {row['p50_seconds']:>8.3f} {row['p95_seconds']:>8.3f} "

@@ -118,15 +118,26 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
 def results_markdown(results: Sequence[dict[str, Any]]) -> str:
     """The README Results table: one row per (run, method), with command, revision and machine."""
     columns = _present_columns(results)
-    head = ["dataset", "edits", "method", *(t for _, t in columns), "edit s p50/p95", "run min"]
+    head = [
+        "dataset",
+        "edits",
+        "batch",
+        "method",
+        *(t for _, t in columns),
+        "refused",
+        "edit s p50/p95",
+        "run min",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         for name, m in r["methods"].items():
             cells = [
                 r["dataset"],
                 str(r["n_edits"]),
+                str(r["batch_size"]),
                 name,
                 *(_fmt(m.get(key), key) for key, _ in columns),
+                str(m.get("refused_edits", 0)),
                 f"{_seconds(m.get('edit_seconds_p50'))}/{_seconds(m.get('edit_seconds_p95'))}",
                 f"{r['wall_seconds'] / 60:.0f}",
             ]
@@ -135,7 +146,8 @@ def results_markdown(results: Sequence[dict[str, Any]]) -> str:
     for r in results:
         machine = r["machine"]
         lines.append(
-            f"- `{r['dataset']}-{r['n_edits']}`: `{r['command']}` · git `{r['git_rev']}` · "
+            f"- {r['dataset']}, {r['n_edits']} edits, batch {r['batch_size']}: `{r['command']}` · "
+            f"git `{r['git_rev']}` · "
             f"{machine['cpu']}, {machine['cores']} cores, "
             f"{machine['torch_threads']} torch thread(s)"
             f" · load avg {r['loadavg_start'][0]:.1f} → {r['loadavg_end'][0]:.1f} · "
@@ -147,7 +159,11 @@ def results_markdown(results: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the README Results table for the given result JSON files."""
     paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
-    results = [json.loads(p.read_text()) for p in sorted(paths)]
+    loaded = [json.loads(p.read_text()) for p in sorted(paths)]
+    # Other benchmarks (daemon, operations, horizon, cost) share the folder: keep this one's.
+    results = [
+        r for r in loaded if isinstance(r, dict) and {"dataset", "base", "methods"} <= set(r)
+    ]
     sys.stdout.write(results_markdown(results))
     return 0
 

@@ -79,7 +79,7 @@ def test_none_keeps_everything_and_ft_edits(result):
 def test_report_renders(result):
     assert render_table(result).row_count == 2
     table = results_markdown([result])
-    assert "| zsre | 20 | ft |" in table and "`test`" in table
+    assert "| zsre | 20 | 1 | ft |" in table and "`test`" in table
 
 
 def test_config_is_checked():
@@ -91,3 +91,25 @@ def test_config_is_checked():
 
 def test_cli_has_bench():
     assert "bench" in COMMANDS
+
+
+def test_refused_edits_are_counted_and_leave_the_model_alone(tmp_path):
+    """A guard that refuses every edit: the run goes on, counts them, and scores like none."""
+    result = run_bench(
+        "zsre",
+        ["none", "ft+normguard:max_delta_norm=1e-12"],
+        n_edits=4,
+        batch_size=2,
+        turn_size=2,
+        model=tiny_loaded("llama"),
+        out_dir=tmp_path,
+        data_dir=FIXTURE,
+        eval_config=EvalConfig(fluency_prompts=1, fluency_new_tokens=4),
+        progress=False,
+        command="test",
+    )
+    guarded = result["methods"]["ft+normguard:max_delta_norm=1e-12"]
+    assert guarded["refused_edits"] == 4
+    assert "update norm" in guarded["refused_examples"][0]["reason"]
+    assert guarded["touched_parameters"] == []
+    assert guarded["efficacy"] == result["methods"]["none"]["efficacy"]
