@@ -182,7 +182,7 @@ class Benchmark:
             name: get_editor(name, **cfg.editor_options.get(name, {})) for name in cfg.methods
         }
 
-        probe_layers = self._probe_resume_layers(editors, requests[: cfg.batch_size])
+        probe_layers = self._probe_resume_layers(requests[:1])
         evaluator = Evaluator(lm, requests, cfg.eval)
         base_report = evaluator.prepare_base(capture_layers=sorted(set(probe_layers.values())))
         log.info("base model evaluated", extra={"seconds": round(evaluator.base_seconds or 0, 1)})
@@ -232,15 +232,19 @@ class Benchmark:
 
     # -- steps --
 
-    def _probe_resume_layers(
-        self, editors: dict[str, Editor], first_batch: Sequence[Any]
-    ) -> dict[str, int]:
-        """Apply and undo each method's first batch to learn the lowest block it changes."""
+    def _probe_resume_layers(self, first: Sequence[Any]) -> dict[str, int]:
+        """Apply and undo one edit per method to learn the lowest block it changes.
+
+        Each probe uses a fresh editor, thrown away after: an editor that caches per request
+        (NSE's target values) must not start the timed run with work already done.
+        """
         assert self.lm is not None
+        cfg = self.config
         layers = {}
-        for name, editor in editors.items():
+        for name in cfg.methods:
+            editor = get_editor(name, **cfg.editor_options.get(name, {}))
             try:
-                result = editor.apply(self.lm, first_batch)
+                result = editor.apply(self.lm, first)
             except EditError:
                 continue  # refused: the base pass then keeps no residual for this method
             if result.deltas:
