@@ -241,6 +241,11 @@ class SafeguardSettings(_Section):
     """Weight of ordinary text's key statistics (C0) in the preserving refit."""
     methods: list[EditorName] = Field(default_factory=lambda: ["emsedit"])
     """Editors the daemon wraps with the safeguards (the hypernetwork editor by default)."""
+    corpus: UserPath | None = None
+    """Plain text whose key statistics (C0) stand for preserved knowledge; default: the
+    shared WikiText-2 validation file (``editing.keystats.DEFAULT_CORPUS``)."""
+    stats_tokens: int = Field(default=65_536, ge=4_096)
+    """Corpus tokens for C0 (cached under ``$FACTKEEPER_HOME/stats`` per model and count)."""
 
     def wraps(self, method: str) -> bool:
         """Whether the daemon guards ``method`` (at least one safeguard on and listed)."""
@@ -263,6 +268,7 @@ class SafeguardSettings(_Section):
             "norm_guard": self.norm_guard,
             "max_delta_norm": self.max_delta_norm,
             "max_unexplained": self.max_unexplained,
+            "stats_tokens": self.stats_tokens,
         }
 
 

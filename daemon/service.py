@@ -32,6 +32,7 @@ from daemon.kafka_clients import build_consumer, build_producer
 from daemon.snapshots import load_into
 from daemon.versions import VersionKeeper, base_weights, editable_weight_names
 from editing.editors import Editor, get_editor
+from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
 from editing.safeguards import GuardedEditor, SafeguardConfig
@@ -78,6 +79,12 @@ def build_editor(settings: Settings) -> Editor:
     if settings.safeguards.wraps(settings.editor.method):
         editor = GuardedEditor(editor, SafeguardConfig(**settings.safeguards.to_config()))
     return editor
+
+
+def key_statistics(settings: Settings, paths: Paths) -> KeyStatistics:
+    """C0 for the safeguards: the configured corpus, cached under this daemon's home."""
+    corpus = settings.safeguards.corpus or DEFAULT_CORPUS
+    return KeyStatistics(paths, corpus=corpus, max_tokens=settings.safeguards.stats_tokens)
 
 
 def replay_journal(applier: EditApplier, journal: Journal, after_seq: int = 0) -> ReplayReport:
@@ -145,6 +152,8 @@ class Daemon:
         self._base = self.versions.base if self.versions is not None else base_weights(self.lm)
         if isinstance(self.editor, GuardedEditor):
             self.editor.set_originals(self._base.get)
+            if editor is None:  # an editor passed in brings its own statistics
+                self.editor.set_statistics(key_statistics(settings, self.paths))
             if self.versions is not None:
                 self.versions.on_load = self._editor_holds
         self.history = (

@@ -171,6 +171,10 @@ class GuardedEditor(Editor):
         c = self.config
         return (c.original_weight_targets, c.neuron_mask, c.preserved_knowledge, c.norm_guard)
 
+    def set_statistics(self, stats: KeyStatistics) -> None:
+        """Where C0 comes from (the daemon passes one on its own home and corpus)."""
+        self._stats = stats
+
     def set_originals(self, originals: OriginalWeights) -> None:
         """Where the base values come from (the daemon passes its base weights)."""
         self._originals_source = originals
