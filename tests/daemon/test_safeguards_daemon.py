@@ -11,7 +11,6 @@ from daemon.applier import to_request
 from daemon.config import load_settings
 from daemon.service import Daemon, build_editor
 from editing.editors import get_editor
-from editing.keystats import KeyStatistics
 from editing.paths import Paths
 from editing.safeguards import GuardedEditor, SafeguardConfig
 from tests.daemon.builders import to_bytes
@@ -23,6 +22,8 @@ from tests.daemon.harness import (
     fact,
     produce,
 )
+from tests.editing.conftest import small_key_statistics
+from tests.editing.test_safeguards import CORPUS
 
 
 def test_emsedit_is_guarded_by_default_and_other_methods_are_not(tmp_path):
@@ -52,16 +53,7 @@ def test_rollback_resets_the_safeguards_memory_to_the_versions_edits(
         FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="4",
     )
     settings = load_settings(config_file(Path(env["FACTKEEPER_HOME"])), env=env)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("The capital of France is Paris. Toko Yasuda plays the guitar.\n" * 200)
-    stats = KeyStatistics(
-        Paths(tmp_path / "stats"),
-        corpus=corpus,
-        max_tokens=1024,
-        seq_len=16,
-        batch_size=4,
-        progress=False,
-    )
+    stats = small_key_statistics(tmp_path / "stats", CORPUS)
     config = SafeguardConfig.only(["rewind", "preserve"], preserve_lambda=1.0, max_unexplained=1.0)
     editor = GuardedEditor(get_editor("ft", **FT_OPTIONS), config, stats=stats)
     daemon = Daemon(settings, editor=editor, serve_metrics=False, paths=Paths(tmp_path / "home"))

@@ -8,13 +8,14 @@ import torch
 from editing.editors import EditError, get_editor, parse_method
 from editing.emsedit.editor import EMSEditEditor
 from editing.keystats import KeyStatistics
-from editing.paths import Paths
 from editing.safeguards import GuardedEditor, SafeguardConfig
 from editing.tiny import tiny_loaded
+from tests.editing.conftest import small_key_statistics
 from tests.editing.emsedit.conftest import make_requests, tiny_config
 
 UP = "model.layers.2.mlp.up_proj.weight"
 DOWN = "model.layers.1.mlp.down_proj.weight"
+CORPUS = "The capital of France is Paris. Toko Yasuda plays the guitar.\n" * 200
 
 
 @pytest.fixture(autouse=True)
@@ -24,17 +25,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def stats(tmp_path_factory: pytest.TempPathFactory) -> KeyStatistics:
-    tmp = tmp_path_factory.mktemp("stats")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("The capital of France is Paris. Toko Yasuda plays the guitar.\n" * 200)
-    return KeyStatistics(
-        Paths(tmp / "home"),
-        corpus=corpus,
-        max_tokens=1024,
-        seq_len=16,
-        batch_size=4,
-        progress=False,
-    )
+    return small_key_statistics(tmp_path_factory.mktemp("stats"), CORPUS)
 
 
 def guarded(stats: KeyStatistics, **flags) -> GuardedEditor:

@@ -10,8 +10,8 @@ import torch
 
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel
-from editing.paths import Paths
 from editing.tiny import tiny_loaded
+from tests.editing.conftest import small_key_statistics
 
 # Prompts end on the subject: a 4-layer model reads the subject at the last position, so the
 # value written at the subject's last token decides the answer (in a large model, the MLPs of
@@ -75,14 +75,5 @@ def trained_lm(trained_state: dict[str, torch.Tensor]) -> LoadedModel:
 @pytest.fixture(scope="module")
 def small_stats(tmp_path_factory: pytest.TempPathFactory) -> KeyStatistics:
     """C0 of the tiny model on a small corpus (per module; the cache key keeps models apart)."""
-    tmp_path = tmp_path_factory.mktemp("stats")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join((list(FILLER) + [f"{p} {a}." for p, _, a in FACTS]) * 40))
-    return KeyStatistics(
-        Paths(tmp_path / "home"),
-        corpus=corpus,
-        max_tokens=2048,
-        seq_len=16,
-        batch_size=4,
-        progress=False,
-    )
+    text = "\n".join((list(FILLER) + [f"{p} {a}." for p, _, a in FACTS]) * 40)
+    return small_key_statistics(tmp_path_factory.mktemp("stats"), text, max_tokens=2048)
