@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-every", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "horizon-counterfact.json")
+    parser.add_argument(
+        "--plot-only", type=Path, default=None, help="redraw the PNG of an existing JSON"
+    )
     args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        print(plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png")))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.checkpoint % args.batch:
         parser.error("--checkpoint must be a multiple of --batch")
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out["finished_at"] = utc_now_iso()
     out["loadavg_end"] = list(os.getloadavg())
     write(out, args.out)
+    plot(out, args.out.with_suffix(".png"))
     print_table(out)
     return 0
 
@@ -162,6 +169,41 @@ def run_method(name, editor, lm, requests, sample_idx, evaluator, args, out) -> 
 def write(out: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+
+
+def plot(out: dict[str, Any], path: Path) -> Path:
+    """Retention, locality and the share of edits refused, per method, against edits made."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, report in out["methods"].items():
+        xs = [p["n_edits"] for p in report["curve"]]
+        axes[0].plot(xs, [p["retention"] for p in report["curve"]], marker="o", label=name)
+        axes[1].plot(xs, [p["locality"] for p in report["curve"]], marker="o", label=name)
+        axes[2].plot(xs, [p["refused"] / p["n_edits"] for p in report["curve"]], marker="o")
+    titles = (
+        "retention (sampled earlier edits)",
+        "locality (unchanged probe tokens)",
+        "share of edits refused",
+    )
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("edits applied")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    load = out["loadavg_start"][0], out.get("loadavg_end", out["loadavg_start"])[0]
+    fig.suptitle(
+        f"SmolLM2 · CounterFact · {out['n_edits']} sequential edits, batch {out['batch_size']} · "
+        f"git {str(out['git_rev'])[:12]} · load avg {load[0]:.1f}→{load[1]:.1f}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def print_table(out: dict[str, Any]) -> None:
