@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -161,15 +161,6 @@ class GuardedEditor(Editor):
         self.memory: dict[str, torch.Tensor] = {}  # param -> (d_in, d_in) float64 Σ k kᵀ
         self._modules: dict[str, _Module] | None = None
         self._last: _Proposal | None = None
-
-    @property
-    def label(self) -> str:
-        on = [g for g, flag in zip(GUARDS, self._flags(), strict=True) if flag]
-        return "+".join([self.inner.name, *on])
-
-    def _flags(self) -> tuple[bool, ...]:
-        c = self.config
-        return (c.original_weight_targets, c.neuron_mask, c.preserved_knowledge, c.norm_guard)
 
     def set_statistics(self, stats: KeyStatistics) -> None:
         """Where C0 comes from (the daemon passes one on its own home and corpus)."""
@@ -463,13 +454,3 @@ def _unexplained(delta: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor
     """||ΔW U − R|| / ||R||: how much of the intended change the written delta misses."""
     norm = float(residual.norm())
     return float((delta @ keys - residual).norm()) / norm if norm > 0 else 0.0
-
-
-def guarded(inner: Editor, guards: Sequence[str], **overrides: Any) -> GuardedEditor:
-    """``inner`` wrapped with the named safeguards (``GUARDS`` or ``safeguards`` for all)."""
-    return GuardedEditor(inner, SafeguardConfig.only(guards, **overrides))
-
-
-def with_config(editor: GuardedEditor, **changes: Any) -> GuardedEditor:
-    """A copy of the wrapper's settings with some fields changed (same inner editor)."""
-    return GuardedEditor(editor.inner, replace(editor.config, **changes))
