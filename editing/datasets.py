@@ -1,5 +1,19 @@
 """Edit requests from the public knowledge-editing datasets (ZsRE, CounterFact, MQuAKE).
 
+What each dataset's fields are, named for what they are (the metrics rely on it):
+
+* ``counterfact`` (the MEND-format split): ``rephrase_prompt`` is, for about 83 % of the records
+  checked against the ROME sample, one of the record's *generation prompts* ("Toko Yasuda is
+  incredible at"), not a paraphrase; it is kept in ``extra["generation_prompts"]`` and never
+  used as a paraphrase. ``rephrases`` holds real paraphrases only where the case is also in the
+  ROME-format sample. Its locality prompt is a neighbourhood prompt.
+* ``counterfact-rome``: the 500 ROME-format records, with 2 real paraphrases and 10 neighbourhood
+  prompts each (``extra["mend_split"]`` says which MEND split holds the case: 216 of them are in
+  ``train``, which meta-trained editors may have seen).
+* ``zsre``: real rephrases; locality split into ``same_subject`` probes (KnowEdit) and
+  ``unrelated`` Natural Questions items. Its ``train`` split is the 1,000-record training
+  sample, for meta-training only.
+
 Users bring their own copies of the files; the folder is a setting (``FACTKEEPER_DATA_DIR``, else
 ``../shared/data`` next to the repository). Each loader reads the upstream record format
 documented in ``shared/data/README.md`` and returns ``EditRequest``s in a fixed order with stable
@@ -23,9 +37,9 @@ log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "FACTKEEPER_DATA_DIR"
 
-DatasetName = Literal["zsre", "counterfact", "mquake"]
+DatasetName = Literal["zsre", "counterfact", "counterfact-rome", "mquake"]
 Split = Literal["train", "val", "eval"]
-DATASETS: tuple[str, ...] = ("zsre", "counterfact", "mquake")
+DATASETS: tuple[str, ...] = ("zsre", "counterfact", "counterfact-rome", "mquake")
 SPLITS: tuple[str, ...] = ("train", "val", "eval")
 
 # File names inside the data folder (the layout of shared/data).
@@ -37,6 +51,7 @@ CF_MEND = {
 CF_ROME_SAMPLE = "counterfact/counterfact_rome_sample500_seed42.json"
 ZSRE_KNOWEDIT = "zsre/zsre_knowedit_test_all.json"
 ZSRE_MEM_FIRST300 = "zsre/zsre_mem_eval_first300.json"
+ZSRE_TRAIN_SAMPLE = "zsre/zsre_mend_train_sample1k.json"
 MQUAKE_HARD = "mquake/MQuAKE-hard-dev60.json"
 
 
@@ -68,8 +83,8 @@ def load_dataset(
 
     Args:
         name: ``zsre``, ``counterfact`` or ``mquake``.
-        split: ``train`` and ``val`` exist for CounterFact only (the MEND-format files);
-            ``eval`` is the evaluation stream of every dataset.
+        split: ``eval`` is the evaluation stream of every dataset; ``train`` and ``val`` exist
+            for CounterFact (the MEND-format files), ``train`` for ZsRE (meta-training only).
         data_dir: folder laid out like ``shared/data``; default ``default_data_dir()``.
         limit: keep only the first ``limit`` requests.
 
@@ -96,16 +111,18 @@ def load_dataset(
 def load_counterfact(data_dir: Path, split: Split) -> list[EditRequest]:
     """MEND-format CounterFact, enriched from the ROME-format sample where a case is in it.
 
-    A MEND record has one rephrase and one neighbourhood prompt. For the cases that are also in
-    the 500-record ROME sample, the request also gets the two paraphrase prompts, all ten
-    neighbourhood prompts and the generation prompts (``extra["generation_prompts"]``).
+    A MEND record has one "rephrase" (mostly a generation prompt, see the module docstring) and
+    one neighbourhood prompt. For the cases that are also in the 500-record ROME sample, the
+    request also gets the two real paraphrases, all ten neighbourhood prompts and the record's
+    generation prompts.
     """
     records = _read_json(data_dir, CF_MEND[split])
     rome = _rome_sample_by_case(data_dir)
     requests = []
     for rec in records:
         case_id = int(rec["case_id"])
-        rephrases = [rec["rephrase_prompt"]]
+        rephrases: list[str] = []
+        generation = [rec["rephrase_prompt"]]
         locality = [LocalityProbe(rec["locality_prompt"], rec["locality_ground_truth"])]
         extra: dict[str, object] = {"case_id": case_id, "source": "counterfact_mend"}
         if case_id in rome:
@@ -113,8 +130,9 @@ def load_counterfact(data_dir: Path, split: Split) -> list[EditRequest]:
             rephrases += full["paraphrase_prompts"]
             true = full["requested_rewrite"]["target_true"]["str"]
             locality += [LocalityProbe(p, true) for p in full["neighborhood_prompts"]]
-            extra["generation_prompts"] = tuple(dict.fromkeys(full["generation_prompts"]))
+            generation += full["generation_prompts"]
             extra["source"] = "counterfact_mend+rome"
+        extra["generation_prompts"] = tuple(x for x in dict.fromkeys(generation) if x)
         requests.append(
             EditRequest(
                 request_id=f"counterfact-{case_id}",
@@ -130,9 +148,17 @@ def load_counterfact(data_dir: Path, split: Split) -> list[EditRequest]:
     return requests
 
 
-def load_counterfact_rome(data_dir: Path | None = None) -> list[EditRequest]:
-    """The 500-record ROME-format sample on its own (all paraphrase/neighbourhood prompts)."""
+def load_counterfact_rome(data_dir: Path | None = None, split: Split = "eval") -> list[EditRequest]:
+    """The 500-record ROME-format sample on its own (real paraphrases, ten neighbours each).
+
+    Only ``eval`` exists: the sample is the whole stream, in sample order. Each request says in
+    ``extra["mend_split"]`` which MEND split holds its case, so a benchmark can report the cases
+    a meta-trained editor cannot have seen (those outside ``train``) apart.
+    """
+    if split != "eval":
+        raise DatasetError("counterfact-rome has only an eval split (the 500-record ROME sample)")
     folder = data_dir if data_dir is not None else default_data_dir()
+    mend_split = _mend_split_by_case(folder)
     requests = []
     for rec in _read_json(folder, CF_ROME_SAMPLE):
         rw = rec["requested_rewrite"]
@@ -149,11 +175,21 @@ def load_counterfact_rome(data_dir: Path | None = None) -> list[EditRequest]:
                 extra={
                     "case_id": int(rec["case_id"]),
                     "source": "counterfact_rome",
+                    "mend_split": mend_split.get(int(rec["case_id"])),
                     "generation_prompts": tuple(dict.fromkeys(rec["generation_prompts"])),
                 },
             )
         )
     return requests
+
+
+def _mend_split_by_case(data_dir: Path) -> dict[int, str]:
+    """Which MEND-format split (train, val, eval) holds each CounterFact case."""
+    out: dict[int, str] = {}
+    for split, relative in CF_MEND.items():
+        if (data_dir / relative).is_file():
+            out.update((int(r["case_id"]), split) for r in _read_json(data_dir, relative))
+    return out
 
 
 def _rome_sample_by_case(data_dir: Path) -> dict[int, dict[str, Any]]:
@@ -171,12 +207,15 @@ def load_zsre(data_dir: Path, split: Split) -> list[EditRequest]:
 
     The two files share records (matched on ``cond``); a shared record is kept once, in
     KnowEdit's position, and gains the Natural Questions locality probe only ``first300`` has.
+    KnowEdit's probes ask about the same subject (``same_subject``); the NQ items are
+    ``unrelated``. ``train`` is the 1,000-record training sample (meta-training only).
     """
-    if split != "eval":
-        raise DatasetError(
-            "ZsRE has only an eval split offline (no ZsRE training data is available); "
-            "meta-train on counterfact train and evaluate ZsRE out of domain"
+    if split == "train":
+        return _zsre_mend_records(
+            list(enumerate(_read_json(data_dir, ZSRE_TRAIN_SAMPLE))), "zsre-train", "zsre_train"
         )
+    if split != "eval":
+        raise DatasetError("ZsRE has train (the 1,000-record sample) and eval splits offline")
     knowedit = _read_json(data_dir, ZSRE_KNOWEDIT)
     mem = _read_json(data_dir, ZSRE_MEM_FIRST300)
     mem_by_cond = {r["cond"]: r for r in mem}
@@ -187,7 +226,7 @@ def load_zsre(data_dir: Path, split: Split) -> list[EditRequest]:
             continue
         seen.add(rec["cond"])
         locality = [
-            LocalityProbe(p["prompt"], _first(p["ground_truth"]))
+            LocalityProbe(p["prompt"], _first(p["ground_truth"]), "same_subject")
             for p in rec.get("locality", {}).get("Relation_Specificity", [])
         ]
         extra: dict[str, object] = {
@@ -212,17 +251,30 @@ def load_zsre(data_dir: Path, split: Split) -> list[EditRequest]:
                 extra=extra,
             )
         )
-    skipped = 0
+    rest = []
     for index, rec in enumerate(mem):
-        if rec["cond"] in seen:
-            continue
-        seen.add(rec["cond"])
-        if not rec["alt"].strip():  # two upstream records have an empty new answer
+        if rec["cond"] not in seen:
+            seen.add(rec["cond"])
+            rest.append((index, rec))
+    requests += _zsre_mend_records(rest, "zsre-mem", "zsre_mem_first300")
+    return requests
+
+
+def _zsre_mend_records(
+    records: Sequence[tuple[int, dict[str, Any]]], prefix: str, source: str
+) -> list[EditRequest]:
+    """Requests from (index in file, record) of MEND/MEMIT-format zsRE (``src``, ``alt``, ...).
+
+    Records with an empty new answer (two upstream ones) are skipped, every time alike.
+    """
+    requests, skipped = [], 0
+    for index, rec in records:
+        if not rec["alt"].strip():
             skipped += 1
             continue
         requests.append(
             EditRequest(
-                request_id=f"zsre-mem-{index}",
+                request_id=f"{prefix}-{index}",
                 prompt=rec["src"],
                 subject=rec["subject"],
                 target_new=rec["alt"],
@@ -230,7 +282,7 @@ def load_zsre(data_dir: Path, split: Split) -> list[EditRequest]:
                 rephrases=_unique([rec["rephrase"]]),
                 locality=(_nq_probe(rec),),
                 extra={
-                    "source": "zsre_mem_first300",
+                    "source": source,
                     "index": index,
                     "cond": rec["cond"],
                     "ground_truth": tuple(rec["answers"]),
@@ -244,7 +296,7 @@ def load_zsre(data_dir: Path, split: Split) -> list[EditRequest]:
 
 def _nq_probe(rec: dict[str, Any]) -> LocalityProbe:
     # MEND/MEMIT feed the Natural Questions locality item as "nq question: ...?".
-    return LocalityProbe(rec["loc"] + "?", rec["loc_ans"])
+    return LocalityProbe(rec["loc"] + "?", rec["loc_ans"], "unrelated")
 
 
 # --- MQuAKE ------------------------------------------------------------------------------------
@@ -291,6 +343,7 @@ def load_mquake(data_dir: Path, split: Split) -> list[EditRequest]:
 _LOADERS: dict[str, Callable[[Path, Split], list[EditRequest]]] = {
     "zsre": load_zsre,
     "counterfact": load_counterfact,
+    "counterfact-rome": lambda folder, split: load_counterfact_rome(folder, split),
     "mquake": load_mquake,
 }
 

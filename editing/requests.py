@@ -7,14 +7,30 @@ so editors, metrics and audits see one type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+ProbeKind = Literal["neighbourhood", "same_subject", "unrelated"]
+PROBE_KINDS: tuple[str, ...] = ("neighbourhood", "same_subject", "unrelated")
 
 
 @dataclass(frozen=True)
 class LocalityProbe:
-    """An unrelated prompt whose answer must not change when the fact is edited."""
+    """A prompt whose answer must not change when the fact is edited.
+
+    ``kind`` says how close it sits to the edit, because the metrics report each apart:
+    ``neighbourhood`` (another subject with the edited fact's relation and true object: the
+    hardest case, CounterFact's neighbourhood prompts), ``same_subject`` (the edited subject
+    with another relation, KnowEdit ZsRE's probes) and ``unrelated`` (other knowledge, such as
+    ZsRE's Natural Questions items).
+    """
 
     prompt: str
     answer: str
+    kind: ProbeKind = "neighbourhood"
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROBE_KINDS:
+            raise ValueError(f"LocalityProbe.kind must be one of {', '.join(PROBE_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,7 @@ class EditRequest:
     target_new: str
     target_true: str | None = None
     rephrases: tuple[str, ...] = ()
+    """Real paraphrases of ``prompt`` (never generation prompts: those go in ``extra``)."""
     locality: tuple[LocalityProbe, ...] = ()
     multi_hop: tuple[MultiHopQuestion, ...] = ()
     extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)

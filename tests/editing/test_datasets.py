@@ -19,12 +19,17 @@ def test_counterfact_eval_is_ordered_and_enriched_from_the_rome_sample():
     first = requests[0]
     assert first.prompt == "The mother tongue of Danielle Darrieux is"
     assert (first.target_new, first.target_true) == ("English", "French")
-    assert len(first.rephrases) == 1 and len(first.locality) == 1
+    # The MEND "rephrase" is a generation prompt here: never taken for a paraphrase.
+    assert first.rephrases == ()
+    assert first.extra["generation_prompts"] == (
+        "Where Danielle Darrieux is from, people speak the language of",
+    )
+    assert len(first.locality) == 1 and first.locality[0].kind == "neighbourhood"
     assert first.locality[0].answer == "French"
     rich = next(r for r in requests if r.request_id == "counterfact-106")
-    assert len(rich.rephrases) == 3  # MEND rephrase + two ROME paraphrases
+    assert len(rich.rephrases) == 2  # the two ROME paraphrases
     assert len(rich.locality) > 1
-    assert rich.extra["generation_prompts"]
+    assert len(rich.extra["generation_prompts"]) > 1  # MEND's, then the ROME record's
     assert all(p.answer == rich.target_true for p in rich.locality)
 
 
@@ -51,6 +56,8 @@ def test_zsre_merges_the_two_files_on_cond():
     shared = next(r for r in requests if r.extra.get("also_in"))
     assert shared.locality[-1].prompt.startswith("nq question:")
     assert shared.locality[-1].prompt.endswith("?")
+    assert shared.locality[-1].kind == "unrelated"
+    assert {p.kind for p in shared.locality[:-1]} == {"same_subject"}
     mem = requests[21]
     assert mem.request_id == "zsre-mem-0" and mem.target_new == "University of Michigan"
     assert mem.rephrases == ("What university did Watts Humphrey take part in?",)
@@ -70,11 +77,29 @@ def test_rome_sample_loader():
     [request] = load_counterfact_rome(FIXTURE)
     assert request.request_id == "counterfact-106"
     assert len(request.rephrases) == 2 and len(request.locality) >= 5
+    assert {p.kind for p in request.locality} == {"neighbourhood"}
+    assert request.extra["mend_split"] == "eval"  # the fixture's MEND edit file holds case 106
+    assert load_dataset("counterfact-rome", "eval", FIXTURE) == [request]
+
+
+def test_zsre_train_sample_is_for_meta_training():
+    requests = load_dataset("zsre", "train", FIXTURE)
+    assert [r.request_id for r in requests] == ["zsre-train-0", "zsre-train-1"]  # empty alt out
+    first = requests[0]
+    assert (first.prompt, first.target_new, first.target_true) == (
+        "Which city is Alpha Tower in?",
+        "Bergen",
+        "Oslo",
+    )
+    assert first.rephrases == ("In which city is Alpha Tower located?",)
+    assert first.locality[0].kind == "unrelated"
 
 
 def test_errors_name_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match="train .* and eval splits"):
+        load_dataset("zsre", "val", FIXTURE)
     with pytest.raises(DatasetError, match="only an eval split"):
-        load_dataset("zsre", "train", FIXTURE)
+        load_dataset("counterfact-rome", "train", FIXTURE)
     with pytest.raises(DatasetError, match="not found"):
         load_dataset("counterfact", "eval", tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset"):
