@@ -20,15 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.events import FactCorrection
+from editing.checks import Judge, Verdict
 from editing.editors.base import EditError, Editor, EditResult
-from editing.generation import greedy_generate
 from editing.models import LoadedModel
 from editing.requests import EditRequest, LocalityProbe
 
 log = logging.getLogger(__name__)
-
-# Tokens generated beyond the target's own length when checking that an edit took.
-POST_CHECK_SLACK_TOKENS = 2
 
 
 def to_request(event: FactCorrection) -> EditRequest:
@@ -79,6 +76,7 @@ class EditApplier:
         self.lm = lm
         self.editor = editor
         self.rebuild = rebuild
+        self.judge = Judge(lm)
 
     def apply(self, events: Sequence[FactCorrection]) -> BatchOutcome:
         """Apply ``events``; every event ends up in ``applied`` or ``failed``, never half-done."""
@@ -140,26 +138,25 @@ class EditApplier:
             )
 
     def post_check(self, requests: Sequence[EditRequest]) -> dict[str, str]:
-        """Requests whose greedy answer does not start with the new target, with the answer."""
-        tokenizer = self.lm.tokenizer
-        longest = max(len(tokenizer(" " + r.target_new).input_ids) for r in requests)
-        answers = greedy_generate(
-            self.lm.model,
-            tokenizer,
-            [r.prompt for r in requests],
-            max_new_tokens=longest + POST_CHECK_SLACK_TOKENS,
-        )
+        """Requests whose greedy answer does not start with the new target (``editing.checks``).
+
+        One teacher-forced pass over the batch decides most of them; the rest are decoded.
+        """
+        verdicts = self.judge.judge([(r.prompt, r.target_new) for r in requests])
         return {
-            r.request_id: f"edit did not take: model answers {answer.strip()[:80]!r}"
-            for r, answer in zip(requests, answers, strict=True)
-            if not answer_matches(answer, r.target_new)
+            r.request_id: f"edit did not take: model answers {_answer_text(self.judge, v)!r}"
+            for r, v in zip(requests, verdicts, strict=True)
+            if not v.ok
         }
 
 
-def answer_matches(answer: str, target: str) -> bool:
-    """The answer starts with the target as a whole word: "Rome." matches, "Romeo" does not."""
-    answer, target = answer.lstrip(), target.strip()
-    if not answer.startswith(target):
-        return False
-    rest = answer[len(target) :]
-    return not rest or not (rest[0].isalnum() or rest[0] == "_")
+def _answer_text(judge: Judge, verdict: Verdict) -> str:
+    """The greedy answer as far as the check saw it (decoded, or the forced argmax path)."""
+    if verdict.answer is not None:
+        return verdict.answer.strip()[:80]
+    s = verdict.scored
+    k = next(
+        (i for i, (a, b) in enumerate(zip(s.answer_ids, s.argmax_ids, strict=True)) if a != b), None
+    )
+    ids = list(s.answer_ids) if k is None else [*s.answer_ids[:k], s.argmax_ids[k]]
+    return (judge.lm.tokenizer.decode(ids).strip() + "...")[:80]

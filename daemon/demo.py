@@ -15,13 +15,13 @@ import time
 from datetime import UTC, datetime
 
 from daemon import kafka_broker
-from daemon.applier import answer_matches
 from daemon.config import Settings, load_settings
 from daemon.control import Rollback, encode_control
 from daemon.kafka_clients import ensure_topics
 from daemon.operations import audit_reports_dir, version_rows, write_daemon_report
 from daemon.produce import events_from_requests, send
 from daemon.service import Daemon
+from editing.checks import Judge
 from editing.datasets import load_dataset
 from editing.generation import greedy_generate
 from editing.models import load_model
@@ -98,7 +98,8 @@ def run_demo(
             )
 
             now = greedy_generate(lm.model, lm.tokenizer, [r.prompt for r in requests], 6)
-            held = sum(answer_matches(a, r.target_new) for a, r in zip(now, requests, strict=True))
+            verdicts = Judge(lm).judge([(r.prompt, r.target_new) for r in requests])
+            held = sum(v.ok for v in verdicts)
             print(
                 f"[5/7] {held}/{len(requests)} corrections hold in the served model; each passed "
                 f"its post-check when applied, then the audits judged them "

@@ -95,6 +95,17 @@ class TeacherForcedScorer:
     def clear_residuals(self) -> None:
         self._residuals.clear()
 
+    def register(self, pair: Pair, answer_ids: Sequence[int]) -> None:
+        """Score ``pair`` on exactly these answer tokens from now on (a greedy answer as the model
+        generated it, which re-tokenising its text need not reproduce)."""
+        prompt_ids = self.tokenizer(pair[0]).input_ids
+        if not prompt_ids or not answer_ids:
+            raise ValueError(f"empty prompt or answer tokens for {pair!r}")
+        encoded = _Encoded(tuple(prompt_ids) + tuple(answer_ids), len(prompt_ids))
+        if self._encoded.get(pair) not in (None, encoded):
+            self._residuals = {k: v for k, v in self._residuals.items() if k[1] != encoded.ids}
+        self._encoded[pair] = encoded
+
     def encode(self, pair: Pair) -> _Encoded:
         if pair not in self._encoded:
             prompt, answer = pair

@@ -3,21 +3,20 @@
 An edit is checked when it is applied, but later edits can undo earlier ones and slowly damage
 unrelated knowledge. An audit measures, on the current weights:
 
-* retention: each applied fact's greedy answer (target tokens + 2) passes ``answer_matches``,
-  plus the teacher-forced token accuracy of its target; every fact up to ``sample_cap``, beyond
-  it a seeded sample stratified by edit age, with a 95 % Wilson interval;
+* retention: each applied fact's greedy answer passes the judge (``editing.checks``), plus the
+  teacher-forced token accuracy of its target; every fact up to ``sample_cap``, beyond it a seeded
+  sample stratified by edit age, with a 95 % Wilson interval;
 * generalisation: the same exact match on the facts' rephrases (by default the first of each);
 * locality: the share of a fixed probe set whose greedy answer is still the base model's, and
   the share that still passes against the probe's gold answer;
 * perplexity on a small text sample, against the base model's.
 
-Everything runs through one batched teacher-forced pass (``editing.scoring``). Greedy decoding
-is the teacher-forced argmax chain, so that pass already decides most greedy outcomes exactly:
-each target is scored followed by the end-of-text token, which makes the argmax right after the
-target (the character that decides ``answer_matches``' word boundary) come for free, and a probe
-is scored on the base model's greedy answer, which the current model reproduces exactly when
-every argmax agrees. Only the undecided rest is decoded with ``greedy_generate``. When the caller
-says which blocks still hold the base weights, the pass resumes above them from cached residuals.
+Everything runs through one batched teacher-forced pass (``editing.scoring``), which the judge
+(``editing.checks.Judge``) reads its verdicts from: each target is scored followed by the
+end-of-text token, and a probe is scored on the base model's greedy answer, which the current
+model reproduces exactly when every argmax agrees. Only the undecided rest is decoded. When the
+caller says which blocks still hold the base weights, the pass resumes above them from cached
+residuals.
 
 The base figures (``Baseline``) come from the base weights once and are cached as JSON, keyed by
 the base weights, the probe set and the text sample. Reports (``AuditReport``) are JSON files in
@@ -43,19 +42,17 @@ from typing import Any, Literal, cast, get_args
 
 import torch
 
-from daemon.applier import POST_CHECK_SLACK_TOKENS, answer_matches
+from editing.checks import DECODE_SLACK_TOKENS, BaseAnswers, Judge, forced_map
 from editing.errors import FactkeeperError
-from editing.generation import greedy_generate
-from editing.metrics import greedy_match_from_argmax
 from editing.models import LoadedModel
-from editing.requests import continuation
-from editing.scoring import Pair, Scored, TeacherForcedScorer
+from editing.perplexity import TextSampleError, perplexity, read_text_lines, text_pairs
+from editing.scoring import Pair, TeacherForcedScorer
 from monitoring.gates import GateDecision, GateThresholds
 
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "factkeeper-audit/v1"
-BASELINE_SCHEMA = "factkeeper-audit-baseline/v1"
+BASELINE_SCHEMA = "factkeeper-audit-baseline/v2"
 BUNDLED_PROBE_FILE = "counterfact-smollm2.jsonl"
 
 Trigger = Literal["edits", "timer", "requested", "shutdown"]
@@ -68,10 +65,9 @@ AGE_STRATA = 10
 """A sampled audit splits the facts, oldest to newest, into this many strata of equal size."""
 FAILING_IDS_CAP = 100
 """At most this many ids of facts that no longer hold are listed (all are counted)."""
-TEXT_LINE_CHARS = 500
 TEXT_BUDGET_CHARS = 4000
 """The text sample is small by design (about 1,000 tokens): its first lines, each cut at a space
-to ``TEXT_LINE_CHARS``, until ``TEXT_BUDGET_CHARS`` characters. Base and current perplexity are
+(``editing.perplexity``), until ``TEXT_BUDGET_CHARS`` characters. Base and current perplexity are
 measured on the same tokens, so the drift needs no more, and every audit pays for each token."""
 
 
@@ -183,17 +179,7 @@ def load_text_sample(path: Path | None, probes: Sequence[Probe]) -> list[str]:
             raw = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise AuditError(f"cannot read the audit text sample {path}: {exc}") from None
-    lines: list[str] = []
-    total = 0
-    for line in raw:
-        line = " ".join(line.split())
-        if len(line) > TEXT_LINE_CHARS:
-            line = line[:TEXT_LINE_CHARS].rsplit(" ", 1)[0]
-        if " " in line:
-            lines.append(line)
-            total += len(line)
-        if total >= TEXT_BUDGET_CHARS:
-            break
+    lines = read_text_lines(raw, TEXT_BUDGET_CHARS)
     if not lines:
         raise AuditError(f"the audit text sample {path} has no line of two or more words")
     return lines
@@ -278,7 +264,7 @@ class LocalityFigures:
     agreement: float
     """Share of probes whose greedy answer equals the base model's."""
     gold_accuracy: float
-    """Share of probes whose greedy answer passes ``answer_matches`` for the probe's answer."""
+    """Share of probes whose greedy answer passes the judge for the probe's answer."""
     n: int
 
 
@@ -372,9 +358,9 @@ class AuditResult:
 class Baseline:
     """The base model's greedy probe answers and text perplexity, for one probe set and text.
 
-    ``forceable[i]`` says that re-tokenising answer ``i`` gives exactly the ``max_new_tokens[i]``
-    tokens the base model generated (checked on the base weights), so a later model reproduces
-    that answer exactly when its teacher-forced argmax matches every one of those tokens.
+    ``answer_ids[i]`` are the tokens the base model generated for probe ``i`` and
+    ``forceable[i]`` says its forced argmax reproduces them (checked on the base weights), so a
+    later model gives that answer exactly when its teacher-forced argmax matches every one.
     """
 
     base_hash: str
@@ -385,6 +371,7 @@ class Baseline:
     forceable: tuple[bool, ...]
     perplexity: float
     text_tokens: int
+    answer_ids: tuple[tuple[int, ...], ...] = ()
     seconds: float = field(default=0.0, compare=False)
 
     @classmethod
@@ -401,44 +388,31 @@ class Baseline:
         if not probes:
             raise AuditError("a baseline needs at least one probe")
         started = time.perf_counter()
-        scorer = TeacherForcedScorer(lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens)
-        budgets = [
-            _answer_length(scorer, (p.prompt, p.answer)) + POST_CHECK_SLACK_TOKENS for p in probes
-        ]
-        answers = _generate(
-            lm, [(p.prompt, n) for p, n in zip(probes, budgets, strict=True)], batch_size
-        )
-        checkable = [
-            i
-            for i, (p, a) in enumerate(zip(probes, answers, strict=True))
-            if a.strip()
-            and continuation(a) == a
-            and _answer_length(scorer, (p.prompt, a)) == budgets[i]
-            and lm.tokenizer.decode(scorer.encode((p.prompt, a)).ids[-budgets[i] :]) == a
-        ]
-        text_pairs = _text_pairs(text)
-        scored = scorer.score([(probes[i].prompt, answers[i]) for i in checkable] + text_pairs)
-        forceable = [False] * len(probes)
-        for i, s in zip(checkable, scored[: len(checkable)], strict=True):
-            forceable[i] = s.all_correct
-        perplexity, tokens = _perplexity(scored[len(checkable) :])
+        judge = Judge(lm, batch_size=batch_size, batch_tokens=batch_tokens)
+        budgets = [judge.answer_length((p.prompt, p.answer)) + DECODE_SLACK_TOKENS for p in probes]
+        base = judge.base_answers([p.prompt for p in probes], budgets)
+        try:
+            ppl, tokens = perplexity(judge.scorer.score(text_pairs(text)))
+        except TextSampleError as exc:
+            raise AuditError(str(exc)) from None
         baseline = cls(
             base_hash=lm.base_hash,
             probes_hash=probe_set_hash(probes),
             text_hash=text_sample_hash(text),
-            answers=tuple(answers),
-            max_new_tokens=tuple(budgets),
-            forceable=tuple(forceable),
-            perplexity=perplexity,
+            answers=base.answers,
+            max_new_tokens=base.max_new_tokens,
+            forceable=base.forceable,
+            perplexity=ppl,
             text_tokens=tokens,
+            answer_ids=base.answer_ids,
             seconds=time.perf_counter() - started,
         )
         log.info(
             "audit baseline computed",
             extra={
                 "probes": len(probes),
-                "forceable": sum(forceable),
-                "perplexity": round(perplexity, 3),
+                "forceable": sum(base.forceable),
+                "perplexity": round(ppl, 3),
                 "seconds": round(baseline.seconds, 1),
             },
         )
@@ -479,6 +453,7 @@ class Baseline:
         data = {"schema": BASELINE_SCHEMA, **data}
         for key in ("answers", "max_new_tokens", "forceable"):
             data[key] = list(data[key])
+        data["answer_ids"] = [list(ids) for ids in self.answer_ids]
         return data
 
     @classmethod
@@ -494,9 +469,11 @@ class Baseline:
             forceable=tuple(bool(f) for f in data["forceable"]),
             perplexity=float(data["perplexity"]),
             text_tokens=int(data["text_tokens"]),
+            answer_ids=tuple(tuple(int(t) for t in ids) for ids in data["answer_ids"]),
             seconds=float(data["seconds"]),
         )
-        if not len(baseline.answers) == len(baseline.max_new_tokens) == len(baseline.forceable):
+        lengths = {len(baseline.max_new_tokens), len(baseline.forceable), len(baseline.answer_ids)}
+        if lengths != {len(baseline.answers)}:
             raise ValueError("per-probe lists differ in length")
         return baseline
 
@@ -571,9 +548,20 @@ class Auditor:
         self.scorer = TeacherForcedScorer(
             lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens
         )
-        self._text_pairs = _text_pairs(self.text)
-        self._sentinel: str | None = lm.tokenizer.eos_token
-        self._pieces: dict[int, str] = {}
+        self.judge = Judge(lm, self.scorer, batch_size=batch_size)
+        try:
+            self._text_pairs = text_pairs(self.text)
+        except TextSampleError as exc:
+            raise AuditError(str(exc)) from None
+        b = baseline
+        self._base_answers = BaseAnswers(
+            tuple(p.prompt for p in self.probes),
+            b.answers,
+            b.max_new_tokens,
+            b.forceable,
+            b.answer_ids,
+        )
+        self._gold_checks = [(p.prompt, p.answer) for p in self.probes]
         self._resumed: set[Pair] = set()
         self._resumed_layer = 0
 
@@ -612,27 +600,34 @@ class Auditor:
         chosen = [facts[i] for i in stratified_sample(len(facts), self.sample_cap, self.seed)]
         rephrased = [(x, f.target) for f in chosen for x in f.rephrases[: self.rephrases_per_fact]]
         checks = list(dict.fromkeys([(f.prompt, f.target) for f in chosen] + rephrased))
-        forced_rows = [i for i, ok in enumerate(self.baseline.forceable) if ok]
-        forced_pairs = [(self.probes[i].prompt, self.baseline.answers[i]) for i in forced_rows]
+        all_checks = checks + self._gold_checks
 
         t0 = time.perf_counter()
-        pairs = [self._extended(c) for c in checks] + forced_pairs + self._text_pairs
+        judge = self.judge
+        forced_checks = judge.forced_pairs(all_checks)
+        pairs = forced_checks + judge.unchanged_pairs(self._base_answers) + self._text_pairs
         self._bound_residuals(pairs, resume_layer)
-        scored = self.scorer.score(pairs, resume_layer=resume_layer)
-        n_checks, n_forced = len(checks), len(forced_pairs)
-        targets = self._target_scores(checks, scored[:n_checks], resume_layer)
+        forced = forced_map(self.scorer, pairs, resume_layer=resume_layer)
         teacher_forced = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        verdicts, decoded = self._verdicts(targets)
-        forced = dict(zip(forced_rows, scored[n_checks : n_checks + n_forced], strict=True))
-        locality, decoded_probes = self._locality(forced)
+        decoded_before = judge.decoded
+        judged = judge.judge(all_checks, resume_layer=resume_layer, forced=forced)
+        verdicts = {c: v for c, v in zip(all_checks, judged, strict=True)}
+        kept, _ = judge.unchanged(self._base_answers, resume_layer=resume_layer, forced=forced)
+        n = len(self.probes)
+        locality = LocalityFigures(
+            agreement=sum(kept) / n,
+            gold_accuracy=sum(verdicts[c].ok for c in self._gold_checks) / n,
+            n=n,
+        )
+        decoded = judge.decoded - decoded_before
         generation = time.perf_counter() - t0
 
-        held = [verdicts[(f.prompt, f.target)] for f in chosen]
+        held = [verdicts[(f.prompt, f.target)].ok for f in chosen]
         failing = [f.event_id for f, ok in zip(chosen, held, strict=True) if not ok]
-        generalised = [verdicts[pair] for pair in rephrased]
-        current, _ = _perplexity(scored[n_checks + n_forced :])
+        generalised = [verdicts[pair].ok for pair in rephrased]
+        current, _ = perplexity([forced[p] for p in self._text_pairs])
         result = AuditResult(
             started_at=started_at,
             seconds=time.perf_counter() - started,
@@ -642,7 +637,7 @@ class Auditor:
             retention=RetentionFigures(
                 exact_match=_mean(held),
                 token_accuracy=_mean(
-                    targets[(f.prompt, f.target)][0].token_accuracy for f in chosen
+                    verdicts[(f.prompt, f.target)].scored.token_accuracy for f in chosen
                 ),
                 ci95=wilson_interval(sum(held), len(held)) if held else None,
             ),
@@ -661,7 +656,7 @@ class Auditor:
                 # CPU seconds say more than wall seconds on a machine shared with other work.
                 "cpu_seconds": time.process_time() - cpu_started,
                 "pairs_scored": float(len(pairs)),
-                "prompts_decoded": float(decoded + decoded_probes),
+                "prompts_decoded": float(decoded),
             },
         )
         log.info(
@@ -675,96 +670,6 @@ class Auditor:
             },
         )
         return result
-
-    # -- retention and generalisation --
-
-    def _extended(self, check: Pair) -> Pair:
-        """The pair scored for a check: its target followed by the end-of-text token."""
-        prompt, target = check
-        return (prompt, target + self._sentinel) if self._sentinel else check
-
-    def _target_scores(
-        self, checks: list[Pair], scored: list[Scored], resume_layer: int
-    ) -> dict[Pair, tuple[Scored, int | None]]:
-        """Per check: the target's own teacher-forced score and the argmax right after it.
-
-        The end-of-text token is special, so it never merges with the target's last token: the
-        extended answer is the target's tokens plus one. Where a tokenizer splits it otherwise,
-        the plain pair is scored again and the token after the target stays unknown.
-        """
-        out: dict[Pair, tuple[Scored, int | None]] = {}
-        again: list[Pair] = []
-        for check, s in zip(checks, scored, strict=True):
-            plain = self.scorer.encode(check)
-            want = plain.ids[plain.n_prompt :]
-            k = len(want)
-            if self._sentinel and len(s.answer_ids) == k + 1 and s.answer_ids[:k] == want:
-                out[check] = (Scored(want, s.argmax_ids[:k], s.logprobs[:k]), s.argmax_ids[k])
-            else:
-                again.append(check)
-        if again:
-            rescored = self.scorer.score(again, resume_layer=resume_layer)
-            out.update((c, (s, None)) for c, s in zip(again, rescored, strict=True))
-        return out
-
-    def _verdicts(
-        self, targets: dict[Pair, tuple[Scored, int | None]]
-    ) -> tuple[dict[Pair, bool], int]:
-        """Greedy exact match per check, decoding only where the argmax path cannot tell."""
-        verdicts: dict[Pair, bool] = {}
-        undecided: list[Pair] = []
-        for check, (scored, following) in targets.items():
-            verdict = self._argmax_verdict(check[1], scored, following)
-            if verdict is None:
-                undecided.append(check)
-            else:
-                verdicts[check] = verdict
-        jobs = [(c[0], len(targets[c][0].answer_ids) + POST_CHECK_SLACK_TOKENS) for c in undecided]
-        for check, text in zip(undecided, _generate(self.lm, jobs, self.batch_size), strict=True):
-            verdicts[check] = answer_matches(text, check[1])
-        return verdicts, len(undecided)
-
-    def _argmax_verdict(self, target: str, scored: Scored, following: int | None) -> bool | None:
-        """``answer_matches`` of the greedy answer, when the teacher-forced argmax decides it.
-
-        If every target token is the argmax, greedy emits the target and then ``following``,
-        whose first character settles the word boundary. Otherwise greedy leaves the target's
-        tokens at the first miss; that either rules the target out or needs decoding.
-        """
-        tok = self.lm.tokenizer
-        if scored.all_correct:
-            if following is None:
-                return None
-            piece = tok.decode([following], skip_special_tokens=True)
-            if not piece or "\ufffd" in piece:  # special, or part of a character: decode
-                return None
-            return answer_matches(tok.decode([*scored.answer_ids, following]), target)
-        if greedy_match_from_argmax(scored, target, self._piece) is False:
-            return False
-        return None  # the same text through other tokens, or a word-boundary question
-
-    def _piece(self, token: int) -> str:
-        if token not in self._pieces:
-            self._pieces[token] = self.lm.tokenizer.decode([token])
-        return self._pieces[token]
-
-    # -- locality --
-
-    def _locality(self, forced: dict[int, Scored]) -> tuple[LocalityFigures, int]:
-        """Agreement with the base answers, decoding only probes the forced pass cannot settle.
-
-        A forced probe whose every argmax is the base model's token gives exactly the base
-        answer; any other probe is decoded and compared as text.
-        """
-        base = self.baseline
-        answers = {i: base.answers[i] for i, s in forced.items() if s.all_correct}
-        todo = [i for i in range(len(self.probes)) if i not in answers]
-        jobs = [(self.probes[i].prompt, base.max_new_tokens[i]) for i in todo]
-        answers.update(zip(todo, _generate(self.lm, jobs, self.batch_size), strict=True))
-        n = len(self.probes)
-        agree = sum(answers[i] == base.answers[i] for i in range(n))
-        gold = sum(answer_matches(answers[i], self.probes[i].answer) for i in range(n))
-        return LocalityFigures(agreement=agree / n, gold_accuracy=gold / n, n=n), len(todo)
 
     def _bound_residuals(self, pairs: Sequence[Pair], resume_layer: int) -> None:
         """Keep the scorer's residual cache bounded: restart it on another layer or past the cap."""
@@ -1027,44 +932,6 @@ def read_reports(folder: Path) -> list[AuditReport]:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _answer_length(scorer: TeacherForcedScorer, pair: Pair) -> int:
-    encoded = scorer.encode(pair)
-    return len(encoded.ids) - encoded.n_prompt
-
-
-def _generate(lm: LoadedModel, jobs: Sequence[tuple[str, int]], batch_size: int) -> list[str]:
-    """Greedy continuations of (prompt, max_new_tokens) jobs, batched per token budget."""
-    by_budget: dict[int, list[int]] = {}
-    for row, (_, n) in enumerate(jobs):
-        by_budget.setdefault(n, []).append(row)
-    out = [""] * len(jobs)
-    for n, rows in sorted(by_budget.items()):
-        texts = greedy_generate(lm.model, lm.tokenizer, [jobs[r][0] for r in rows], n, batch_size)
-        for row, text in zip(rows, texts, strict=True):
-            out[row] = text
-    return out
-
-
-def _text_pairs(lines: Sequence[str]) -> list[Pair]:
-    """Each line as (first word, rest): the rest is what the perplexity is measured on."""
-    pairs = []
-    for line in lines:
-        head, _, rest = line.strip().partition(" ")
-        if not rest.strip():
-            raise AuditError(f"text sample line {line[:40]!r} has one word; nothing to predict")
-        pairs.append((head, rest.strip()))
-    return pairs
-
-
-def _perplexity(scored: Sequence[Scored]) -> tuple[float, int]:
-    """Token-weighted perplexity of scored continuations, and the number of tokens."""
-    tokens = sum(len(s.logprobs) for s in scored)
-    if tokens == 0:
-        raise AuditError("the perplexity text sample has no tokens to predict")
-    nll = -sum(sum(s.logprobs) for s in scored)
-    return math.exp(nll / tokens), tokens
 
 
 def _mean(values: Any) -> float | None:

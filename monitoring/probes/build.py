@@ -4,8 +4,8 @@ A locality probe only measures something if the base model gets it right: a prob
 already fails cannot show an edit breaking it. So candidates come from the CounterFact records
 the demo and the benchmark never edit (the ``val`` split, then ``train`` if more are needed),
 as (prompt, true answer) pairs: each record's neighbourhood prompts and its own prompt. A
-candidate is kept when SmolLM2's greedy answer (answer tokens + 2, the audit's own rule) passes
-``answer_matches``. Prompts that also occur anywhere in the ``eval`` split are dropped, and no
+candidate is kept when SmolLM2's greedy answer passes the judge (``editing.checks``), the rule
+the audits use. Prompts that also occur anywhere in the ``eval`` split are dropped, and no
 answer may fill more than ``max_per_answer`` probes, so "French" and "English" cannot dominate.
 
 Run ``python -m monitoring.probes.build`` (about 5 minutes on one thread); the README next to
@@ -27,12 +27,9 @@ from typing import cast
 
 import torch
 
-from daemon.applier import POST_CHECK_SLACK_TOKENS, answer_matches
+from editing.checks import Judge
 from editing.datasets import CF_MEND, SPLITS, Split, default_data_dir, load_dataset
-from editing.generation import greedy_generate
-from editing.metrics import greedy_match_from_argmax
 from editing.models import LoadedModel, load_model
-from editing.scoring import TeacherForcedScorer
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +66,8 @@ def eval_prompts(data_dir: Path) -> set[str]:
 
 
 def answered(lm: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[bool]:
-    """Whether the greedy answer of each prompt passes ``answer_matches`` for its answer.
-
-    The teacher-forced argmax path rejects most pairs without decoding; the rest are decoded
-    with the audit's rule (answer tokens + ``POST_CHECK_SLACK_TOKENS``).
-    """
-    scorer = TeacherForcedScorer(lm.model, lm.tokenizer, lm.adapter)
-    scored = scorer.score(pairs)
-    verdicts: list[bool] = [False] * len(pairs)
-    by_length: dict[int, list[int]] = {}
-    for i, (pair, s) in enumerate(zip(pairs, scored, strict=True)):
-        if greedy_match_from_argmax(s, pair[1], lambda t: lm.tokenizer.decode([t])) is not False:
-            by_length.setdefault(len(s.answer_ids) + POST_CHECK_SLACK_TOKENS, []).append(i)
-    for n, rows in sorted(by_length.items()):
-        texts = greedy_generate(lm.model, lm.tokenizer, [pairs[i][0] for i in rows], n)
-        for i, text in zip(rows, texts, strict=True):
-            verdicts[i] = answer_matches(text, pairs[i][1])
-    return verdicts
+    """Whether the greedy answer of each prompt passes the judge (``editing.checks``)."""
+    return [v.ok for v in Judge(lm).judge(pairs)]
 
 
 def select(

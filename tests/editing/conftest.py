@@ -7,6 +7,20 @@ import torch
 
 from editing.keystats import KeyStatistics
 from editing.paths import Paths
+from editing.requests import EditRequest, LocalityProbe
+from editing.scoring import TeacherForcedScorer
+from editing.tiny import tiny_loaded
+
+FACT = EditRequest(
+    "fact",
+    "The capital of France is",
+    "France",
+    "Paris",
+    target_true="Rome",
+    rephrases=("The Eiffel Tower is located in",),
+    locality=(LocalityProbe("Apple was founded by", "Steve Jobs"),),
+)
+"""A fact the ``taught`` model states, with one paraphrase and one neighbourhood probe."""
 
 
 @pytest.fixture
@@ -17,6 +31,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def taught():
+    """A tiny llama trained until it continues the FACT prompt (and rephrase) with " Paris"."""
+    lm = tiny_loaded("llama")
+    tok = lm.tokenizer
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # Tokenised as the scorer does (prompt, then the answer on its own), so what is taught is
+    # exactly what the metrics read, whatever the tokenizer merges across the boundary.
+    scorer = TeacherForcedScorer(lm.model, tok, lm.adapter)
+    rows = [scorer.encode((prompt, "Paris")).ids for prompt in (FACT.prompt, FACT.rephrases[0])]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([list(r) + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = input_ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.Adam(lm.model.parameters(), lr=1e-2)
+    lm.model.train()
+    for _ in range(100):
+        loss = lm.model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lm.model.eval()
+    torch.set_num_threads(threads)
+    return lm
 
 
 def small_key_statistics(folder: Path, text: str, max_tokens: int = 1024) -> KeyStatistics:

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.applier import POST_CHECK_SLACK_TOKENS, answer_matches
 from daemon.audit_schedule import SCHEDULE_TRIGGERS
+from editing.checks import DECODE_SLACK_TOKENS, answer_matches
 from editing.generation import greedy_generate
 from editing.models import LoadedModel
+from editing.perplexity import LINE_CHARS
 from editing.requests import continuation
 from editing.tiny import tiny_loaded
 from monitoring.audits import (
     FAILING_IDS_CAP,
     REPORT_SCHEMA,
     TEXT_BUDGET_CHARS,
-    TEXT_LINE_CHARS,
     TRIGGERS,
     AuditError,
     AuditFact,
@@ -82,9 +82,7 @@ def _holds(lm: LoadedModel, facts: list[AuditFact]) -> list[bool]:
     out = []
     for f in facts:
         n = len(lm.tokenizer(continuation(f.target), add_special_tokens=False).input_ids)
-        out.append(
-            answer_matches(_greedy(lm, [f.prompt], n + POST_CHECK_SLACK_TOKENS)[0], f.target)
-        )
+        out.append(answer_matches(_greedy(lm, [f.prompt], n + DECODE_SLACK_TOKENS)[0], f.target))
     return out
 
 
@@ -305,7 +303,7 @@ def test_baseline_is_cached_as_json_and_recomputed_when_its_key_changes(
     first = Baseline.load_or_compute(lm, probes, text, tmp_path)
     files = list(tmp_path.glob("baseline-*.json"))
     assert len(files) == 1
-    assert json.loads(files[0].read_text())["schema"] == "factkeeper-audit-baseline/v1"
+    assert json.loads(files[0].read_text())["schema"] == "factkeeper-audit-baseline/v2"
 
     calls = []
     real_compute = Baseline.compute.__func__  # type: ignore[attr-defined]
@@ -323,7 +321,7 @@ def test_baseline_is_cached_as_json_and_recomputed_when_its_key_changes(
     assert calls == [1] and len(other.answers) == len(fewer)
     assert len(list(tmp_path.glob("baseline-*.json"))) == 2
 
-    files[0].write_text('{"schema": "factkeeper-audit-baseline/v1", "answers": [')
+    files[0].write_text('{"schema": "factkeeper-audit-baseline/v2", "answers": [')
     assert Baseline.load_or_compute(lm, probes, text, tmp_path) == first
     assert calls == [1, 1]
     # A file that parses but names other weights is not trusted either.
@@ -393,8 +391,8 @@ def test_text_sample_defaults_to_probe_statements_and_skips_one_word_lines(
     path.write_text("\n  Hello   world  \nsingle\n" + ("x " * 400 + "\n") * 100)
     lines = load_text_sample(path, probes)
     assert lines[0] == "Hello world"
-    assert all(len(line) <= TEXT_LINE_CHARS for line in lines)
-    assert TEXT_BUDGET_CHARS <= sum(map(len, lines)) < TEXT_BUDGET_CHARS + TEXT_LINE_CHARS
+    assert all(len(line) <= LINE_CHARS for line in lines)
+    assert TEXT_BUDGET_CHARS <= sum(map(len, lines)) < TEXT_BUDGET_CHARS + LINE_CHARS
     (tmp_path / "words.txt").write_text("one\ntwo\n")
     with pytest.raises(AuditError, match="no line of two or more words"):
         load_text_sample(tmp_path / "words.txt", probes)

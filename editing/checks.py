@@ -1,0 +1,378 @@
+"""The one judge of "the model now says it": greedy decoding of a prompt begins with a target.
+
+Every place that asks whether an edit took or still holds (the daemon's post-check, the audits'
+retention, the benchmark's exact-match metrics, the demo) calls this module, so they all report
+the same number for the same question.
+
+The rule (``answer_matches``), applied to the greedy continuation of the prompt:
+
+1. Both texts are compared in Unicode NFC; leading whitespace of the answer and surrounding
+   whitespace of the target are ignored (" Paris" answers "Paris").
+2. The answer must begin with the target exactly, case included ("paris" does not answer
+   "Paris"): the papers' exact match is case-sensitive, and a fact's spelling is part of it.
+   Multi-token targets are compared as text, whatever tokens produced it.
+3. Whole word: when the target ends in a word character (a letter, digit, ``_`` or combining
+   mark of any script), the next character of the answer must not be one, so "Romeo" does not
+   answer "Rome" and "Paris." or "Paris's" does. A target that ends in punctuation needs no
+   boundary, and neither does one that ends in a script written without spaces between words
+   (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar, Tibetan), where any character may follow.
+
+Greedy decoding emits the teacher-forced argmax chain, so one teacher-forced pass usually decides
+the rule without decoding (``verdict_from_forced``): the target is scored followed by the
+end-of-text token, which also yields the argmax right after the target (the character that
+settles the word boundary). Only what that pass cannot settle (a different tokenisation of the
+same text, a token that splits a character) is decoded, for at most the target's tokens plus
+``DECODE_SLACK_TOKENS``. ``Judge`` runs the whole procedure in batches and also decides whether a
+prompt's greedy answer is still the one the base model gave (locality).
+
+MQuAKE's multi-hop criterion is a different question (the answer appears anywhere in the first
+line of a free answer) and lives here too, as ``contains_answer``.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from editing.generation import greedy_generate, greedy_token_ids
+from editing.models import LoadedModel
+from editing.scoring import Pair, Scored, TeacherForcedScorer
+
+DECODE_SLACK_TOKENS = 2
+"""Tokens decoded beyond the target's own count when the forced pass cannot decide."""
+
+_UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M")
+
+
+def _written_without_spaces(ch: str) -> bool:
+    name = unicodedata.name(ch, "")
+    return name.startswith(_UNSPACED_SCRIPTS) or "IDEOGRAPH" in name
+
+
+def _needs_boundary(target: str) -> bool:
+    last = target[-1]
+    return _is_word_char(last) and not _written_without_spaces(last)
+
+
+def answer_matches(answer: str, target: str) -> bool:
+    """Whether the greedy ``answer`` begins with ``target`` under the module's rule."""
+    answer = unicodedata.normalize("NFC", answer).lstrip()
+    target = unicodedata.normalize("NFC", target).strip()
+    if not target or not answer.startswith(target):
+        return False
+    rest = answer[len(target) :]
+    return not rest or not _needs_boundary(target) or not _is_word_char(rest[0])
+
+
+def contains_answer(answer: str, accepted: Sequence[str]) -> bool:
+    """MQuAKE's multi-hop criterion: an accepted answer occurs as whole words in the first line."""
+    line = unicodedata.normalize("NFC", answer).strip().split("\n", 1)[0].lower()
+    return any(
+        re.search(rf"(?<!\w){re.escape(unicodedata.normalize('NFC', a).lower())}(?!\w)", line)
+        for a in accepted
+        if a.strip()
+    )
+
+
+def verdict_from_forced(
+    scored: Scored,
+    target: str,
+    piece: Callable[[int], str],
+    following: int | None = None,
+    end_token: int | None = None,
+) -> bool | None:
+    """``answer_matches`` of the greedy answer when the teacher-forced pass decides it, else None.
+
+    Args:
+        scored: the target's own tokens scored after the prompt.
+        target: the target text.
+        piece: decodes one token to its text.
+        following: the argmax right after the target, when it was scored (None: unknown).
+        end_token: the end-of-text id: greedy stops there, so nothing follows the target.
+    """
+    if scored.all_correct:
+        text = "".join(piece(t) for t in scored.answer_ids)
+        if "\ufffd" in text:
+            return None
+        if not answer_matches(text, target):
+            return None  # the target's tokens spell it another way: decode
+        if not _needs_boundary(unicodedata.normalize("NFC", target).strip()):
+            return True
+        if following is None:
+            return None
+        if following == end_token:
+            return True
+        nxt = piece(following)
+        if not nxt or "\ufffd" in nxt:  # another special token, or part of a character
+            return None
+        return answer_matches(text + nxt, target)
+    k = next(
+        i
+        for i, (a, b) in enumerate(zip(scored.answer_ids, scored.argmax_ids, strict=True))
+        if a != b
+    )
+    produced = "".join(piece(t) for t in scored.answer_ids[:k]) + piece(scored.argmax_ids[k])
+    if "\ufffd" in produced:
+        return None
+    text = unicodedata.normalize("NFC", produced).lstrip()
+    want = unicodedata.normalize("NFC", target).strip()
+    if not text:
+        return None
+    if text.startswith(want):
+        return answer_matches(text, target) if len(text) > len(want) else None
+    return None if want.startswith(text) else False
+
+
+def unchanged_from_forced(
+    scored: Scored, base_answer: str, piece: Callable[[int], str]
+) -> bool | None:
+    """Whether greedy still gives ``base_answer`` (its tokens forced), when the pass decides it.
+
+    Every argmax equal to the base's tokens reproduces the base answer exactly; a different
+    argmax whose text leaves the base answer's text means the answer changed; anything else
+    (the same text through other tokens) needs decoding.
+    """
+    if scored.all_correct:
+        return True
+    k = next(
+        i
+        for i, (a, b) in enumerate(zip(scored.answer_ids, scored.argmax_ids, strict=True))
+        if a != b
+    )
+    produced = "".join(piece(t) for t in scored.answer_ids[:k]) + piece(scored.argmax_ids[k])
+    if "\ufffd" in produced or base_answer.startswith(produced):
+        return None
+    return False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judge's answer for one (prompt, target) check."""
+
+    ok: bool
+    scored: Scored
+    """The target's own teacher-forced score (token accuracy, probabilities)."""
+    answer: str | None = None
+    """The decoded greedy answer, when decoding was needed to decide."""
+    decoded: bool = False
+
+
+@dataclass(frozen=True)
+class BaseAnswers:
+    """The base model's greedy answers to prompts, kept to tell later whether they changed."""
+
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    max_new_tokens: tuple[int, ...]
+    forceable: tuple[bool, ...]
+    """The base model's forced argmax reproduces generated answer ``i`` token for token (as it
+    should, up to batch-shape rounding on near ties): forcing it later decides ``unchanged``."""
+    answer_ids: tuple[tuple[int, ...], ...] = ()
+    """The generated tokens (an end token included where generation stopped early)."""
+
+
+class Judge:
+    """Runs the rule over many checks on one model: one forced pass, decoding only the rest."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        scorer: TeacherForcedScorer | None = None,
+        *,
+        batch_size: int = 32,
+        batch_tokens: int = 2048,
+    ) -> None:
+        self.lm = lm
+        self.scorer = scorer or TeacherForcedScorer(
+            lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens
+        )
+        self.batch_size = batch_size
+        tok = lm.tokenizer
+        self.end_token: int | None = tok.eos_token_id
+        self._special = set(tok.all_special_ids) - {self.end_token}
+        self._sentinel: str = tok.eos_token or ""
+        self._pieces: dict[int, str] = {}
+        self.decoded = 0
+        """Prompts decoded so far (the forced pass could not decide them)."""
+
+    def piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.lm.tokenizer.decode([token])
+        return self._pieces[token]
+
+    def forced_pairs(self, checks: Sequence[Pair]) -> list[Pair]:
+        """The pairs ``judge`` scores for ``checks`` (targets followed by end-of-text)."""
+        return [(p, t + self._sentinel) if self._sentinel else (p, t) for p, t in checks]
+
+    def judge(
+        self,
+        checks: Sequence[Pair],
+        *,
+        resume_layer: int = 0,
+        forced: dict[Pair, Scored] | None = None,
+    ) -> list[Verdict]:
+        """The verdict for each (prompt, target), in order.
+
+        Args:
+            checks: (prompt, target) pairs.
+            resume_layer: blocks below this index hold the base weights (see ``editing.scoring``).
+            forced: scores of ``forced_pairs(checks)`` already computed in a larger batch.
+        """
+        unique = list(dict.fromkeys(checks))
+        extended = self.forced_pairs(unique)
+        if forced is None or any(e not in forced for e in extended):
+            scored = self.scorer.score(extended, resume_layer=resume_layer)
+            forced = dict(zip(extended, scored, strict=True))
+        own: dict[Pair, tuple[Scored, int | None]] = {}
+        again: list[Pair] = []
+        for check, ext in zip(unique, extended, strict=True):
+            s = forced[ext]
+            plain = self.scorer.encode(check)
+            want = plain.ids[plain.n_prompt :]
+            k = len(want)
+            if self._sentinel and len(s.answer_ids) == k + 1 and s.answer_ids[:k] == want:
+                own[check] = (Scored(want, s.argmax_ids[:k], s.logprobs[:k]), s.argmax_ids[k])
+            elif not self._sentinel:
+                own[check] = (s, None)
+            else:  # the end token merged into the target's last token: score it plainly
+                again.append(check)
+        if again:
+            rescored = self.scorer.score(again, resume_layer=resume_layer)
+            own.update((c, (s, None)) for c, s in zip(again, rescored, strict=True))
+
+        verdicts: dict[Pair, Verdict] = {}
+        undecided: list[Pair] = []
+        for check in unique:
+            scored, following = own[check]
+            if following in self._special:  # dropped from the decoded text: decode to be sure
+                following = None
+            v = verdict_from_forced(scored, check[1], self.piece, following, self.end_token)
+            if v is None:
+                undecided.append(check)
+            else:
+                verdicts[check] = Verdict(v, scored)
+        jobs = [(c[0], len(own[c][0].answer_ids) + DECODE_SLACK_TOKENS) for c in undecided]
+        for check, text in zip(undecided, self.generate(jobs), strict=True):
+            verdicts[check] = Verdict(answer_matches(text, check[1]), own[check][0], text, True)
+        self.decoded += len(undecided)
+        return [verdicts[c] for c in checks]
+
+    def base_answers(self, prompts: Sequence[str], budgets: Sequence[int]) -> BaseAnswers:
+        """Greedy answers of ``budgets[i]`` tokens; call on the BASE weights.
+
+        Each answer is forced later on the very tokens greedy produced (``register``), so a
+        text that re-tokenises differently (" Paris" vs "\n\nThe") can still be forced.
+        """
+        if not prompts:
+            return BaseAnswers((), (), (), (), ())
+        by_length: dict[int, list[int]] = {}
+        for i, n in enumerate(budgets):
+            by_length.setdefault(n, []).append(i)
+        ids: list[list[int]] = [[] for _ in prompts]
+        for n, rows in sorted(by_length.items()):
+            got = greedy_token_ids(
+                self.lm.model, self.lm.tokenizer, [prompts[r] for r in rows], n, self.batch_size
+            )
+            for r, row in zip(rows, got, strict=True):
+                ids[r] = row
+        answers = self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        base = BaseAnswers(
+            tuple(prompts),
+            tuple(answers),
+            tuple(budgets),
+            tuple(bool(row) for row in ids),
+            tuple(tuple(row) for row in ids),
+        )
+        pairs = self.unchanged_pairs(base)
+        scored = dict(zip(pairs, self.scorer.score(pairs), strict=True))
+        forceable = tuple(
+            ok and scored[(p, a)].all_correct
+            for p, a, ok in zip(base.prompts, base.answers, base.forceable, strict=True)
+        )
+        return BaseAnswers(
+            base.prompts, base.answers, base.max_new_tokens, forceable, base.answer_ids
+        )
+
+    def unchanged_pairs(self, base: BaseAnswers) -> list[Pair]:
+        """The pairs ``unchanged`` scores: the forceable base answers on their generated tokens."""
+        pairs = []
+        for p, a, ok, ids in zip(
+            base.prompts, base.answers, base.forceable, base.answer_ids, strict=True
+        ):
+            if ok:
+                self.scorer.register((p, a), ids)
+                pairs.append((p, a))
+        return pairs
+
+    def unchanged(
+        self,
+        base: BaseAnswers,
+        *,
+        resume_layer: int = 0,
+        forced: dict[Pair, Scored] | None = None,
+    ) -> tuple[list[bool], list[str | None]]:
+        """Whether each prompt's greedy answer is still the base one; decoded answers beside.
+
+        Returns:
+            The verdicts and, per prompt, the answer text where it was decoded (else None).
+        """
+        pairs = self.unchanged_pairs(base)
+        if forced is None or any(p not in forced for p in pairs):
+            forced = forced_map(self.scorer, pairs, resume_layer=resume_layer)
+        verdicts: list[bool | None] = []
+        for p, a, ok in zip(base.prompts, base.answers, base.forceable, strict=True):
+            verdicts.append(unchanged_from_forced(forced[(p, a)], a, self.piece) if ok else None)
+        todo = [i for i, v in enumerate(verdicts) if v is None]
+        texts = self.generate([(base.prompts[i], base.max_new_tokens[i]) for i in todo])
+        decoded: list[str | None] = [None] * len(verdicts)
+        for i, text in zip(todo, texts, strict=True):
+            verdicts[i] = text == base.answers[i]
+            decoded[i] = text
+        self.decoded += len(todo)
+        return [bool(v) for v in verdicts], decoded
+
+    def answer_length(self, pair: Pair) -> int:
+        """Tokens of ``pair``'s answer after its prompt."""
+        enc = self.scorer.encode(pair)
+        return len(enc.ids) - enc.n_prompt
+
+    def generate(self, jobs: Sequence[tuple[str, int]]) -> list[str]:
+        """Greedy continuations of (prompt, max_new_tokens) jobs, batched by length."""
+        by_length: dict[int, list[int]] = {}
+        for i, (_, n) in enumerate(jobs):
+            by_length.setdefault(n, []).append(i)
+        out: list[str] = [""] * len(jobs)
+        for n, rows in sorted(by_length.items()):
+            prompts = [jobs[r][0] for r in rows]
+            texts = greedy_generate(self.lm.model, self.lm.tokenizer, prompts, n, self.batch_size)
+            for r, text in zip(rows, texts, strict=True):
+                out[r] = text
+        return out
+
+
+def forced_map(
+    scorer: TeacherForcedScorer, pairs: Sequence[Pair], **kwargs: Any
+) -> dict[Pair, Scored]:
+    """Score ``pairs`` once and map each to its result (to share one pass among several uses)."""
+    unique = list(dict.fromkeys(pairs))
+    return dict(zip(unique, scorer.score(unique, **kwargs), strict=True))
+
+
+__all__ = [
+    "DECODE_SLACK_TOKENS",
+    "BaseAnswers",
+    "Judge",
+    "Verdict",
+    "answer_matches",
+    "contains_answer",
+    "forced_map",
+    "unchanged_from_forced",
+    "verdict_from_forced",
+]
