@@ -2,9 +2,10 @@
 
 Every method edits the same CounterFact stream (``counterfact_mend_edit``, up to 10,000 cases) in
 batches, from the same base weights. Every ``--checkpoint`` edits it measures retention (the
-teacher-forced efficacy of a fixed sample of earlier edits: every ``--sample-every``-th edit made
-so far) and locality (the share of unrelated probe tokens whose prediction is unchanged, on the
-probes of the sample's first 100 requests). A full evaluation of 10,000 edits per checkpoint would
+share of a fixed sample of earlier edits, every ``--sample-every``-th edit made so far, whose
+greedy answer the judge of ``editing.checks`` still accepts) and locality (``neighbourhood_kept``:
+the share of neighbourhood prompts of the sample's first 100 requests whose greedy answer is
+still the unedited model's). A full evaluation of 10,000 edits per checkpoint would
 cost hours on this CPU; the sample is fixed before the run, so every method and checkpoint is
 measured on the same edits. The JSON is rewritten after every checkpoint, so a run cut short still
 reports what it reached.
@@ -133,7 +134,7 @@ def run_method(name, editor, lm, requests, sample_idx, evaluator, args, out) -> 
         state = ModelState.from_touched(lm.adapter, touched)
         held = [evaluator.requests[i] for i, idx in enumerate(sample_idx) if idx < done]
         t0 = time.perf_counter()
-        retention = mean(evaluator.efficacies(held, state))
+        retention = mean(evaluator.retained(held, state))
         locality = evaluator.curve_locality(state)
         curve.append(
             {

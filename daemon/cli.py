@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from daemon.logs import configure_logging
+from editing.datasets import DATASETS
 from editing.errors import FactkeeperError
 
 log = logging.getLogger("factkeeper")
@@ -282,7 +283,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     from editing.bench import run_bench
     from editing.bench_report import render_table
+    from editing.requests import LocalityProbe
+    from monitoring.audits import bundled_probe_path, load_probe_set
 
+    probe_file = ns.probe_set or bundled_probe_path()
+    unrelated = [LocalityProbe(p.prompt, p.answer, "unrelated") for p in load_probe_set(probe_file)]
     result = run_bench(
         dataset=ns.dataset,
         methods=[m.strip() for m in ns.methods.split(",") if m.strip()],
@@ -296,6 +301,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         command="factkeeper " + " ".join(sys.argv[1:]),
         split=ns.split,
+        unrelated=unrelated,
+        unrelated_source=probe_file.name,
     )
     Console(width=200).print(render_table(result))
     print(result["plot"].removesuffix(".png") + ".json")
@@ -408,7 +415,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         cmd_bench,
         (
-            arg("--dataset", choices=("zsre", "counterfact", "mquake"), required=True),
+            arg("--dataset", choices=DATASETS, required=True),
             arg(
                 "--methods",
                 default="none,ft",
@@ -423,6 +430,12 @@ COMMANDS: dict[str, Command] = {
             arg("--seed", type=int, default=0),
             arg("--out", type=Path, default=Path("bench/results"), help="results folder"),
             arg("--threads", type=int, default=1, help="torch threads (1: fastest on a busy box)"),
+            arg(
+                "--probe-set",
+                type=Path,
+                default=None,
+                help="JSONL of unrelated probes for unrelated_kept (default: the bundled set)",
+            ),
         ),
     ),
 }

@@ -6,7 +6,8 @@ can keep the residual stream entering that block); run every metric once on the 
 per method: restore the base weights, apply the stream in batches, and after every turn measure
 retention (efficacy of all edits so far) and locality on a fixed probe sample; after the last turn
 run every metric over all edits (the papers' protocol). Results go to
-``<out>/<dataset>-<n_edits>.json`` (stable keys, read by other tools) with a PNG of the curves.
+``<out>/<dataset>-<n_edits>.json`` (stable keys, read by other tools) with a PNG of the curves;
+each method's ``summary`` holds the yardstick (``editing.metrics.SUMMARY_KEYS``).
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from editing.datasets import DATASETS, DatasetName, load_dataset
+from editing.datasets import DATASETS, DatasetName, default_data_dir, load_dataset
 from editing.editors import EDITORS, EditError, Editor, get_editor, parse_method
 from editing.errors import FactkeeperError
-from editing.metrics import EvalConfig, Evaluator, ModelState, mean
+from editing.metrics import EvalConfig, Evaluator, ModelState, mean, summarise
 from editing.models import LoadedModel, load_model
+from editing.perplexity import read_text_file
+from editing.requests import LocalityProbe
+
+WIKITEXT_TEST = "wikitext/wiki.test.raw"
+"""The perplexity sample (the key statistics read ``wiki.valid.raw``: never the same text)."""
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,9 @@ class BenchConfig:
     """Per method, keyword arguments for ``get_editor`` (its config fields)."""
     split: str = "eval"
     """``val`` (CounterFact only) for tuning, so settings are not chosen on the eval stream."""
+    unrelated: tuple[LocalityProbe, ...] = ()
+    """Unrelated probes for ``unrelated_kept`` (the CLI passes the bundled audit probe set)."""
+    unrelated_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -113,6 +122,8 @@ def run_bench(
     progress: bool = True,
     command: str | None = None,
     split: str = "eval",
+    unrelated: Sequence[LocalityProbe] = (),
+    unrelated_source: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and write its JSON and PNG; returns the JSON's content.
 
@@ -133,6 +144,8 @@ def run_bench(
         progress: show progress bars (interactive use).
         command: the command line to record (default: this process's argv).
         split: the dataset split whose stream is edited (``val`` for tuning).
+        unrelated: probes of unrelated knowledge for ``unrelated_kept``.
+        unrelated_source: where they came from (recorded in the JSON).
     """
     cfg = BenchConfig(
         dataset=dataset,
@@ -148,6 +161,8 @@ def run_bench(
         eval=eval_config or EvalConfig(),
         editor_options=dict(editor_options or {}),
         split=split,
+        unrelated=tuple(unrelated),
+        unrelated_source=unrelated_source,
     )
     return Benchmark(cfg, model if isinstance(model, LoadedModel) else None).run(
         progress=progress, command=command
@@ -183,7 +198,14 @@ class Benchmark:
         }
 
         probe_layers = self._probe_resume_layers(requests[:1])
-        evaluator = Evaluator(lm, requests, cfg.eval)
+        text_path = (cfg.data_dir or default_data_dir()) / WIKITEXT_TEST
+        evaluator = Evaluator(
+            lm,
+            requests,
+            cfg.eval,
+            unrelated=cfg.unrelated,
+            text=read_text_file(text_path, cfg.eval.perplexity_chars),
+        )
         base_report = evaluator.prepare_base(capture_layers=sorted(set(probe_layers.values())))
         log.info("base model evaluated", extra={"seconds": round(evaluator.base_seconds or 0, 1)})
 
@@ -214,6 +236,10 @@ class Benchmark:
             "loadavg_start": loadavg_start,
             "loadavg_end": list(os.getloadavg()),
             "eval_config": dataclasses.asdict(cfg.eval),
+            "unrelated_source": cfg.unrelated_source,
+            "unrelated_dropped_in_stream": evaluator.unrelated_dropped,
+            "perplexity_sample": {"file": WIKITEXT_TEST, "tokens": evaluator.text_tokens},
+            "subsets": _subsets(requests),
             "base_eval_seconds": evaluator.base_seconds,
             "final_eval_seconds": {n: m["final_eval_seconds"] for n, m in methods.items()},
             "base": base_report,
@@ -291,7 +317,7 @@ class Benchmark:
                 del result  # deltas and previous values: keeping 1000 of them would not fit
             state = self._state(touched)
             t0 = time.perf_counter()
-            eff = evaluator.efficacies(batch, state)
+            eff = evaluator.retained(batch, state)
             eval_seconds += time.perf_counter() - t0
             immediate += eff
             turn_immediate += eff
@@ -299,7 +325,7 @@ class Benchmark:
             bar.update(len(batch))
             if done % cfg.turn_size == 0 or done == len(requests):
                 t0 = time.perf_counter()
-                retention = mean(evaluator.efficacies(requests[:done], state))
+                retention = mean(evaluator.retained(requests[:done], state))
                 locality = evaluator.curve_locality(state)
                 seconds = time.perf_counter() - t0
                 eval_seconds += seconds
@@ -331,7 +357,21 @@ class Benchmark:
         final = evaluator.evaluate(requests, self._state(touched))
         self._check_base(touched, name)
         eval_seconds += final["eval_seconds"]
+        per_request = final.pop("per_request")
         report = dict(final)
+        report["summary"].update(
+            {
+                "refused": sum(r["size"] for r in refused),
+                "edit_seconds_p50": percentile(edit_seconds, 50),
+                "edit_seconds_p95": percentile(edit_seconds, 95),
+                "n_edits": len(requests),
+                "batch": cfg.batch_size,
+            }
+        )
+        report["summary_by_subset"] = {
+            subset: _subset_summary(report["summary"], per_request, rows, cfg.eval.first_n)
+            for subset, rows in _subsets(requests).items()
+        }
         report.update(
             {
                 "efficacy_immediate": mean(immediate),
@@ -343,7 +383,6 @@ class Benchmark:
                 "touched_parameters": sorted(touched),
                 "editor_config": _editor_config(editor),
                 "editor_info_mean": _mean_info(infos),
-                "refused_edits": sum(r["size"] for r in refused),
                 "refused_examples": refused[:5],
                 "curve": curve,
             }
@@ -394,11 +433,30 @@ def _mean_info(infos: Sequence[dict[str, object]]) -> dict[str, float]:
     return {k: float(mean(float(i[k]) for i in infos if k in i) or 0.0) for k in keys}
 
 
+def _subsets(requests: Sequence[Any]) -> dict[str, list[int]]:
+    """Named parts of the stream reported apart (CounterFact cases outside the MEND train split,
+    which a meta-trained editor cannot have seen)."""
+    splits = [r.extra.get("mend_split") for r in requests]
+    if not any(splits):
+        return {}
+    return {"not_in_mend_train": [i for i, s in enumerate(splits) if s != "train"]}
+
+
+def _subset_summary(
+    whole: dict[str, Any], per: dict[str, list[Any]], rows: Sequence[int], first_n: int
+) -> dict[str, Any]:
+    """The summary over ``rows`` of the stream; stream-wide figures (unrelated, perplexity, cost)
+    are the whole run's."""
+    part = summarise({k: [v[i] for i in rows] for k, v in per.items()}, first_n)
+    out = {k: part.get(k, whole.get(k)) for k in whole}
+    out["n_edits"] = len(rows)
+    return out
+
+
 def _known_examples(evaluator: Evaluator, requests: Sequence[Any]) -> dict[str, Any]:
     """Which true facts the base model states under greedy decoding (a few examples)."""
-    report = evaluator.base_report or {}
     return {
-        "gen_exact_match_true": report.get("gen_exact_match_true"),
+        "true_exact": evaluator.known_true_share(),
         "examples": evaluator.known_true_examples(limit=10),
     }
 

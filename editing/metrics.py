@@ -1,28 +1,36 @@
-"""Edit-quality metrics: the measuring stick every editor is judged by.
+"""Edit-quality metrics: the yardstick every editor is judged by.
 
 One ``Evaluator`` per request stream and model. It runs the pre-edit (base) model once over every
-prompt the metrics need and keeps those results: the base top-1 predictions define locality, and
-while the weights are still the base weights (the ``none`` method) every metric is read from that
-cache. After edits it scores the same pairs again, resuming from the lowest edited block.
+prompt the metrics need and keeps those results: the base greedy answers define what "kept"
+means, and while the weights are still the base weights (the ``none`` method) every metric is
+read from that pass. After edits it scores the same pairs again, resuming from the lowest edited
+block, and decodes only what the teacher-forced pass cannot decide (``editing.checks``).
 
-Definitions (fractions in [0, 1]; per-request values are averaged over requests):
+The ``summary`` of a report holds the yardstick, under these keys (fractions in [0, 1]):
 
-* efficacy / generalization: teacher-forced token accuracy of ``target_new`` after the edit
-  prompt / after each rephrase (the ZsRE ``*_acc`` metric of MEND, ROME and MEMIT).
-* locality: share of locality-probe answer tokens whose top-1 prediction equals the base model's
-  (teacher forcing the probe's gold answer); exactly 1.0 when nothing changed.
-* specificity: teacher-forced token accuracy of the probes' gold answers (the papers' figure).
-* CounterFact scores: ``efficacy_score`` = P(new) > P(true) on the edit prompt,
-  ``paraphrase_score`` the same on rephrases, ``neighborhood_score`` = P(true) > P(new) on probes
-  whose answer is the request's true object; P is the per-token geometric mean probability and
-  the ``*_magnitude`` values are the mean probability differences.
-* gen_exact_match: greedy decoding from the edit prompt, up to the target's token count plus a
-  few tokens, starts with the target. The teacher-forced argmax path already fixes greedy's first
-  tokens, so decoding actually runs only where that path cannot decide the outcome (a different
-  tokenisation of the same text); ``efficacy_all_tokens`` is the plain teacher-forced version.
-* fluency: ROME's weighted bi-/tri-gram entropy of greedy generations on a fixed sample.
-* multi-hop: a question counts when the greedy answer contains the new answer or an alias as
-  whole words; a case counts when any of its questions does (MQuAKE's case accuracy).
+* ``efficacy_exact``: greedy decoding of the edit prompt begins with the new target, decided by
+  the one judge (``editing.checks.answer_matches``). The headline figure.
+* ``paraphrase_exact``: the same on real paraphrases (never generation prompts); None when the
+  stream has none.
+* ``neighbourhood_kept``: share of neighbourhood prompts (other subjects sharing the edited
+  relation and true object) whose greedy answer is still the unedited model's.
+* ``unrelated_kept``: the same on unrelated prompts: the probe set given to the evaluator (the
+  bundled one in the benchmark) plus the stream's ``unrelated`` probes (ZsRE's NQ questions).
+* ``perplexity_drift``: ``ppl / ppl_base - 1`` on a fixed WikiText test sample.
+* ``es``, ``ps``, ``ns``: the papers' CounterFact scores: P(new) > P(true) on the edit prompt and
+  on its paraphrases, P(true) > P(new) on its neighbourhood prompts (P: per-token geometric mean
+  probability under teacher forcing; per-request means, then averaged).
+* ``efficacy_token``, ``paraphrase_token``: teacher-forced token accuracy of the new target, for
+  comparison with the ZsRE ``*_acc`` numbers of MEND/ROME/MEMIT only.
+* ``retention_first100``: ``efficacy_exact`` of the first 100 edits after the last one.
+* ``refused``, ``edit_seconds_p50``, ``edit_seconds_p95``, ``n_edits``, ``batch``: added by the
+  benchmark.
+
+Beside the summary: ``same_subject_kept`` (ZsRE's KnowEdit probes), ``generation_prompt_exact``
+(CounterFact's MEND "rephrase", mostly a generation prompt), the unrelated figure per source,
+fluency (ROME's n-gram entropy of greedy generations) and, for MQuAKE, multi-hop accuracy (a
+question counts when the greedy answer contains the new answer or an alias as whole words; a
+case counts when any of its questions does).
 """
 
 from __future__ import annotations
@@ -32,17 +40,38 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from editing.adapters import ArchitectureAdapter
-from editing.generation import greedy_generate
+from editing.checks import DECODE_SLACK_TOKENS, BaseAnswers, Judge, contains_answer, forced_map
 from editing.models import LoadedModel
-from editing.requests import EditRequest
+from editing.perplexity import perplexity, text_pairs
+from editing.requests import EditRequest, LocalityProbe
 from editing.scoring import Pair, Scored, TeacherForcedScorer
 
 log = logging.getLogger(__name__)
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "efficacy_exact",
+    "paraphrase_exact",
+    "neighbourhood_kept",
+    "unrelated_kept",
+    "perplexity_drift",
+    "es",
+    "ps",
+    "ns",
+    "efficacy_token",
+    "paraphrase_token",
+    "retention_first100",
+    "refused",
+    "edit_seconds_p50",
+    "edit_seconds_p95",
+    "n_edits",
+    "batch",
+)
+"""The yardstick's keys, in the order tables show them (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +80,6 @@ class EvalConfig:
 
     batch_tokens: int = 2048
     """Padded tokens per teacher-forced batch."""
-    gen_extra_tokens: int = 3
-    """Greedy tokens decoded beyond the target's own token count for exact match."""
     gen_batch_size: int = 32
     fluency_prompts: int = 16
     """Generations in the fluency sample (the first requests' generation or edit prompts)."""
@@ -60,16 +87,24 @@ class EvalConfig:
     multihop_template: str = "Q: {question}\nA:"
     multihop_new_tokens: int = 16
     curve_locality_requests: int = 100
-    """The locality curve uses the probes of this many requests from the start of the stream."""
+    """The per-turn locality curve uses the neighbourhood probes of this many first requests."""
     first_n: int = 100
-    """``retention_first100``: efficacy of the first this-many edits after the last turn."""
+    """``retention_first100``: exact efficacy of the first this-many edits after the last."""
+    perplexity_chars: int = 8000
+    """Characters of the WikiText test sample the perplexity drift is measured on."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_tokens", "gen_batch_size", "fluency_new_tokens", "first_n"):
+        for name in (
+            "batch_tokens",
+            "gen_batch_size",
+            "fluency_new_tokens",
+            "first_n",
+            "perplexity_chars",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1")
-        if self.gen_extra_tokens < 0 or self.fluency_prompts < 0:
-            raise ValueError("EvalConfig.gen_extra_tokens and fluency_prompts must be >= 0")
+        if self.fluency_prompts < 0:
+            raise ValueError("EvalConfig.fluency_prompts must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -97,26 +132,13 @@ class ModelState:
 BASE = ModelState(is_base=True)
 
 
-# --- metric functions on scored pairs --------------------------------------------------------
+# --- metric functions ---------------------------------------------------------------------------
 
 
-def mean(values: Iterable[float]) -> float | None:
-    """Arithmetic mean, or None for no values (a metric that does not apply)."""
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def token_accuracy(scored: Scored) -> float:
-    """Share of answer tokens that are the top-1 prediction under teacher forcing."""
-    return scored.token_accuracy
-
-
-def unchanged_share(before: Scored, after: Scored) -> float:
-    """Share of answer positions whose top-1 prediction is the same before and after."""
-    if before.answer_ids != after.answer_ids:
-        raise ValueError("locality compares the same teacher-forced answer")
-    same = sum(a == b for a, b in zip(before.argmax_ids, after.argmax_ids, strict=True))
-    return same / len(before.argmax_ids)
+def mean(values: Iterable[float | None]) -> float | None:
+    """Arithmetic mean of the values that are not None, or None when there are none."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def prefers(winner: Scored, loser: Scored) -> bool:
@@ -136,59 +158,50 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(entropies) / len(entropies)
 
 
-def starts_with_target(generated: str, target: str) -> bool:
-    """The generation criterion: the decoded continuation starts with the target text."""
-    return generated.lstrip().startswith(target.strip())
-
-
-def greedy_match_from_argmax(
-    scored: Scored, target: str, piece: Callable[[int], str]
-) -> bool | None:
-    """Whether greedy decoding starts with ``target``, when the teacher-forced path decides it.
-
-    Greedy decoding emits the target's first ``k`` tokens exactly when they are the teacher-forced
-    argmax, and then emits the argmax at position ``k``. So the decoded text is known up to the
-    first mismatch; None means it is still consistent with the target through a different
-    tokenisation and only decoding can tell.
-    """
-    if scored.all_correct:
-        return True
-    pairs = zip(scored.answer_ids, scored.argmax_ids, strict=True)
-    k = next(i for i, (a, b) in enumerate(pairs) if a != b)
-    produced = "".join(piece(t) for t in scored.answer_ids[:k]) + piece(scored.argmax_ids[k])
-    if "\ufffd" in produced:  # a token that splits a UTF-8 character: decode to be sure
-        return None
-    text, want = produced.lstrip(), target.strip()
-    if not text:
-        return None
-    if text.startswith(want):
-        return True
-    return None if want.startswith(text) else False
-
-
-def matches_answer(generated: str, answers: Sequence[str]) -> bool:
-    """Multi-hop criterion: an answer or alias occurs as whole words in the first line."""
-    line = generated.strip().split("\n", 1)[0].lower()
-    return any(
-        re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", line) for a in answers if a.strip()
-    )
+def summarise(per: dict[str, list[float | None]], first_n: int) -> dict[str, float | None]:
+    """Stream-level figures from per-request values (None: the metric does not apply)."""
+    out = {key: mean(values) for key, values in per.items() if key != "efficacy_exact"}
+    out["efficacy_exact"] = mean(per["efficacy_exact"])
+    out["retention_first100"] = mean(per["efficacy_exact"][:first_n])
+    return out
 
 
 # --- the evaluator -----------------------------------------------------------------------------
 
-
-@dataclass
-class _Generations:
-    """Greedy outputs the metrics need, keyed by (prompt, max_new_tokens)."""
-
-    texts: dict[tuple[str, int], str] = field(default_factory=dict)
+_PER_REQUEST = (
+    "efficacy_exact",
+    "paraphrase_exact",
+    "neighbourhood_kept",
+    "same_subject_kept",
+    "generation_prompt_exact",
+    "es",
+    "ps",
+    "ns",
+    "efficacy_token",
+    "paraphrase_token",
+)
 
 
 class Evaluator:
-    """All metrics of one request stream on one model, with the base pass kept for reuse."""
+    """All metrics of one request stream on one model, with the base pass kept for reuse.
+
+    Args:
+        lm: the model (holding the base weights until ``prepare_base`` has run).
+        requests: the stream.
+        config: evaluation settings.
+        unrelated: probes of other knowledge (the bundled audit probe set in the benchmark);
+            prompts that also occur in the stream are dropped.
+        text: the perplexity sample's lines (WikiText test); empty: no perplexity drift.
+    """
 
     def __init__(
-        self, lm: LoadedModel, requests: Sequence[EditRequest], config: EvalConfig | None = None
+        self,
+        lm: LoadedModel,
+        requests: Sequence[EditRequest],
+        config: EvalConfig | None = None,
+        *,
+        unrelated: Sequence[LocalityProbe] = (),
+        text: Sequence[str] = (),
     ) -> None:
         self.lm = lm
         self.requests = list(requests)
@@ -196,13 +209,22 @@ class Evaluator:
         self.scorer = TeacherForcedScorer(
             lm.model, lm.tokenizer, lm.adapter, batch_tokens=self.config.batch_tokens
         )
+        self.judge = Judge(lm, self.scorer, batch_size=self.config.gen_batch_size)
+        stream_prompts = {p for r in self.requests for p in _prompts_of(r)}
+        own_unrelated = [p for r in self.requests for p in r.locality if p.kind == "unrelated"]
+        given = [p for p in unrelated if p.prompt not in stream_prompts]
+        self.unrelated_dropped = len(unrelated) - len(given)
+        self.unrelated: dict[str, list[LocalityProbe]] = {"probes": given, "stream": own_unrelated}
+        self.text_pairs = text_pairs(text) if text else []
+        self.base_perplexity: float | None = None
+        self.text_tokens = 0
         self._base: dict[Pair, Scored] = {}
-        self._base_gen = _Generations()
+        self._base_answers: dict[str, tuple[str, int, bool, tuple[int, ...]]] = {}
+        self._base_exact_true: dict[Pair, bool] = {}
         self.base_seconds: float | None = None
         self.base_report: dict[str, Any] | None = None
-        self._base_verdicts: dict[tuple[str, Pair], bool] = {}
         first = self.requests[: self.config.curve_locality_requests]
-        self.curve_locality_pairs: list[Pair] = [_probe_pair(p) for r in first for p in r.locality]
+        self.curve_probes = [p for r in first for p in r.locality if p.kind == "neighbourhood"]
 
     # -- the base pass --
 
@@ -214,17 +236,36 @@ class Evaluator:
                 lowest block each editor changes).
         """
         started, cpu = time.perf_counter(), time.process_time()
-        pairs = list(dict.fromkeys(self._all_pairs(self.requests) + self.curve_locality_pairs))
-        scored = self.scorer.score(pairs, resume_layer=0, capture_layers=capture_layers)
-        self._base = dict(zip(pairs, scored, strict=True))
+        probes = self._kept_probes(self.requests)
+        prompts = list(dict.fromkeys(p.prompt for p in probes))
+        gold = {p.prompt: p.answer for p in reversed(probes)}  # the first probe's answer wins
+        budgets = [self.judge.answer_length((q, gold[q])) + DECODE_SLACK_TOKENS for q in prompts]
+        base = self.judge.base_answers(prompts, budgets)
+        self._base_answers = {
+            q: (a, n, f, ids)
+            for q, a, n, f, ids in zip(
+                base.prompts,
+                base.answers,
+                base.max_new_tokens,
+                base.forceable,
+                base.answer_ids,
+                strict=True,
+            )
+        }
+        pairs = self._all_pairs(self.requests) + self.text_pairs
+        self._base = forced_map(self.scorer, pairs, capture_layers=capture_layers)
+        if self.text_pairs:
+            self.base_perplexity, self.text_tokens = perplexity(
+                [self._base[p] for p in self.text_pairs]
+            )
+        trues = [(r.prompt, r.target_true) for r in self.requests if r.target_true]
+        verdicts = self.judge.judge(trues, forced=self._base)
+        self._base_exact_true = {p: v.ok for p, v in zip(trues, verdicts, strict=True)}
         self.base_report = self._report(self.requests, BASE)
         self.base_seconds = time.perf_counter() - started
         self.base_report["eval_seconds"] = self.base_seconds
         self.base_report["eval_cpu_seconds"] = time.process_time() - cpu
-        log.info(
-            "base pass done",
-            extra={"pairs": len(pairs), "seconds": round(self.base_seconds, 1)},
-        )
+        log.info("base pass done", extra={"pairs": len(pairs), "seconds": round(self.base_seconds)})
         return self.base_report
 
     # -- measurements on the current model --
@@ -238,28 +279,28 @@ class Evaluator:
         report["eval_cpu_seconds"] = time.process_time() - cpu
         return report
 
-    def efficacies(self, requests: Sequence[EditRequest], state: ModelState) -> list[float]:
-        """Efficacy of each request on the current weights (retention, efficacy after edit)."""
-        pairs = [(r.prompt, r.target_new) for r in requests]
-        return [s.token_accuracy for s in self._score(pairs, state)]
+    def retained(self, requests: Sequence[EditRequest], state: ModelState) -> list[float]:
+        """1.0 where the judge says the edit holds on the current weights, else 0.0."""
+        checks = [(r.prompt, r.target_new) for r in requests]
+        verdicts = self.judge.judge(checks, **self._judge_args(checks, state))
+        return [float(v.ok) for v in verdicts]
 
     def curve_locality(self, state: ModelState) -> float | None:
-        """Locality over the fixed probe sample of the stream's first requests."""
-        if not self.curve_locality_pairs:
+        """``neighbourhood_kept`` over the neighbourhood probes of the stream's first requests."""
+        if not self.curve_probes:
             return None
-        after = self._score(self.curve_locality_pairs, state)
-        return mean(
-            unchanged_share(self._base[p], s)
-            for p, s in zip(self.curve_locality_pairs, after, strict=True)
-        )
+        kept, _ = self._kept(self.curve_probes, state)
+        return mean(map(float, kept))
+
+    def known_true_share(self) -> float | None:
+        """Share of requests whose true answer the base model gives (the judge)."""
+        return mean(map(float, self._base_exact_true.values()))
 
     def known_true_examples(self, limit: int = 10) -> list[dict[str, str]]:
-        """Requests whose true answer the base model already produces under greedy decoding."""
+        """Requests whose true answer the base model already gives (the judge on the base)."""
         out = []
         for r in self.requests:
-            if r.target_true and self._base_verdicts.get(
-                ("gen_exact_match_true", (r.prompt, r.target_true))
-            ):
+            if r.target_true and self._base_exact_true.get((r.prompt, r.target_true)):
                 out.append({"prompt": r.prompt, "target_true": r.target_true})
                 if len(out) >= limit:
                     break
@@ -267,178 +308,174 @@ class Evaluator:
 
     # -- internals --
 
-    def _score(self, pairs: Sequence[Pair], state: ModelState) -> list[Scored]:
-        if state.is_base:
-            self._require_base()
-            return [self._base[p] for p in pairs]
-        return self.scorer.score(pairs, resume_layer=state.resume_layer)
-
     def _require_base(self) -> None:
-        if not self._base:
+        if not self.base_report and not self._base:
             raise RuntimeError("call prepare_base() before evaluating")
 
+    def _scores(self, pairs: Sequence[Pair], state: ModelState) -> dict[Pair, Scored]:
+        """Teacher-forced scores of ``pairs`` on the current weights (the base pass when base)."""
+        if state.is_base:
+            self._require_base()
+            missing = [p for p in dict.fromkeys(pairs) if p not in self._base]
+            if missing:  # the weights are the base ones, so scoring now gives the same
+                self._base.update(forced_map(self.scorer, missing))
+            return self._base
+        return forced_map(self.scorer, pairs, resume_layer=state.resume_layer)
+
+    def _judge_args(self, checks: Sequence[Pair], state: ModelState) -> dict[str, Any]:
+        forced = self._scores(self.judge.forced_pairs(checks), state)
+        return {"resume_layer": 0 if state.is_base else state.resume_layer, "forced": forced}
+
+    def _kept_probes(self, requests: Sequence[EditRequest]) -> list[LocalityProbe]:
+        return [p for r in requests for p in r.locality] + self.unrelated["probes"]
+
+    def _base_for(self, probes: Sequence[LocalityProbe]) -> BaseAnswers:
+        prompts = list(dict.fromkeys(p.prompt for p in probes))
+        rows = [self._base_answers[q] for q in prompts]
+        return BaseAnswers(
+            tuple(prompts),
+            tuple(row[0] for row in rows),
+            tuple(row[1] for row in rows),
+            tuple(row[2] for row in rows),
+            tuple(row[3] for row in rows),
+        )
+
+    def _kept(
+        self,
+        probes: Sequence[LocalityProbe],
+        state: ModelState,
+        forced: dict[Pair, Scored] | None = None,
+    ) -> tuple[list[bool], dict[str, bool]]:
+        """Per probe, whether its prompt's greedy answer is the base one; and per prompt."""
+        base = self._base_for(probes)
+        if state.is_base:
+            by_prompt = dict.fromkeys(base.prompts, True)
+        else:
+            if forced is None:
+                forced = self._scores(self.judge.unchanged_pairs(base), state)
+            kept, _ = self.judge.unchanged(base, resume_layer=state.resume_layer, forced=forced)
+            by_prompt = dict(zip(base.prompts, kept, strict=True))
+        return [by_prompt[p.prompt] for p in probes], by_prompt
+
     def _all_pairs(self, requests: Sequence[EditRequest]) -> list[Pair]:
-        pairs: list[Pair] = []
+        """Every pair one report scores (checks with their end token, plain comparisons)."""
+        checks: list[Pair] = []
+        plain: list[Pair] = []
         for r in requests:
-            pairs.append((r.prompt, r.target_new))
-            pairs += [(x, r.target_new) for x in r.rephrases]
-            pairs += [_probe_pair(p) for p in r.locality]
+            checks.append((r.prompt, r.target_new))
+            checks += [(x, r.target_new) for x in r.rephrases]
+            checks += [(x, r.target_new) for x in _generation_prompts(r)]
             if r.target_true:
-                pairs.append((r.prompt, r.target_true))
-                pairs += [(x, r.target_true) for x in r.rephrases]
-                pairs += [(p.prompt, r.target_new) for p in _neighbours(r)]
-        return pairs
+                plain.append((r.prompt, r.target_true))
+                plain += [(x, r.target_true) for x in r.rephrases]
+                for p in _neighbours(r):
+                    plain += [(p.prompt, r.target_new), (p.prompt, r.target_true)]
+        kept: list[Pair] = []
+        if self._base_answers:
+            kept = self.judge.unchanged_pairs(self._base_for(self._kept_probes(requests)))
+        return self.judge.forced_pairs(checks) + plain + kept
 
     def _report(self, requests: Sequence[EditRequest], state: ModelState) -> dict[str, Any]:
-        self._require_base()
         timings: dict[str, float] = {}
+        decoded_before = self.judge.decoded
         t0 = time.perf_counter()
         pairs = list(dict.fromkeys(self._all_pairs(requests)))
-        got = dict(zip(pairs, self._score(pairs, state), strict=True))
+        got = self._scores(pairs + self.text_pairs, state)
         timings["teacher_forced"] = time.perf_counter() - t0
 
-        def acc(prompt: str, answer: str) -> float:
-            return got[(prompt, answer)].token_accuracy
-
-        per = {
-            "efficacy": [acc(r.prompt, r.target_new) for r in requests],
-            "generalization": [
-                mean(acc(x, r.target_new) for x in r.rephrases) for r in requests if r.rephrases
-            ],
-            "locality": [
-                mean(
-                    unchanged_share(self._base[_probe_pair(p)], got[_probe_pair(p)])
-                    for p in r.locality
-                )
+        t0 = time.perf_counter()
+        checks = list(
+            dict.fromkeys(
+                c
                 for r in requests
-                if r.locality
-            ],
-            "specificity": [
-                mean(got[_probe_pair(p)].token_accuracy for p in r.locality)
-                for r in requests
-                if r.locality
-            ],
-        }
-        report: dict[str, Any] = {k: mean(v) for k, v in per.items()}
-        report["efficacy_all_tokens"] = mean(
-            float(got[(r.prompt, r.target_new)].all_correct) for r in requests
+                for c in [
+                    (r.prompt, r.target_new),
+                    *((x, r.target_new) for x in r.rephrases),
+                    *((x, r.target_new) for x in _generation_prompts(r)),
+                ]
+            )
         )
-        report["retention_first100"] = mean(per["efficacy"][: self.config.first_n])
-        report.update(self._counterfact_scores(requests, got))
+        resume = 0 if state.is_base else state.resume_layer
+        verdicts = dict(
+            zip(checks, self.judge.judge(checks, resume_layer=resume, forced=got), strict=True)
+        )
+        probes = self._kept_probes(requests)
+        _, kept = self._kept(probes, state, forced=got)
+        timings["judge"] = time.perf_counter() - t0
+
+        per: dict[str, list[float | None]] = {k: [] for k in _PER_REQUEST}
+        for r in requests:
+            new = verdicts[(r.prompt, r.target_new)]
+            paras = [verdicts[(x, r.target_new)] for x in r.rephrases]
+            per["efficacy_exact"].append(float(new.ok))
+            per["efficacy_token"].append(new.scored.token_accuracy)
+            per["paraphrase_exact"].append(mean(float(v.ok) for v in paras))
+            per["paraphrase_token"].append(mean(v.scored.token_accuracy for v in paras))
+            per["generation_prompt_exact"].append(
+                mean(float(verdicts[(x, r.target_new)].ok) for x in _generation_prompts(r))
+            )
+            per["neighbourhood_kept"].append(
+                mean(float(kept[p.prompt]) for p in r.locality if p.kind == "neighbourhood")
+            )
+            per["same_subject_kept"].append(
+                mean(float(kept[p.prompt]) for p in r.locality if p.kind == "same_subject")
+            )
+            es, ps, ns = _probability_scores(r, new.scored, paras, got)
+            per["es"].append(es)
+            per["ps"].append(ps)
+            per["ns"].append(ns)
+
+        summary = summarise(per, self.config.first_n)
+        unrelated = {
+            source: [float(kept[p.prompt]) for p in probes_]
+            for source, probes_ in self.unrelated.items()
+        }
+        unrelated["stream"] = [
+            float(kept[p.prompt]) for r in requests for p in r.locality if p.kind == "unrelated"
+        ]
+        summary["unrelated_kept"] = mean(unrelated["probes"] + unrelated["stream"])
+        drift = None
+        if self.text_pairs and self.base_perplexity:
+            current, _ = perplexity([got[p] for p in self.text_pairs])
+            drift = current / self.base_perplexity - 1.0
+        summary["perplexity_drift"] = drift
+
+        report: dict[str, Any] = {"summary": {k: summary[k] for k in SUMMARY_KEYS if k in summary}}
+        report["same_subject_kept"] = summary["same_subject_kept"]
+        report["generation_prompt_exact"] = summary["generation_prompt_exact"]
+        report["unrelated_kept_probes"] = mean(unrelated["probes"])
+        report["unrelated_kept_stream"] = mean(unrelated["stream"])
+        report["unrelated_n"] = {k: len(v) for k, v in unrelated.items()}
+        report["perplexity_base"] = self.base_perplexity
+        report["perplexity_tokens"] = self.text_tokens
+        report["per_request"] = per  # for subset summaries; the benchmark does not store it
 
         t0 = time.perf_counter()
-        report.update(self._generation_match(requests, got, state))
-        timings["generation"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report["fluency"] = self._fluency(requests, state)
+        report["fluency"] = self._fluency(requests)
         timings["fluency"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report.update(self._multihop(requests, state))
+        report.update(self._multihop(requests))
         timings["multihop"] = time.perf_counter() - t0
         report["n_requests"] = len(requests)
-        report["n_pairs"] = len(pairs)
+        report["n_pairs"] = len(pairs) + len(self.text_pairs)
+        report["decoded"] = self.judge.decoded - decoded_before
         report["eval_breakdown_seconds"] = timings
         return report
 
-    def _counterfact_scores(
-        self, requests: Sequence[EditRequest], got: dict[Pair, Scored]
-    ) -> dict[str, float | None]:
-        eff, eff_mag, par, par_mag, nbr, nbr_mag = [], [], [], [], [], []
-        for r in requests:
-            if not r.target_true:
-                continue
-            new, true = got[(r.prompt, r.target_new)], got[(r.prompt, r.target_true)]
-            eff.append(float(prefers(new, true)))
-            eff_mag.append(new.prob - true.prob)
-            if r.rephrases:
-                pn = [got[(x, r.target_new)] for x in r.rephrases]
-                pt = [got[(x, r.target_true)] for x in r.rephrases]
-                par.append(mean(float(prefers(a, b)) for a, b in zip(pn, pt, strict=True)))
-                par_mag.append(mean(a.prob - b.prob for a, b in zip(pn, pt, strict=True)))
-            probes = _neighbours(r)
-            if probes:
-                nt = [got[(p.prompt, r.target_true)] for p in probes]
-                nn_ = [got[(p.prompt, r.target_new)] for p in probes]
-                nbr.append(mean(float(prefers(a, b)) for a, b in zip(nt, nn_, strict=True)))
-                nbr_mag.append(mean(a.prob - b.prob for a, b in zip(nt, nn_, strict=True)))
-        return {
-            "efficacy_score": mean(eff),
-            "efficacy_magnitude": mean(eff_mag),
-            "paraphrase_score": mean(par),
-            "paraphrase_magnitude": mean(par_mag),
-            "neighborhood_score": mean(nbr),
-            "neighborhood_magnitude": mean(nbr_mag),
-        }
-
-    def _generation_match(
-        self, requests: Sequence[EditRequest], got: dict[Pair, Scored], state: ModelState
-    ) -> dict[str, Any]:
-        """Greedy exact match for the new target and, where known, the old one."""
-        tok = self.lm.tokenizer
-        pieces: dict[int, str] = {}
-
-        def piece(token: int) -> str:
-            if token not in pieces:
-                pieces[token] = tok.decode([token])
-            return pieces[token]
-
-        out: dict[str, Any] = {}
-        decoded = 0
-        for key, attr in (
-            ("gen_exact_match", "target_new"),
-            ("gen_exact_match_true", "target_true"),
-        ):
-            wanted = [(r.prompt, getattr(r, attr)) for r in requests if getattr(r, attr)]
-            verdicts = {p: greedy_match_from_argmax(got[p], p[1], piece) for p in wanted}
-            undecided = [p for p, v in verdicts.items() if v is None]
-            texts = self._generate(
-                [(p[0], len(got[p].answer_ids) + self.config.gen_extra_tokens) for p in undecided],
-                state,
-            )
-            for p, text in zip(undecided, texts, strict=True):
-                verdicts[p] = starts_with_target(text, p[1])
-            decoded += len(undecided)
-            out[key] = mean(float(verdicts[p]) for p in wanted)
-            if state.is_base:
-                self._base_verdicts.update(((key, p), v) for p, v in verdicts.items())
-        out["gen_decoded"] = decoded
-        return out
-
-    def _generate(self, jobs: Sequence[tuple[str, int]], state: ModelState) -> list[str]:
-        """Greedy continuations of (prompt, max_new_tokens) jobs; base results are kept."""
-        cache = self._base_gen.texts
-        if state.is_base:
-            todo = [j for j in dict.fromkeys(jobs) if j not in cache]
-        else:
-            todo = list(dict.fromkeys(jobs))
-        fresh: dict[tuple[str, int], str] = {}
-        by_length: dict[int, list[str]] = {}
-        for prompt, n in todo:
-            by_length.setdefault(n, []).append(prompt)
-        for n, prompts in sorted(by_length.items()):
-            texts = greedy_generate(
-                self.lm.model, self.lm.tokenizer, prompts, n, self.config.gen_batch_size
-            )
-            fresh.update(((p, n), t) for p, t in zip(prompts, texts, strict=True))
-        if state.is_base:
-            cache.update(fresh)
-            return [cache[j] for j in jobs]
-        return [fresh[j] for j in jobs]
-
-    def _fluency(self, requests: Sequence[EditRequest], state: ModelState) -> float | None:
+    def _fluency(self, requests: Sequence[EditRequest]) -> float | None:
         prompts: list[str] = []
         for r in requests:
             given = r.extra.get("generation_prompts") or ()
-            prompts.append(str(given[0]) if given else r.prompt)
+            prompts.append(str(given[0]) if given else r.prompt)  # type: ignore[index]
             if len(prompts) >= self.config.fluency_prompts:
                 break
         if not prompts:
             return None
         n = self.config.fluency_new_tokens
-        texts = self._generate([(p, n) for p in prompts], state)
+        texts = self.judge.generate([(p, n) for p in prompts])
         return mean(ngram_entropy(p + t) for p, t in zip(prompts, texts, strict=True))
 
-    def _multihop(self, requests: Sequence[EditRequest], state: ModelState) -> dict[str, Any]:
+    def _multihop(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
         cases = [r for r in requests if r.multi_hop]
         if not cases:
             return {"multihop_accuracy": None, "multihop_case_accuracy": None}
@@ -448,10 +485,12 @@ class Evaluator:
             for r in cases
             for q in r.multi_hop
         ]
-        texts = iter(self._generate(jobs, state))
+        texts = iter(self.judge.generate(jobs))
         per_question, per_case = [], []
         for r in cases:
-            hits = [matches_answer(next(texts), (q.answer, *q.answer_aliases)) for q in r.multi_hop]
+            hits = [
+                contains_answer(next(texts), (q.answer, *q.answer_aliases)) for q in r.multi_hop
+            ]
             per_question += hits
             per_case.append(any(hits))
         return {
@@ -460,28 +499,46 @@ class Evaluator:
         }
 
 
-def _probe_pair(probe: Any) -> Pair:
-    return (probe.prompt, probe.answer)
-
-
-def _neighbours(r: EditRequest) -> list[Any]:
-    """Locality probes that share the request's true object (CounterFact neighbourhood)."""
+def _probability_scores(
+    r: EditRequest, new: Scored, paras: Sequence[Any], got: dict[Pair, Scored]
+) -> tuple[float | None, float | None, float | None]:
+    """ES, PS and NS of one request (None where it has no true object or no such prompts)."""
     if not r.target_true:
-        return []
-    return [p for p in r.locality if p.answer.strip() == r.target_true.strip()]
+        return None, None, None
+    es = float(prefers(new, got[(r.prompt, r.target_true)]))
+    ps = mean(
+        float(prefers(v.scored, got[(x, r.target_true)]))
+        for x, v in zip(r.rephrases, paras, strict=True)
+    )
+    ns = mean(
+        float(prefers(got[(p.prompt, r.target_true)], got[(p.prompt, r.target_new)]))
+        for p in _neighbours(r)
+    )
+    return es, ps, ns
+
+
+def _neighbours(r: EditRequest) -> list[LocalityProbe]:
+    return [p for p in r.locality if p.kind == "neighbourhood"]
+
+
+def _generation_prompts(r: EditRequest) -> list[str]:
+    """Generation prompts judged for ``generation_prompt_exact`` (the first, when any)."""
+    given = r.extra.get("generation_prompts") or ()
+    return [str(x) for x in list(given)[:1]]  # type: ignore[call-overload]
+
+
+def _prompts_of(r: EditRequest) -> list[str]:
+    return [r.prompt, *r.rephrases, *(p.prompt for p in r.locality)]
 
 
 __all__ = [
     "BASE",
+    "SUMMARY_KEYS",
     "EvalConfig",
     "Evaluator",
     "ModelState",
-    "greedy_match_from_argmax",
-    "matches_answer",
     "mean",
     "ngram_entropy",
     "prefers",
-    "starts_with_target",
-    "token_accuracy",
-    "unchanged_share",
+    "summarise",
 ]

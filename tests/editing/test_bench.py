@@ -8,24 +8,25 @@ import pytest
 from daemon.cli import COMMANDS
 from editing.bench import BenchConfig, BenchError, run_bench
 from editing.bench_report import render_table, results_markdown
-from editing.metrics import EvalConfig
+from editing.metrics import SUMMARY_KEYS, EvalConfig
+from editing.requests import LocalityProbe
 from editing.tiny import tiny_loaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 TOP_KEYS = {"dataset", "n_edits", "batch_size", "model", "git_rev", "command", "methods"}
-METHOD_KEYS = {
-    "efficacy",
-    "generalization",
-    "locality",
-    "specificity",
-    "gen_exact_match",
+FRACTIONS = {
+    "efficacy_exact",
+    "paraphrase_exact",
+    "unrelated_kept",
+    "es",
+    "ps",
+    "efficacy_token",
+    "paraphrase_token",
     "retention_first100",
-    "edit_seconds_p50",
-    "edit_seconds_p95",
-    "curve",
 }
+UNRELATED = (LocalityProbe("The sky on a clear day is", "blue", "unrelated"),)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def result(tmp_path_factory):
         editor_options={"ft": {"norm_constraint": 0.5, "lr": 0.05, "num_steps": 20}},
         progress=False,
         command="test",
+        unrelated=UNRELATED,
+        unrelated_source="test",
     )
 
 
@@ -57,9 +60,15 @@ def test_json_has_every_stable_field(result):
     assert (saved["dataset"], saved["n_edits"], saved["batch_size"]) == ("zsre", 20, 1)
     assert set(saved["methods"]) == {"none", "ft"}
     for name, m in saved["methods"].items():
-        assert set(m) >= METHOD_KEYS, name
-        for key in METHOD_KEYS - {"curve", "edit_seconds_p50", "edit_seconds_p95"}:
-            assert 0.0 <= m[key] <= 1.0, (name, key)
+        summary = m["summary"]
+        assert list(summary) == list(SUMMARY_KEYS), name
+        assert summary["ns"] is summary["neighbourhood_kept"] is None  # ZsRE has no neighbours
+        for key in FRACTIONS:
+            assert summary[key] is not None and 0.0 <= summary[key] <= 1.0, (name, key)
+        assert (summary["n_edits"], summary["batch"], summary["refused"]) == (20, 1, 0)
+        assert summary["perplexity_drift"] > -1.0
+        assert m["unrelated_n"] == {"probes": 1, "stream": 0}  # NQ probes come after edit 20
+        assert m["same_subject_kept"] is not None
         assert [p["n_edits"] for p in m["curve"]] == [10, 20]
     for key in ("machine", "torch_version", "transformers_version", "loadavg_start"):
         assert saved[key]
@@ -68,10 +77,13 @@ def test_json_has_every_stable_field(result):
 
 def test_none_keeps_everything_and_ft_edits(result):
     none, ft = result["methods"]["none"], result["methods"]["ft"]
-    assert none["locality"] == 1.0
-    assert all(p["locality"] == 1.0 for p in none["curve"])
+    s = none["summary"]
+    assert s["unrelated_kept"] == 1.0 and none["same_subject_kept"] == 1.0
+    assert s["perplexity_drift"] == 0.0
+    assert all(p["locality"] in (1.0, None) for p in none["curve"])
     assert none["touched_parameters"] == []
-    assert none["efficacy"] == result["base"]["efficacy"]
+    assert s["efficacy_exact"] == result["base"]["summary"]["efficacy_exact"]
+    assert ft["summary"]["efficacy_token"] > s["efficacy_token"]
     assert ft["touched_parameters"] == ["model.layers.2.mlp.down_proj.weight"]
     assert ft["efficacy_immediate"] > none["efficacy_immediate"]
 
@@ -109,7 +121,30 @@ def test_refused_edits_are_counted_and_leave_the_model_alone(tmp_path):
         command="test",
     )
     guarded = result["methods"]["ft+normguard:max_delta_norm=1e-12"]
-    assert guarded["refused_edits"] == 4
+    assert guarded["summary"]["refused"] == 4
     assert "update norm" in guarded["refused_examples"][0]["reason"]
     assert guarded["touched_parameters"] == []
-    assert guarded["efficacy"] == result["methods"]["none"]["efficacy"]
+    assert guarded["summary"] == result["methods"]["none"]["summary"] | {
+        "refused": 4,
+        "edit_seconds_p50": None,
+        "edit_seconds_p95": None,
+    }
+
+
+def test_counterfact_rome_reports_the_unseen_cases_apart(tmp_path):
+    result = run_bench(
+        "counterfact-rome",
+        ["none"],
+        n_edits=1,
+        turn_size=1,
+        model=tiny_loaded("llama"),
+        out_dir=tmp_path,
+        data_dir=FIXTURE,
+        eval_config=EvalConfig(fluency_prompts=0),
+        progress=False,
+        command="test",
+    )
+    none = result["methods"]["none"]
+    assert none["summary"]["ns"] is not None and none["summary"]["ps"] is not None
+    assert none["summary"]["neighbourhood_kept"] == 1.0
+    assert none["summary_by_subset"]["not_in_mend_train"]["n_edits"] == 1
