@@ -34,8 +34,13 @@ def layer_input(
     layer: int,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The residual stream entering block ``layer``: (B, T, H). Runs only blocks below it."""
+    """The residual stream entering block ``layer``: (B, T, H). Runs only blocks below it.
+
+    ``attention_mask`` is (B, T), or a prepared (B, 1, T, T) mask with ``position_ids`` (B, T)
+    for rows that pack several sequences (``editing.scoring``).
+    """
     captured: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -45,7 +50,12 @@ def layer_input(
 
     handle = adapter.layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
     except StopForward:
         pass
     finally:
@@ -74,21 +84,36 @@ def forward_from_layer(
     layer: int,
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Final hidden states (after the last norm), (B, T, H), from the input of block ``layer``.
 
-    Positions are counted from 0 as in a full pass; use right padding so they agree.
+    Positions are counted from 0 as in a full pass (use right padding so they agree) unless
+    ``position_ids`` says otherwise.
     """
     with _only_layers_from(model, adapter, layer):
-        out = model.base_model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        out = model.base_model(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
     return out.last_hidden_state
 
 
 def final_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Final hidden states of a full pass (B, T, H), without computing the vocabulary logits."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
     return out.last_hidden_state
 
 

@@ -2,10 +2,15 @@
 
 Each pair is tokenised as ``ids(prompt) + ids(continuation(answer))`` (the answer's tokens are
 exactly the ones after the prompt's, with no merge across the boundary), batched by length with
-right padding, and run once. Vocabulary logits (the lm_head is 49152 x 576 for SmolLM2) are
-computed only at the positions that predict answer tokens. When the caller says the weights below
-block ``L`` are the base weights, the residual stream entering block ``L`` is computed once per
-sequence, kept, and later passes run only blocks ``L..end`` (``editing.residual``).
+right padding, and run once. Pairs that share a prompt share one row: the prompt's tokens once,
+then each answer, each answer attending to the prompt and to itself only, with the positions it
+would have on its own (a (B, 1, T, T) mask and explicit position ids). Metrics score the same
+prompt with several answers (new and true target, a greedy answer), so this halves the tokens
+run; ``can_pack`` checks numerically that a model gives the same results packed. Vocabulary
+logits (the lm_head is 49152 x 576 for SmolLM2) are computed only at the positions that predict
+answer tokens. When the caller says the weights below block ``L`` are the base weights, the
+residual stream entering block ``L`` is computed once per pair, kept, and later passes run only
+blocks ``L..end`` (``editing.residual``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from torch import nn
 from editing.adapters import ArchitectureAdapter
 from editing.requests import continuation
 from editing.residual import can_resume, final_hidden, forward_from_layer, layer_input
+
+_PACKABLE_ATTR = "_factkeeper_packable"
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,28 @@ class _Encoded:
     n_prompt: int
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One batch row: a prompt, then the answers of every pair that shares it."""
+
+    prompt: tuple[int, ...]
+    members: tuple[int, ...]  # indices of the pairs (in the call's unique list)
+    encoded: tuple[_Encoded, ...]
+
+    @property
+    def width(self) -> int:
+        return len(self.prompt) + sum(len(e.ids) - e.n_prompt for e in self.encoded)
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(start, length) of each answer in the row."""
+        out, start = [], len(self.prompt)
+        for e in self.encoded:
+            n = len(e.ids) - e.n_prompt
+            out.append((start, n))
+            start += n
+        return out
+
+
 class TeacherForcedScorer:
     """Scores pairs on one model; owns the tokenisation and residual caches for that model.
 
@@ -91,6 +120,9 @@ class TeacherForcedScorer:
         self._encoded: dict[Pair, _Encoded] = {}
         self._residuals: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self.tokens_run = 0  # positions pushed through the model (for speed reports)
+        self.max_answers_per_row = 8
+        self.packable = False
+        self.packable = can_pack(self)
 
     def clear_residuals(self) -> None:
         self._residuals.clear()
@@ -134,28 +166,40 @@ class TeacherForcedScorer:
         """
         unique = list(dict.fromkeys(pairs))
         encoded = [self.encode(p) for p in unique]
-        order = sorted(range(len(unique)), key=lambda i: len(encoded[i].ids))
         capture = [c for c in capture_layers if c > 0] if self.resumable else []
         if capture and resume_layer > 0:
             raise ValueError("capture_layers needs a full pass (resume_layer=0)")
         results: dict[Pair, Scored] = {}
-        for batch in self._batches(order, encoded):
-            rows = [encoded[i] for i in batch]
-            with self._capturing(rows, capture):
-                scored = self._score_batch(rows, resume_layer)
-            for i, s in zip(batch, scored, strict=True):
-                results[unique[i]] = s
+        for batch in self._batches(self._rows(encoded)):
+            with self._capturing(batch, capture):
+                scored = self._score_rows(batch, resume_layer)
+            for row, row_scores in zip(batch, scored, strict=True):
+                for i, s in zip(row.members, row_scores, strict=True):
+                    results[unique[i]] = s
         return [results[p] for p in pairs]
 
+    def _rows(self, encoded: list[_Encoded]) -> list[_Row]:
+        """Pairs grouped by prompt tokens when the model packs, else one pair a row."""
+        if not self.packable:
+            return [_Row(e.ids[: e.n_prompt], (i,), (e,)) for i, e in enumerate(encoded)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, e in enumerate(encoded):
+            groups.setdefault(e.ids[: e.n_prompt], []).append(i)
+        rows = []
+        for prompt, members in groups.items():
+            for start in range(0, len(members), self.max_answers_per_row):
+                chunk = members[start : start + self.max_answers_per_row]
+                rows.append(_Row(prompt, tuple(chunk), tuple(encoded[i] for i in chunk)))
+        return rows
+
     @contextlib.contextmanager
-    def _capturing(self, rows: list[_Encoded], layers: Sequence[int]) -> Iterator[None]:
-        """Keep the input of each block in ``layers`` for every row of the next pass."""
+    def _capturing(self, rows: list[_Row], layers: Sequence[int]) -> Iterator[None]:
+        """Keep the input of each block in ``layers`` for every pair of the next pass."""
 
         def make_hook(layer: int) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-                for row, e in enumerate(rows):
-                    self._residuals[(layer, e.ids)] = hidden[row, : len(e.ids)].clone()
+                self._store(layer, rows, hidden)
 
             return hook
 
@@ -170,38 +214,75 @@ class TeacherForcedScorer:
             for handle in handles:
                 handle.remove()
 
-    def _batches(self, order: list[int], encoded: list[_Encoded]) -> list[list[int]]:
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in order:  # sorted by length, so the last one added is the longest
-            width = len(encoded[i].ids)
-            if current and width * (len(current) + 1) > self.batch_tokens:
+    def _store(self, layer: int, rows: Sequence[_Row], hidden: torch.Tensor) -> None:
+        """Split packed block inputs (B, T, H) back into one residual per pair."""
+        for r, row in enumerate(rows):
+            n = len(row.prompt)
+            for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
+                piece = torch.cat([hidden[r, :n], hidden[r, start : start + length]])
+                self._residuals[(layer, e.ids)] = piece.clone()
+
+    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        batches: list[list[_Row]] = []
+        current: list[_Row] = []
+        for row in sorted(rows, key=lambda r: r.width):  # the last one added is the longest
+            if current and row.width * (len(current) + 1) > self.batch_tokens:
                 batches.append(current)
                 current = []
-            current.append(i)
+            current.append(row)
         if current:
             batches.append(current)
         return batches
 
-    def _score_batch(self, batch: list[_Encoded], resume_layer: int) -> list[Scored]:
-        width = max(len(e.ids) for e in batch)
+    def _inputs(
+        self, batch: list[_Row]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """input ids (B, T), the attention mask, position ids, and the valid-token mask (B, T).
+
+        Unpacked rows get the usual (B, T) padding mask and default positions; packed rows a
+        (B, 1, T, T) boolean mask (True: may attend) and each answer's own positions.
+        """
+        width = max(row.width for row in batch)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T), right padding
-        for row, e in enumerate(batch):
-            input_ids[row, : len(e.ids)] = torch.tensor(e.ids)
-            mask[row, : len(e.ids)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        hidden = self._final_hidden(batch, input_ids, mask, resume_layer)  # (B, T, H)
-        self.tokens_run += int(mask.sum())
+        valid = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T), right padding
+        packed = any(len(row.members) > 1 for row in batch)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        mask4 = torch.zeros((len(batch), 1, width, width), dtype=torch.bool)  # (B, 1, T, T)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()  # (T, T)
+        for r, row in enumerate(batch):
+            n = len(row.prompt)
+            input_ids[r, :n] = torch.tensor(row.prompt)
+            positions[r, :n] = torch.arange(n)
+            mask4[r, 0, :n, :n] = causal[:n, :n]
+            for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
+                end = start + length
+                input_ids[r, start:end] = torch.tensor(e.ids[e.n_prompt :])
+                positions[r, start:end] = torch.arange(n, n + length)
+                mask4[r, 0, start:end, :n] = True
+                mask4[r, 0, start:end, start:end] = causal[:length, :length]
+            valid[r, : row.width] = 1
+            idle = torch.arange(row.width, width)
+            mask4[r, 0, idle, idle] = True  # padding attends to itself: no empty softmax row
+        device = self.device
+        if not packed:
+            return input_ids.to(device), valid.to(device), None, valid.to(device)
+        return input_ids.to(device), mask4.to(device), positions.to(device), valid.to(device)
 
-        # Position t predicts token t + 1: answer tokens sit at n_prompt..len-1.
+    def _score_rows(self, batch: list[_Row], resume_layer: int) -> list[list[Scored]]:
+        input_ids, mask, positions, valid = self._inputs(batch)
+        hidden = self._final_hidden(batch, input_ids, mask, positions, resume_layer)  # (B, T, H)
+        self.tokens_run += int(valid.sum())
+
+        # An answer's token t is predicted at its own position t - 1, its first token at the
+        # prompt's last position (shared by every answer of the row).
         rows, cols, targets = [], [], []
-        for row, e in enumerate(batch):
-            for t in range(e.n_prompt, len(e.ids)):
-                rows.append(row)
-                cols.append(t - 1)
-                targets.append(e.ids[t])
+        for r, row in enumerate(batch):
+            for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
+                for t in range(length):
+                    rows.append(r)
+                    cols.append(len(row.prompt) - 1 if t == 0 else start + t - 1)
+                    targets.append(e.ids[e.n_prompt + t])
         picked = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N_answer, H)
         logits = self.model.get_output_embeddings()(picked).float()  # (N_answer, V)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -209,41 +290,87 @@ class TeacherForcedScorer:
         lp = logprobs.gather(1, target[:, None])[:, 0].tolist()  # (N_answer,)
         top = logits.argmax(dim=-1).tolist()  # (N_answer,)
 
-        out, k = [], 0
-        for e in batch:
-            n = len(e.ids) - e.n_prompt
-            out.append(Scored(e.ids[e.n_prompt :], tuple(top[k : k + n]), tuple(lp[k : k + n])))
-            k += n
+        out: list[list[Scored]] = []
+        k = 0
+        for row in batch:
+            scores = []
+            for e in row.encoded:
+                n = len(e.ids) - e.n_prompt
+                scores.append(
+                    Scored(e.ids[e.n_prompt :], tuple(top[k : k + n]), tuple(lp[k : k + n]))
+                )
+                k += n
+            out.append(scores)
         return out
 
     def _final_hidden(
         self,
-        batch: list[_Encoded],
+        batch: list[_Row],
         input_ids: torch.Tensor,
         mask: torch.Tensor,
+        positions: torch.Tensor | None,
         resume_layer: int,
     ) -> torch.Tensor:
         if resume_layer <= 0 or not self.resumable:
-            return final_hidden(self.model, input_ids, mask)
+            return final_hidden(self.model, input_ids, mask, positions)
         missing = [
-            row for row, e in enumerate(batch) if (resume_layer, e.ids) not in self._residuals
+            r
+            for r, row in enumerate(batch)
+            if any((resume_layer, e.ids) not in self._residuals for e in row.encoded)
         ]
         if missing:
             sub = torch.tensor(missing, device=input_ids.device)
-            width = max(len(batch[r].ids) for r in missing)
+            width = max(batch[r].width for r in missing)
+            sub_mask = mask[sub, :width] if mask.dim() == 2 else mask[sub, :, :width, :width]
+            sub_pos = None if positions is None else positions[sub, :width]
             entering = layer_input(
-                self.model, self.adapter, resume_layer, input_ids[sub, :width], mask[sub, :width]
+                self.model, self.adapter, resume_layer, input_ids[sub, :width], sub_mask, sub_pos
             )  # (B_missing, T_missing, H)
-            for j, row in enumerate(missing):
-                n = len(batch[row].ids)
-                self._residuals[(resume_layer, batch[row].ids)] = entering[j, :n].clone()
+            self._store(resume_layer, [batch[r] for r in missing], entering)
         hidden_size = next(iter(self._residuals.values())).shape[-1]
         entering = torch.zeros(
             (*input_ids.shape, hidden_size), dtype=self._dtype(), device=input_ids.device
         )  # (B, T, H); right padding, so pad positions never reach a real token
-        for row, e in enumerate(batch):
-            entering[row, : len(e.ids)] = self._residuals[(resume_layer, e.ids)]
-        return forward_from_layer(self.model, self.adapter, resume_layer, entering, mask)
+        for r, row in enumerate(batch):
+            n = len(row.prompt)
+            for j, (e, (start, length)) in enumerate(zip(row.encoded, row.segments(), strict=True)):
+                cached = self._residuals[(resume_layer, e.ids)]
+                if j == 0:
+                    entering[r, :n] = cached[:n]
+                entering[r, start : start + length] = cached[n:]
+        return forward_from_layer(self.model, self.adapter, resume_layer, entering, mask, positions)
 
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def can_pack(scorer: TeacherForcedScorer) -> bool:
+    """Whether rows that share a prompt give the results of separate rows on this model (cached).
+
+    A model whose forward ignores ``position_ids`` or a prepared 4D mask would give other
+    numbers packed; then every pair gets its own row.
+    """
+    model = scorer.model
+    cached = getattr(model, _PACKABLE_ATTR, None)
+    if cached is not None:
+        return bool(cached)
+    pairs = [
+        ("The capital of France is", "Paris"),
+        ("The capital of France is", "the city of Rome"),
+    ]
+    with torch.inference_mode():
+        encoded = [scorer.encode(p) for p in pairs]
+        single = [
+            scorer._score_rows([_Row(e.ids[: e.n_prompt], (0,), (e,))], 0)[0][0] for e in encoded
+        ]
+        row = _Row(encoded[0].ids[: encoded[0].n_prompt], (0, 1), tuple(encoded))
+        packed = scorer._score_rows([row], 0)[0]
+    ok = all(
+        a.argmax_ids == b.argmax_ids
+        and all(abs(x - y) < 1e-4 for x, y in zip(a.logprobs, b.logprobs, strict=True))
+        for a, b in zip(single, packed, strict=True)
+    )
+    if not ok:
+        log.info("model gives other results with shared-prompt rows; scoring one pair a row")
+    setattr(model, _PACKABLE_ATTR, ok)
+    return ok

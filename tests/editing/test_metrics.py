@@ -121,6 +121,32 @@ def test_eval_config_is_checked():
         EvalConfig(batch_tokens=0)
 
 
+def test_pairs_sharing_a_prompt_score_as_they_would_alone(taught):
+    """Packed rows (one prompt, several answers) give each pair its separate-row result, on a
+    full pass and on a pass resumed from residuals captured packed."""
+    packed = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
+    alone = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
+    alone.packable = False
+    assert packed.packable
+    pairs = [
+        (FACT.prompt, "Paris"),
+        (FACT.prompt, "Rome"),
+        (FACT.prompt, "the city of Lyon"),
+        ("Apple was founded by", "Steve Jobs"),
+        ("Apple was founded by", "Paris"),
+    ]
+    reference = alone.score(pairs)
+    full = packed.score(pairs, capture_layers=[2])
+    packed.tokens_run = 0
+    resumed = packed.score(pairs, resume_layer=2)
+    assert packed.tokens_run < sum(len(packed.encode(p).ids) for p in pairs)  # prompts shared
+    for ref, a, b in zip(reference, full, resumed, strict=True):
+        assert ref.argmax_ids == a.argmax_ids == b.argmax_ids
+        assert a.nll == pytest.approx(ref.nll, abs=1e-5) and b.nll == pytest.approx(
+            ref.nll, abs=1e-5
+        )
+
+
 def test_registered_answer_tokens_are_scored_as_given(taught):
     scorer = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
     ids = scorer.encode((FACT.prompt, "Paris")).ids
