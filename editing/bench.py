@@ -180,6 +180,7 @@ class Benchmark:
     def run(self, *, progress: bool = True, command: str | None = None) -> dict[str, Any]:
         cfg = self.config
         started_at = utc_now_iso()
+        revision = git_revision()  # the code that runs, even if the tree changes meanwhile
         loadavg_start = list(os.getloadavg())
         wall, cpu = time.perf_counter(), time.process_time()
         torch.set_num_threads(cfg.threads)
@@ -224,7 +225,7 @@ class Benchmark:
             "base_hash": lm.base_hash,
             "seed": cfg.seed,
             "threads": cfg.threads,
-            "git_rev": git_revision(),
+            "git_rev": revision,
             "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "started_at": started_at,
             "finished_at": utc_now_iso(),
