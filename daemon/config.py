@@ -160,6 +160,13 @@ class KafkaSettings(_Section):
     """Longest gap between polls before the group evicts us: worst batch + snapshot + audit."""
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=1_800_000)
     """Heartbeat timeout (the broker's group.min/max.session.timeout.ms bound it)."""
+    create_topics: bool = True
+    """Create missing topics at start (needs the CreateTopics ACL); false where the topics are
+    declared elsewhere only (e.g. Strimzi KafkaTopic resources) and the daemon may not."""
+    topic_partitions: int = Field(default=1, ge=1)
+    """Partitions of a topic the daemon creates (one writer consumes them all)."""
+    topic_replication_factor: int = Field(default=1, ge=1, le=32)
+    """Replication factor of a topic the daemon creates (3 on a production cluster)."""
 
     @model_validator(mode="after")
     def _security(self) -> KafkaSettings:

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import groupby
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnaps
 from daemon.errors import HistoryError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
-from daemon.kafka_clients import build_consumer, build_producer
+from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
 from daemon.snapshots import load_into
 from daemon.versions import VersionKeeper, base_weights, editable_weight_names
 from editing.editors import Editor, get_editor
@@ -242,6 +243,11 @@ class Daemon:
             on_control=on_control or self.handle_control,
             after_batch=self._after_batch,
             between_batches=self._between_batches,
+            ensure_topics=(
+                partial(ensure_topics, self.settings.kafka)
+                if self.settings.kafka.create_topics
+                else None
+            ),
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
