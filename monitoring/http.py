@@ -17,19 +17,31 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 
 class Readiness:
-    """Named conditions that must all hold before the daemon reports ready."""
+    """Named conditions that must all hold before the daemon reports ready, each with an
+    optional reason while it does not (``/readyz`` shows why a start takes long)."""
 
     def __init__(self, *conditions: str) -> None:
         self._lock = threading.Lock()
         self._state = dict.fromkeys(conditions, False)
+        self._reasons: dict[str, str] = {}
 
-    def set(self, condition: str, ok: bool) -> None:
+    def set(self, condition: str, ok: bool, reason: str | None = None) -> None:
+        """Set a condition; ``reason`` says why it does not hold yet (dropped once it holds)."""
         with self._lock:
             self._state[condition] = ok
+            if ok or reason is None:
+                self._reasons.pop(condition, None)
+            else:
+                self._reasons[condition] = reason
 
     def snapshot(self) -> dict[str, bool]:
         with self._lock:
             return dict(self._state)
+
+    def reasons(self) -> dict[str, str]:
+        """Why each unmet condition is unmet, where the daemon said."""
+        with self._lock:
+            return {c: r for c, r in self._reasons.items() if not self._state.get(c, False)}
 
     @property
     def ready(self) -> bool:
@@ -56,7 +68,8 @@ def make_app(registry: CollectorRegistry, readiness: Readiness) -> Callable[...,
             state = readiness.snapshot()
             ok = all(state.values())
             status = "200 OK" if ok else "503 Service Unavailable"
-            return _json(start_response, status, {"ready": ok, "conditions": state})
+            body = {"ready": ok, "conditions": state, "reasons": readiness.reasons()}
+            return _json(start_response, status, body)
         if path == "/metrics":
             return metrics_app(environ, start_response)
         return _json(start_response, "404 Not Found", {"error": f"no route {path}"})

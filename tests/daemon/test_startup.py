@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
+from daemon.config import load_settings
+from daemon.service import Daemon
+from editing.adapters import MlpRole
+from editing.editors import get_editor
+from editing.keystats import KeyStatistics
+from editing.paths import Paths
+from editing.safeguards import GuardedEditor, SafeguardConfig
 from tests.daemon.builders import to_bytes
-from tests.daemon.harness import daemon_from_env, env_for, fact
-
-pytestmark = pytest.mark.kafka
+from tests.daemon.harness import FT_OPTIONS, config_file, daemon_from_env, env_for, fact
+from tests.editing.test_safeguards import CORPUS
 
 APPLIED_WITHIN_S = 30.0
 PRODUCE_AFTER_S = 3.0
@@ -35,6 +44,7 @@ def _partitions(bootstrap: str, topic: str) -> set[int]:
         consumer.close()
 
 
+@pytest.mark.kafka
 def test_daemon_started_on_an_empty_broker_creates_its_topics_and_consumes(
     kafka_broker_no_autocreate, kafka_topic, tiny_model_dir, tmp_path
 ):
@@ -78,3 +88,55 @@ def test_daemon_started_on_an_empty_broker_creates_its_topics_and_consumes(
     assert done_at - produced["at"] <= APPLIED_WITHIN_S
     for suffix in ("", ".dlq", ".control", ".quarantine"):
         assert _partitions(bootstrap, kafka_topic + suffix) == {0, 1}, suffix
+
+
+class _ReadyzWatchingStatistics(KeyStatistics):
+    """Real key statistics that also read ``/readyz`` when asked to prepare them."""
+
+    def __init__(self, port: int, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.port = port
+        self.readyz_during: list[tuple[int, dict]] = []
+
+    def prepare(self, lm, targets, on_progress=None):  # type: ignore[override]
+        def watch(done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(done, total)
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("GET", "/readyz")
+            reply = conn.getresponse()
+            self.readyz_during.append((reply.status, json.loads(reply.read())))
+
+        return super().prepare(lm, targets, on_progress=watch)
+
+
+def test_key_statistics_are_computed_at_start_and_readyz_says_why_it_waits(
+    tiny_model_dir, tmp_path
+):
+    env = env_for(tmp_path, "127.0.0.1:9", "unused", tiny_model_dir)  # no broker needed
+    settings = load_settings(config_file(Path(env["FACTKEEPER_HOME"])), env=env)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    stats = _ReadyzWatchingStatistics(
+        settings.metrics.port,
+        Paths(tmp_path / "stats"),
+        corpus=corpus,
+        max_tokens=1024,
+        seq_len=16,
+        batch_size=4,
+        progress=False,
+    )
+    config = SafeguardConfig.only(["preserve"], preserve_lambda=1.0, max_unexplained=1.0)
+    editor = GuardedEditor(get_editor("ft", **FT_OPTIONS), config, stats=stats)
+    daemon = Daemon(settings, editor=editor, serve_metrics=True, paths=Paths(tmp_path / "home"))
+    try:
+        assert stats.readyz_during, "the key statistics were not computed at start"
+        status, body = stats.readyz_during[-1]
+        assert status == 503 and body["conditions"]["key_statistics"] is False
+        assert "computing key statistics" in body["reasons"]["key_statistics"]
+        assert daemon.readiness.snapshot()["key_statistics"] is True
+        assert "key_statistics" not in daemon.readiness.reasons()
+        layer = FT_OPTIONS["layer"]
+        assert (daemon.lm.base_hash, MlpRole.DOWN.value, layer) in stats._memo
+    finally:
+        daemon.close()
