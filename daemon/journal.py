@@ -355,6 +355,18 @@ class Journal:
         ).fetchall()
         return [_entry(row) for row in rows]
 
+    def applied_count_since(self, moment: datetime | None) -> int:
+        """Edits applied after ``moment`` (all of them when None), whatever their status now.
+
+        The audit schedule counts edits since the last audit from here, so the count survives
+        a restart; a later rollback or revert does not undo that the edit was made.
+        """
+        rows = self._conn.execute(
+            "SELECT COUNT(*) FROM events WHERE applied_at IS NOT NULL AND applied_at > ?",
+            (_stamp(moment) if moment is not None else "",),
+        )
+        return int(rows.fetchone()[0])
+
     def counts_by_status(self) -> dict[EventStatus, int]:
         """Rows per status, every status present (zero when none)."""
         counts = dict.fromkeys(STATUSES, 0)

@@ -20,7 +20,7 @@ from daemon.config import Settings
 from daemon.control import ControlCommand, encode_control
 from daemon.errors import DaemonError
 from daemon.journal import Journal
-from daemon.registry import ModelRegistry, VersionInfo
+from daemon.registry import ModelRegistry, VersionInfo, audit_label
 from daemon.snapshots import FolderBaseWeights, load_into, read_snapshot, tensors_hash
 from editing.models import load_model
 from editing.paths import Paths
@@ -114,6 +114,7 @@ def version_rows(versions: list[VersionInfo]) -> list[dict[str, Any]]:
                 "journal_seq": t.get("journal_seq", ""),
                 "parent": t.get("parent_version", ""),
                 "reason": t.get("reason", ""),
+                "audit": audit_label(t),
                 "audit_passed": t.get("audit_passed", ""),
                 **{k.removeprefix("audit_"): v.metrics.get(k) for k in AUDIT_TAGS},
             }

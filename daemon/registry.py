@@ -39,6 +39,18 @@ class VersionInfo:
     source: str
 
 
+NEVER_AUDITED = "never audited"
+
+
+def audit_label(tags: dict[str, str]) -> str:
+    """``passed``, ``failed`` or ``never audited``: a version without an audit says so rather
+    than showing an empty cell that reads like a pass."""
+    passed = tags.get("audit_passed")
+    if passed is None or passed == "":
+        return NEVER_AUDITED
+    return "passed" if passed == "true" else "failed"
+
+
 def embedded_uri(paths: Paths) -> str:
     """The embedded default: SQLite under FACTKEEPER_HOME."""
     return f"sqlite:///{paths.mlflow_dir / 'mlflow.db'}"

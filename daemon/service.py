@@ -197,6 +197,18 @@ class Daemon:
                 settings, auditor, self.journal, self.versions, self.history, self.metrics, reports
             )
             self.schedule = AuditSchedule.from_settings(settings.audit)
+            # Edits since the last audit come from the journal, not from this process: a
+            # restart must not reset the count (49 + kill -9 + 54 edits ran no audit at 100).
+            last_audit = self.audits.last_started_at()
+            pending = self.journal.applied_count_since(last_audit)
+            self.schedule.note_applied(pending)
+            log.info(
+                "audit schedule",
+                extra={
+                    "edits_since_last_audit": pending,
+                    "last_audit": last_audit.isoformat() if last_audit else "never",
+                },
+            )
         self.inbox: ControlInbox | None = None
         self._admin: AdminServer | None = None
         if settings.admin.enabled:
