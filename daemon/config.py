@@ -308,6 +308,15 @@ class SnapshotSettings(_Section):
     every_minutes: float = Field(default=15.0, ge=0.0)
     on_shutdown: bool = True
     registered_model_name: Name = "factkeeper"
+    retry_initial_s: float = Field(default=30.0, gt=0.0)
+    """First wait before retrying a failed snapshot (MLflow down); doubles per failure."""
+    retry_max_s: float = Field(default=900.0, gt=0.0)
+    """Longest wait between snapshot retries."""
+    request_timeout_s: int = Field(default=30, ge=1)
+    """MLflow HTTP request timeout (MLFLOW_HTTP_REQUEST_TIMEOUT unless that is set)."""
+    request_max_retries: int = Field(default=2, ge=0, le=10)
+    """MLflow HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set); low, so
+    an MLflow outage costs the loop seconds, not minutes; the daemon retries with backoff."""
     tracking_uri: str
     """Default: embedded SQLite under ``$FACTKEEPER_HOME/mlflow``. No credentials in the URI:
     MLflow reads them from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""

@@ -30,8 +30,9 @@ from daemon.errors import HistoryError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
+from daemon.registry import RegistryUnavailableError
 from daemon.snapshots import load_into
-from daemon.versions import VersionKeeper, base_weights, editable_weight_names
+from daemon.versions import SnapshotBackoff, VersionKeeper, base_weights, editable_weight_names
 from editing.editors import Editor, get_editor
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
@@ -217,6 +218,8 @@ class Daemon:
         self.readiness.set("model_loaded", True)
         self.consumer: FactConsumer | None = None
         self._applied_since_snapshot = self.replay.events
+        s = settings.snapshots
+        self._snapshot_backoff = SnapshotBackoff(s.retry_initial_s, s.retry_max_s)
 
     def _prepare_statistics(self) -> None:
         """Compute the safeguards' key statistics now, in one corpus pass, before ready.
@@ -309,7 +312,7 @@ class Daemon:
         try:
             stats = consumer.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
             if self.versions is not None and self.settings.snapshots.on_shutdown:
-                self.versions.snapshot("shutdown")
+                self._try_snapshot("shutdown")  # the journal holds the edits either way
             return stats
         finally:
             if self.schedule is not None:
@@ -325,9 +328,35 @@ class Daemon:
         self._applied_since_snapshot += applied
         if self.schedule is not None:
             self.schedule.note_applied(applied)
-        if self.versions is not None and self.versions.due(self._applied_since_snapshot):
-            self.versions.snapshot("schedule")
+        if (
+            self.versions is not None
+            and self.versions.due(self._applied_since_snapshot)
+            and self._snapshot_backoff.ready()
+            and self._try_snapshot("schedule")
+        ):
             self._applied_since_snapshot = 0
+
+    def _try_snapshot(self, reason: str) -> bool:
+        """Snapshot now; an unreachable MLflow is counted and retried later with backoff
+        instead of ending the loop (the edits are safe in the journal meanwhile)."""
+        assert self.versions is not None
+        try:
+            self.versions.snapshot(reason)
+        except RegistryUnavailableError as exc:
+            wait = self._snapshot_backoff.failed()
+            self.metrics.snapshot_failures.inc()
+            self.metrics.snapshot_consecutive_failures.set(
+                self._snapshot_backoff.consecutive_failures
+            )
+            log.warning(
+                "snapshot failed; consuming on, retrying later",
+                extra={"reason": reason, "retry_in_s": round(wait, 1), "error": str(exc)},
+            )
+            return False
+        self._snapshot_backoff.succeeded()
+        self.metrics.snapshot_consecutive_failures.set(0)
+        self.metrics.snapshot_last_success.set(time.time())
+        return True
 
     def _between_batches(self) -> None:
         """Work that must not overlap an edit (admin commands, a due audit): loop thread only."""
@@ -347,7 +376,11 @@ class Daemon:
         if self.audits is None:
             return "unsupported: audits are off (audit.every_n_edits and every_minutes are 0)"
         producer = self.consumer.producer if self.consumer is not None else None
-        report = self.audits.run(trigger, producer)
+        try:
+            report = self.audits.run(trigger, producer)
+        except RegistryUnavailableError as exc:
+            log.warning("audit deferred: MLflow unavailable", extra={"error": str(exc)})
+            return f"failed: {exc}"
         self._applied_since_snapshot = 0
         verdict = "passed" if report.gate_passed else "failed: " + "; ".join(report.gate.reasons)
         return f"done: audit of version {report.version} {verdict}; action {report.action}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import torch
 
 from daemon.config import Settings
 from daemon.journal import Journal
-from daemon.registry import PRODUCTION, ModelRegistry
+from daemon.registry import PRODUCTION, ModelRegistry, RegistryUnavailableError
 from daemon.snapshots import (
     BaseWeights,
     FolderBaseWeights,
@@ -75,6 +76,42 @@ def config_hash(settings: Settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def configure_mlflow_http(settings: Settings) -> None:
+    """Bound MLflow's HTTP timeout and retries (its defaults retry for minutes), unless the
+    operator set MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES already."""
+    s = settings.snapshots
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(s.request_timeout_s))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(s.request_max_retries))
+
+
+class SnapshotBackoff:
+    """When the next snapshot may be tried after failures: exponential, capped.
+
+    A failed snapshot must not stop the daemon (MLflow down meant a crash loop); it is retried
+    after ``initial_s``, then twice as long each time up to ``max_s``, and reset by a success.
+    """
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.consecutive_failures = 0
+        self._next_attempt = 0.0
+
+    def ready(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self._next_attempt
+
+    def failed(self, now: float | None = None) -> float:
+        """Count a failure; returns the seconds until the next attempt."""
+        self.consecutive_failures += 1
+        wait = min(self.max_s, self.initial_s * 2 ** (self.consecutive_failures - 1))
+        self._next_attempt = (time.monotonic() if now is None else now) + wait
+        return wait
+
+    def succeeded(self) -> None:
+        self.consecutive_failures = 0
+        self._next_attempt = 0.0
+
+
 class VersionKeeper:
     """Writes snapshots of one daemon's model to the registry and restores them."""
 
@@ -90,6 +127,7 @@ class VersionKeeper:
         self.lm = lm
         self.journal = journal
         self.metrics = metrics
+        configure_mlflow_http(settings)
         self.registry = registry or ModelRegistry(
             settings.snapshots.tracking_uri, settings.snapshots.registered_model_name
         )
@@ -102,7 +140,24 @@ class VersionKeeper:
         self.last_snapshot_time = time.monotonic()
 
     def restore(self) -> Restored:
-        """Load the newest usable version into the model; say which journal seq it covers."""
+        """Load the newest usable version into the model; say which journal seq it covers.
+
+        With MLflow unreachable this starts from the base weights (seq 0): replaying the whole
+        journal gives the same edits, only slower, and the daemon need not wait for MLflow.
+        """
+        try:
+            return self._restore()
+        except RegistryUnavailableError as exc:
+            log.warning(
+                "MLflow unavailable at start: base weights + full journal replay",
+                extra={"error": str(exc)},
+            )
+            load_into(self.lm.model, self.base, {}, reset=self.names)
+            self._loaded(())
+            self.current_version = None
+            return Restored(None, 0, 0.0)
+
+    def _restore(self) -> Restored:
         started = time.perf_counter()
         newest_seq = self.journal.last_seq()
         for info in self.registry.versions():  # newest first
