@@ -132,7 +132,8 @@ def export_version(settings: Settings, version: str, out_dir: Path, paths: Paths
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OperationError(f"{out_dir} is not empty; export into a new folder")
     lm = load_model(settings.model.name, paths=paths, dtype=getattr(torch, settings.model.dtype))
-    tensors, meta = read_snapshot(registry_for(settings).download(version))
+    with registry_for(settings).downloaded(version) as folder:
+        tensors, meta = read_snapshot(folder)
     if meta.base_hash != lm.base_hash:
         raise OperationError(
             f"version {version} was made from other base weights than {settings.model.name}"

@@ -205,8 +205,9 @@ class ModelRegistry:
             for key, value in metrics.items():
                 self._client.log_metric(run_id, key, float(value))
 
-    def download(self, version: str, dst: Path | None = None) -> Path:
-        """Copy a version's snapshot folder locally; read it with ``snapshots.read_snapshot``."""
+    def download(self, version: str, dst: Path) -> Path:
+        """Copy a version's snapshot folder under ``dst``; read it with
+        ``snapshots.read_snapshot``. Without a folder of your own, use ``downloaded``."""
         from mlflow.exceptions import MlflowException
 
         with reachable(self.tracking_uri):
@@ -216,9 +217,15 @@ class ModelRegistry:
                 if _transport_failure(exc):
                     raise
                 raise RegistryError(f"{self.model_name} has no version {version}") from exc
-            dst = dst or Path(tempfile.mkdtemp(prefix=f"factkeeper-v{version}-"))
             local = self._client.download_artifacts(mv.run_id, SNAPSHOT_ARTIFACT_DIR, str(dst))
         return Path(local)
+
+    @contextmanager
+    def downloaded(self, version: str) -> Iterator[Path]:
+        """A version's snapshot folder in a temporary directory, removed on exit (each
+        restore used to leave one of about 21 MB in /tmp)."""
+        with tempfile.TemporaryDirectory(prefix=f"factkeeper-v{version}-") as tmp:
+            yield self.download(version, Path(tmp))
 
     def versions(self) -> list[VersionInfo]:
         """Every version, newest first, with aliases, tags and the metrics of its run."""

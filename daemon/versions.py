@@ -166,8 +166,8 @@ class VersionKeeper:
                 continue
             if int(tags.get("journal_seq", -1)) > newest_seq:
                 continue  # the journal lost rows this version holds: do not trust it
-            folder = self.registry.download(info.version)
-            tensors, meta = read_snapshot(folder)
+            with self.registry.downloaded(info.version) as folder:
+                tensors, meta = read_snapshot(folder)
             if self._rolled_back_since(meta):
                 continue
             load_into(self.lm.model, self.base, tensors, reset=self.names)
@@ -188,7 +188,8 @@ class VersionKeeper:
 
     def read(self, version: str) -> tuple[dict[str, torch.Tensor], SnapshotMeta]:
         """A version's tensors and metadata, verified against this daemon's base model."""
-        tensors, meta = read_snapshot(self.registry.download(version))
+        with self.registry.downloaded(version) as folder:
+            tensors, meta = read_snapshot(folder)
         if meta.base_hash != self.lm.base_hash:
             raise SnapshotError(
                 f"version {version} was made from other base weights "
