@@ -103,7 +103,10 @@ class FactConsumer:
         self._ensure_topics = ensure_topics
         self.stop_requested = threading.Event()
         self.assignment_changed = threading.Event()
-        self.paused = False
+        # A pause outlives a restart (issue 17): the journal holds the last pause/resume.
+        self.paused = journal.paused()
+        if self.paused:
+            log.warning("paused (from the journal): corrections wait for a resume command")
         self.stats = RunStats()
         self._pending: list[_Pending] = []
         self._pending_since = 0.0

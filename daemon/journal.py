@@ -405,6 +405,16 @@ class Journal:
             for seq, command, received_at, outcome, source in rows
         ]
 
+    def paused(self) -> bool:
+        """Whether the newest ``pause``/``resume`` that was carried out is a pause: a paused
+        daemon stays paused across a restart until someone resumes it."""
+        row = self._conn.execute(
+            "SELECT json_extract(command, '$.command') FROM control_commands "
+            "WHERE json_extract(command, '$.command') IN ('pause', 'resume') "
+            "AND outcome = 'done' ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return row is not None and row[0] == "pause"
+
     def pragma(self, name: Pragma) -> Any:
         """The current value of a pragma, for checks and ``factkeeper status``."""
         if name not in get_args(Pragma):

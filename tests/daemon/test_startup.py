@@ -13,6 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from daemon.config import load_settings
+from daemon.control import Pause, Resume, encode_control
 from daemon.service import Daemon
 from editing.adapters import MlpRole
 from editing.editors import get_editor
@@ -20,7 +21,15 @@ from editing.keystats import KeyStatistics
 from editing.paths import Paths
 from editing.safeguards import GuardedEditor, SafeguardConfig
 from tests.daemon.builders import to_bytes
-from tests.daemon.harness import FT_OPTIONS, config_file, daemon_from_env, env_for, fact
+from tests.daemon.harness import (
+    FT_OPTIONS,
+    config_file,
+    create_topics,
+    daemon_from_env,
+    env_for,
+    fact,
+    produce,
+)
 from tests.editing.test_safeguards import CORPUS
 
 APPLIED_WITHIN_S = 30.0
@@ -140,3 +149,36 @@ def test_key_statistics_are_computed_at_start_and_readyz_says_why_it_waits(
         assert (daemon.lm.base_hash, MlpRole.DOWN.value, layer) in stats._memo
     finally:
         daemon.close()
+
+
+@pytest.mark.kafka
+def test_pause_survives_a_restart_until_resume(kafka_broker, kafka_topic, tiny_model_dir, tmp_path):
+    create_topics(kafka_broker, kafka_topic)
+    env = env_for(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
+    control = f"{kafka_topic}.control"
+    produce(kafka_broker, control, [encode_control(Pause(command="pause"))])
+    daemon = daemon_from_env(env)
+    try:
+        daemon.run(idle_timeout_s=2.0, handle_signals=False)
+        assert daemon.consumer.paused
+    finally:
+        daemon.close()
+
+    produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(2)])
+    daemon = daemon_from_env(env)  # the restart
+    try:
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        counts = daemon.journal.counts_by_status()
+    finally:
+        daemon.close()
+    assert counts["applied"] + counts["failed"] == 0, f"a paused daemon consumed: {counts}"
+
+    produce(kafka_broker, control, [encode_control(Resume(command="resume"))])
+    daemon = daemon_from_env(env)
+    try:
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        counts = daemon.journal.counts_by_status()
+        assert not daemon.consumer.paused
+    finally:
+        daemon.close()
+    assert counts["applied"] + counts["failed"] == 2
