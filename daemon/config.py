@@ -367,6 +367,9 @@ class MetricsSettings(_Section):
 
     host: Name = "0.0.0.0"
     port: int = Field(default=9108, ge=1, le=65535)
+    healthz_max_age_s: float = Field(default=900.0, gt=0.0)
+    """``/healthz`` answers 503 once the main loop has not gone round for this long; keep it
+    above the longest batch + snapshot + audit (like ``kafka.max_poll_interval_ms``)."""
 
 
 class AdminSettings(_Section):

@@ -38,7 +38,7 @@ from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
 from editing.safeguards import GuardedEditor, SafeguardConfig
-from monitoring.http import MetricsServer, Readiness
+from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
 if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that audits needs it
@@ -132,12 +132,15 @@ class Daemon:
         self.paths = paths or Paths.from_env()
         self.metrics = metrics or FactkeeperMetrics()
         self.readiness = Readiness(*READINESS_CONDITIONS)
+        self.heartbeat = Heartbeat(settings.metrics.healthz_max_age_s)
         self.readiness.set("model_loaded", False, "loading the model")
         self.readiness.set("key_statistics", False, "waiting for the model")
         self._server: MetricsServer | None = None
         if serve_metrics:
             m = settings.metrics
-            self._server = MetricsServer(self.metrics.registry, self.readiness, m.host, m.port)
+            self._server = MetricsServer(
+                self.metrics.registry, self.readiness, m.host, m.port, self.heartbeat
+            )
             self._server.start()
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.lm = lm or load_model(
@@ -309,6 +312,7 @@ class Daemon:
         previous = self._install_signals(consumer) if handle_signals else {}
         if self.schedule is not None:
             self.schedule.start()
+        self.heartbeat.arm()
         try:
             stats = consumer.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
             if self.versions is not None and self.settings.snapshots.on_shutdown:
@@ -323,6 +327,7 @@ class Daemon:
                 signal.signal(sig, handler)
 
     def _after_batch(self, outcome: BatchOutcome) -> None:
+        self.heartbeat.beat()
         applied = len(outcome.applied_ids)
         self.metrics.edits_applied.inc(applied)
         self._applied_since_snapshot += applied
@@ -359,7 +364,11 @@ class Daemon:
         return True
 
     def _between_batches(self) -> None:
-        """Work that must not overlap an edit (admin commands, a due audit): loop thread only."""
+        """Work that must not overlap an edit (admin commands, a due audit): loop thread only.
+
+        The loop calls this on every round without a batch pending, so it also beats.
+        """
+        self.heartbeat.beat()
         if self.inbox is not None and self.consumer is not None:
             for item in self.inbox.drain():
                 outcome = self.consumer.execute_control(

@@ -1,13 +1,15 @@
 """``/metrics``, ``/healthz`` and ``/readyz`` on one port, served from a daemon thread.
 
-Liveness says the process answers; readiness says it can do its job: the model is loaded and
-the consumer has partitions and a broker connection. Kubernetes probes use both.
+Liveness says the main loop still goes round (a heartbeat, see ``Heartbeat``); readiness says
+it can do its job: the model is loaded, the key statistics exist, and the consumer has
+partitions and a broker connection (``/readyz`` says why not). Kubernetes probes use both.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -48,6 +50,41 @@ class Readiness:
         return all(self.snapshot().values())
 
 
+class Heartbeat:
+    """When the daemon's main loop last went round, for ``/healthz``.
+
+    A loop stuck in a hung call (a dead broker connection, a deadlock) used to leave
+    ``/healthz`` answering "alive" forever. Once ``arm``ed (the loop started; model loading and
+    journal replay before it are the startup probe's business), a heartbeat older than
+    ``max_age_s`` makes ``/healthz`` answer 503 so Kubernetes restarts the pod. ``max_age_s``
+    must exceed the longest batch, snapshot or audit, which run inside one beat.
+    """
+
+    def __init__(self, max_age_s: float) -> None:
+        if max_age_s <= 0:
+            raise ValueError("max_age_s must be positive")
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._armed = False
+
+    def arm(self) -> None:
+        """Start checking (the main loop is about to run); counts as a beat."""
+        with self._lock:
+            self._armed = True
+            self._last = time.monotonic()
+
+    def beat(self) -> None:
+        with self._lock:
+            self._last = time.monotonic()
+
+    def state(self) -> tuple[bool, float]:
+        """(fresh, seconds since the last beat); always fresh before ``arm``."""
+        with self._lock:
+            age = time.monotonic() - self._last
+            return (not self._armed or age <= self.max_age_s), age
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -57,13 +94,23 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes every few seconds would drown the daemon's own log lines."""
 
 
-def make_app(registry: CollectorRegistry, readiness: Readiness) -> Callable[..., Iterable[bytes]]:
+def make_app(
+    registry: CollectorRegistry, readiness: Readiness, heartbeat: Heartbeat | None = None
+) -> Callable[..., Iterable[bytes]]:
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/healthz":
-            return _json(start_response, "200 OK", {"status": "alive"})
+            if heartbeat is None:
+                return _json(start_response, "200 OK", {"status": "alive"})
+            fresh, age = heartbeat.state()
+            body = {
+                "status": "alive" if fresh else "stale",
+                "heartbeat_age_seconds": round(age, 3),
+                "max_age_seconds": heartbeat.max_age_s,
+            }
+            return _json(start_response, "200 OK" if fresh else "503 Service Unavailable", body)
         if path == "/readyz":
             state = readiness.snapshot()
             ok = all(state.values())
@@ -88,9 +135,20 @@ def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any])
 class MetricsServer:
     """The HTTP endpoint; ``start`` returns at once, ``stop`` shuts it down (at SIGTERM)."""
 
-    def __init__(self, registry: CollectorRegistry, readiness: Readiness, host: str, port: int):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        host: str,
+        port: int,
+        heartbeat: Heartbeat | None = None,
+    ):
         self._server = make_server(
-            host, port, make_app(registry, readiness), _ThreadingServer, handler_class=_QuietHandler
+            host,
+            port,
+            make_app(registry, readiness, heartbeat),
+            _ThreadingServer,
+            handler_class=_QuietHandler,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True

@@ -182,3 +182,45 @@ def test_pause_survives_a_restart_until_resume(kafka_broker, kafka_topic, tiny_m
     finally:
         daemon.close()
     assert counts["applied"] + counts["failed"] == 2
+
+
+def _healthz(port: int) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/healthz")
+    reply = conn.getresponse()
+    return reply.status, json.loads(reply.read())
+
+
+@pytest.mark.kafka
+def test_healthz_follows_the_main_loops_heartbeat(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    env = env_for(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_METRICS__HEALTHZ_MAX_AGE_S="1.0",
+    )
+    port = int(env["FACTKEEPER_METRICS__PORT"])
+    daemon = daemon_from_env(env, serve_metrics=True)
+    during: list[int] = []
+
+    def probe() -> None:
+        for _ in range(4):
+            time.sleep(0.6)
+            during.append(_healthz(port)[0])
+
+    prober = threading.Thread(target=probe)
+    try:
+        prober.start()
+        daemon.run(idle_timeout_s=3.5, handle_signals=False)
+        prober.join(timeout=10)
+        time.sleep(1.5)  # the loop has stopped: no more beats
+        status, body = _healthz(port)
+    finally:
+        daemon.close()
+    assert during == [200] * 4, during
+    assert status == 503 and body["status"] == "stale", body
+    assert body["heartbeat_age_seconds"] > 1.0
