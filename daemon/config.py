@@ -212,6 +212,9 @@ class ModelSettings(_Section):
     """A known model key (``smollm2``) or a local Hugging Face folder."""
     device: Annotated[str, AfterValidator(_check_device)] = "cpu"
     dtype: Dtype = "float32"
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    """Pin torch's intra-op threads (``torch.set_num_threads``): float reductions, and so edits
+    and their replay, are bit-exact only at the same count. None: torch's default (cores)."""
 
 
 class EditorSettings(_Section):

@@ -332,6 +332,7 @@ class FactConsumer:
                         applied_at=now,
                         edit_seconds=unit.seconds,
                         delta_norms=unit.result.delta_norms(),
+                        delta_sha256=unit.result.delta_sha256(),
                         batch_id=unit.batch_id,
                         **base,
                     )

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -26,14 +27,20 @@ from daemon.applier import BatchOutcome, EditApplier, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError
+from daemon.errors import HistoryError, ReplayMismatchError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
 from daemon.registry import RegistryUnavailableError
 from daemon.snapshots import load_into
-from daemon.versions import SnapshotBackoff, VersionKeeper, base_weights, editable_weight_names
+from daemon.versions import (
+    SnapshotBackoff,
+    VersionKeeper,
+    base_weights,
+    editable_weight_names,
+)
 from editing.editors import Editor, get_editor
+from editing.editors.base import EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
@@ -47,6 +54,8 @@ if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that 
 
 log = logging.getLogger(__name__)
 
+#: Relative tolerance on delta norms when replaying an editor that is not bit-exact.
+GUARDED_NORM_RTOL = 1e-4
 #: How often the start-up key statistics pass logs its progress.
 STATS_LOG_EVERY_S = 10.0
 
@@ -92,19 +101,81 @@ def build_editor(settings: Settings) -> Editor:
     return editor
 
 
+def editor_checkpoint(editor: Editor) -> Path | None:
+    """The trained checkpoint folder an editor (or the one it guards) loaded, if any."""
+    inner = editor.inner if isinstance(editor, GuardedEditor) else editor
+    folder = getattr(inner, "checkpoint", None)
+    return Path(folder) if folder is not None else None
+
+
 def key_statistics(settings: Settings, paths: Paths) -> KeyStatistics:
     """C0 for the safeguards: the configured corpus, cached under this daemon's home."""
     corpus = settings.safeguards.corpus or DEFAULT_CORPUS
     return KeyStatistics(paths, corpus=corpus, max_tokens=settings.safeguards.stats_tokens)
 
 
-def replay_journal(applier: EditApplier, journal: Journal, after_seq: int = 0) -> ReplayReport:
-    """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``."""
+def verify_replayed(editor: Editor, group: Sequence[JournalEntry], result: EditResult) -> None:
+    """The replayed unit must change the weights exactly as the journal says it did.
+
+    Bit-exact editors are held to the journaled sha256 of the delta bytes. The guarded editor
+    is not bit-exact once its memory was rebuilt (``GuardedEditor.replay_bit_exact``), so for it
+    every delta's norm must match the journaled norm within ``GUARDED_NORM_RTOL``; a different
+    edit changes the norms by far more. Rows journaled before the hash existed are not checked.
+
+    Raises:
+        ReplayMismatchError: naming the events, both figures and what to check.
+    """
+    first = group[0]
+    if first.delta_sha256 is None:
+        return
+    ids = ", ".join(e.event_id or "?" for e in group)
+    if editor.replay_bit_exact:
+        got = result.delta_sha256()
+        if got != first.delta_sha256:
+            raise ReplayMismatchError(
+                f"replaying journal seq {first.seq} ({ids}) changed the weights differently "
+                f"than when it was applied (delta sha256 {got[:16]} != journaled "
+                f"{first.delta_sha256[:16]}): check torch/transformers versions, "
+                "model.torch_threads and the editor checkpoint against the version's tags"
+            )
+        return
+    expected = first.delta_norms or {}
+    got_norms = result.delta_norms()
+
+    def off(name: str) -> bool:
+        if name not in expected or name not in got_norms:
+            return True
+        allowed = GUARDED_NORM_RTOL * max(abs(expected[name]), 1e-12)
+        return abs(got_norms[name] - expected[name]) > allowed
+
+    bad = sorted(name for name in set(expected) | set(got_norms) if off(name))
+    if bad:
+        raise ReplayMismatchError(
+            f"replaying journal seq {first.seq} ({ids}) with {editor.name} changed {bad[0]} by "
+            f"norm {got_norms.get(bad[0])} instead of the journaled {expected.get(bad[0])} "
+            f"(beyond the {GUARDED_NORM_RTOL} tolerance for this editor)"
+        )
+
+
+def replay_journal(
+    applier: EditApplier, journal: Journal, after_seq: int = 0, *, rehash: bool = False
+) -> ReplayReport:
+    """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``.
+
+    Each unit's weight change is checked against the journal (``verify_replayed``). With
+    ``rehash`` (a revert recomputes later edits on weights that never held the reverted one),
+    the new hashes are recorded instead.
+    """
     started = time.perf_counter()
     entries = journal.applied_events(after_seq)
     units = 0
     for batch_id, group in replay_units(entries):
-        applier.replay(batch_id, [e.event for e in group])
+        unit = applier.replay(batch_id, [e.event for e in group])
+        if rehash:
+            if group[0].batch_id is not None:
+                journal.set_delta_sha256(group[0].batch_id, unit.result.delta_sha256())
+        else:
+            verify_replayed(applier.editor, group, unit.result)
         units += 1
     report = ReplayReport(units, len(entries), time.perf_counter() - started)
     log.info(
@@ -143,6 +214,9 @@ class Daemon:
             )
             self._server.start()
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if settings.model.torch_threads is not None:
+            torch.set_num_threads(settings.model.torch_threads)
+        log.info("torch threads", extra={"threads": torch.get_num_threads()})
         self.lm = lm or load_model(
             settings.model.name,
             paths=self.paths,
@@ -173,6 +247,8 @@ class Daemon:
             if self.versions is not None:
                 self.versions.on_load = self._editor_holds
         self._prepare_statistics()  # the model still holds its base weights here
+        if self.versions is not None:
+            self.versions.editor_checkpoint = lambda: editor_checkpoint(self.editor)
         self.history = (
             History(self.versions, self.journal, self._replay_after, self.metrics)
             if self.versions is not None
@@ -280,7 +356,8 @@ class Daemon:
         self.editor.reset_memory(self.lm, held)
 
     def _replay_after(self, seq: int) -> int:
-        return replay_journal(self.applier, self.journal, after_seq=seq).events
+        """History's replay (revert, rollback): recomputation is the point, so re-hash."""
+        return replay_journal(self.applier, self.journal, after_seq=seq, rehash=True).events
 
     def run(
         self,

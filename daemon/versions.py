@@ -76,6 +76,29 @@ def config_hash(settings: Settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def checkpoint_sha256(folder: Path | None) -> str:
+    """sha256 over a checkpoint folder's files (names and bytes, sorted); ``none`` without one."""
+    if folder is None or not folder.is_dir():
+        return "none"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def runtime_tags(editor_checkpoint: Path | None) -> dict[str, str]:
+    """Version tags that let a replay be reproduced: library versions, threads, checkpoint."""
+    import transformers
+
+    return {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+        "editor_checkpoint_sha256": checkpoint_sha256(editor_checkpoint),
+    }
+
+
 def configure_mlflow_http(settings: Settings) -> None:
     """Bound MLflow's HTTP timeout and retries (its defaults retry for minutes), unless the
     operator set MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES already."""
@@ -134,10 +157,21 @@ class VersionKeeper:
         self.base = base_weights(lm)
         self.names = editable_weight_names(lm)
         self.current_version: str | None = None
+        self.editor_checkpoint: Callable[[], Path | None] = lambda: None
+        """The editor's checkpoint folder (the daemon sets it); hashed into every version's
+        tags with the torch/transformers versions and threads (``runtime_tags``)."""
+        self._runtime_tags: tuple[Path | None, dict[str, str]] | None = None
         self.on_load: Callable[[Sequence[str]], None] | None = None
         """Called with the event ids the weights hold after every load (editor state)."""
         self.snapshot_seq = 0  # journal seq the current weights were last snapshotted at
         self.last_snapshot_time = time.monotonic()
+
+    def runtime_tags(self) -> dict[str, str]:
+        """``runtime_tags`` of the current editor checkpoint (hashed once per folder)."""
+        folder = self.editor_checkpoint()
+        if self._runtime_tags is None or self._runtime_tags[0] != folder:
+            self._runtime_tags = (folder, runtime_tags(folder))
+        return self._runtime_tags[1]
 
     def restore(self) -> Restored:
         """Load the newest usable version into the model; say which journal seq it covers.
@@ -278,6 +312,7 @@ class VersionKeeper:
                 "parent_version": self.current_version or "",
                 "reason": reason,
                 "created_at": meta.created_at,
+                **self.runtime_tags(),
             }
             version = self.registry.register(folder, tags, {"edits": len(applied)})
         self.journal.assign_model_version(version, seq)
