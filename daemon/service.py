@@ -410,6 +410,10 @@ class Daemon:
         self._applied_since_snapshot += applied
         if self.schedule is not None:
             self.schedule.note_applied(applied)
+        self._snapshot_if_due()
+
+    def _snapshot_if_due(self) -> None:
+        """A scheduled snapshot, unless a failed one's backoff has not run out yet."""
         if (
             self.versions is not None
             and self.versions.due(self._applied_since_snapshot)
@@ -452,6 +456,8 @@ class Daemon:
                     item.command, source=item.source, received_at=item.received_at
                 )
                 self.inbox.complete(item.id, outcome)
+        if self._snapshot_backoff.consecutive_failures:
+            self._snapshot_if_due()  # MLflow may be back: do not wait for the next edit
         if self.schedule is not None:
             trigger = self.schedule.take()
             if trigger is not None:
