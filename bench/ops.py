@@ -111,8 +111,9 @@ def measure_checkpoint(
     figures: dict[str, Any] = {"edits": len(applied)}
     version = versions.current_version
     info = next(v for v in versions.registry.versions() if v.version == version)
-    folder = versions.registry.download(version)
-    size = sum(f.stat().st_size for f in folder.iterdir())
+    with versions.registry.downloaded(version) as folder:
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        edited = len(json.loads((folder / "snapshot.json").read_text())["delta_norms"])
     figures["snapshot"] = {
         "version": version,
         "seconds": snapshot_seconds[-1],
@@ -121,7 +122,7 @@ def measure_checkpoint(
         "bytes": size,
         "model_bytes": model_bytes,
         "ratio": size / model_bytes,
-        "edited_tensors": len(json.loads((folder / "snapshot.json").read_text())["delta_norms"]),
+        "edited_tensors": edited,
         "tags": info.tags.get("edits"),
     }
     report, seconds = timed(daemon.audits.run, "requested", None)

@@ -9,14 +9,19 @@ model, and records the run:
 * **outage**: the daemon's own broker stopped for 30 s mid-stream and restarted on the same data
   dir; ``/readyz`` while down and after, exactly-once, no restart of the daemon;
 * **fuzz**: 1 000 malformed records (every kind) among 250 valid ones; DLQ reasons, no crash;
-* **soak**: 10 000 events drained; RSS growth after warm-up, threads, open fds.
+* **soak**: 10 000 events drained; RSS growth after warm-up, threads, open fds;
+* **topics_late**: a daemon started on a broker without its topics (no auto-creation), 50
+  events produced 15 s later; events lost and applied twice, time to the first and last row;
+* **mlflow_down**: the real MLflow server stopped for 60 s mid-stream (90 events) and started
+  again; the daemon keeps consuming; events lost, applied twice, snapshot failures, recovery.
 
 Results go to ``bench/results/reliability.json`` (merged by scenario, so ``--only`` re-runs one
 without losing the others) with the exact command, git revision, machine (cores, RAM), load
 average at start and end, timestamps, and each scenario's config, figures and verdict; a table
 goes to stdout, logs to stderr. Exit status 1 if any scenario failed.
 
-Usage: ``python bench/reliability.py [--only crash,outage,fuzz,soak] [--seed 0]``.
+Usage: ``python bench/reliability.py [--only crash,outage,...] [--seed 0]`` (``--scenarios`` is
+the same as ``--only``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ from editing.bench import git_revision, json_default, machine_info, utc_now_iso 
 from tests.daemon.harness import save_editable_tiny_model  # noqa: E402
 from tests.fixtures.kafka import free_loopback_ports  # noqa: E402
 from tests.reliability.crash import CrashConfig, run_crash  # noqa: E402
+from tests.reliability.dependencies import (  # noqa: E402
+    MlflowDownConfig,
+    TopicsLateConfig,
+    run_mlflow_down,
+    run_topics_late,
+)
 from tests.reliability.fuzz import FuzzConfig, run_fuzz  # noqa: E402
 from tests.reliability.outage import OutageConfig, run_outage  # noqa: E402
 from tests.reliability.soak import SoakConfig, run_soak  # noqa: E402
@@ -52,7 +63,9 @@ from tests.reliability.soak import SoakConfig, run_soak  # noqa: E402
 log = logging.getLogger("reliability")
 
 DEFAULT_OUT = REPO / "bench" / "results" / "reliability.json"
-SCENARIOS = ("crash", "outage", "fuzz", "soak")
+SCENARIOS = ("crash", "outage", "fuzz", "soak", "topics_late", "mlflow_down")
+#: Scenarios that start a broker of their own (the shared one is not started for them alone).
+OWN_BROKER = frozenset({"outage", "topics_late", "mlflow_down"})
 
 
 def long_configs(seed: int) -> dict[str, Any]:
@@ -62,6 +75,8 @@ def long_configs(seed: int) -> dict[str, Any]:
         "outage": OutageConfig(events=200, outage_s=30.0, stop_after=50),
         "fuzz": FuzzConfig(malformed=1000, valid=250, seed=seed),
         "soak": SoakConfig(events=10_000),
+        "topics_late": TopicsLateConfig(events=50, produce_after_s=15.0),
+        "mlflow_down": MlflowDownConfig(events=90, down_s=60.0, snapshot_every=5),
     }
 
 
@@ -94,6 +109,8 @@ def run_scenario(
         "outage": lambda: run_outage(workdir, model_dir, config),
         "fuzz": lambda: run_fuzz(broker, workdir, model_dir, config),
         "soak": lambda: run_soak(broker, workdir, model_dir, config),
+        "topics_late": lambda: run_topics_late(workdir, model_dir, config),
+        "mlflow_down": lambda: run_mlflow_down(workdir, model_dir, config),
     }
     result = runners[name]()
     return result.to_dict(), result.failures()
@@ -126,6 +143,19 @@ def headline(name: str, r: dict[str, Any]) -> str:
             f"{r['valid_failed']} edit-failed ({r['valid_failed_in_dlq']} in DLQ); "
             f"exit {r['exit_code']}, consumed {r['consumed']}"
         )
+    if name in ("topics_late", "mlflow_down"):
+        line = f"events lost {r['events_lost']}, applied twice {r['applied_twice']}; "
+        if name == "topics_late":
+            return line + (
+                f"first row {r['first_applied_after_produce_s']} s, all "
+                f"{r['config']['events']} rows {r['all_journaled_after_produce_s']} s after "
+                f"producing; exit {r['exit_code']}"
+            )
+        return line + (
+            f"MLflow down {r['mlflow_down_s']} s, {r['journaled_while_down']} rows journaled "
+            f"meanwhile; {r['snapshot_failures_total']} snapshot failures; version after "
+            f"recovery {r['version_registered_after_recovery']}; exit {r['exit_code']}"
+        )
     growth = r["rss_growth"]
     return (
         f"{r['config']['events']} events at {r['events_per_s']}/s; RSS "
@@ -139,7 +169,9 @@ def headline(name: str, r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", type=parse_only, default=list(SCENARIOS), help="subset")
+    parser.add_argument(
+        "--only", "--scenarios", type=parse_only, default=list(SCENARIOS), help="subset"
+    )
     parser.add_argument("--seed", type=int, default=0, help="kill points and fuzz stream")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, journals)")
@@ -163,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="factkeeper-reliability-"))
     model_dir = save_editable_tiny_model(workdir / "tiny-llama")
     broker_cfg = None
-    if any(name != "outage" for name in ns.only):
+    if any(name not in OWN_BROKER for name in ns.only):
         port, controller_port = free_loopback_ports(2)
         broker_cfg = LocalBrokerConfig(
             port=port,
@@ -227,13 +259,13 @@ def write_results(out: Path, invocation: dict[str, Any], records: dict[str, Any]
 
 
 def print_table(records: dict[str, dict[str, Any]]) -> None:
-    print(f"{'scenario':<8}  {'verdict':<7}  {'seconds':>8}  figures")
+    print(f"{'scenario':<11}  {'verdict':<7}  {'seconds':>8}  figures")
     for name, r in records.items():
         verdict = "pass" if r["passed"] else "FAIL"
         figures = headline(name, r["result"]) if "result" in r else r["failures"][0]
-        print(f"{name:<8}  {verdict:<7}  {r['seconds']:>8.1f}  {figures}")
+        print(f"{name:<11}  {verdict:<7}  {r['seconds']:>8.1f}  {figures}")
         for failure in r["failures"]:
-            print(f"{'':<8}  {'':<7}  {'':>8}  - {failure}")
+            print(f"{'':<11}  {'':<7}  {'':>8}  - {failure}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,11 @@ class AuditRunner:
                 return report.result
         return None
 
+    def last_started_at(self) -> datetime | None:
+        """When the newest audit on record started (None: no audit ever ran)."""
+        reports = read_reports(self.reports_dir)
+        return datetime.fromisoformat(reports[-1].started_at) if reports else None
+
     def run(self, trigger: str, producer: KafkaProducer | None) -> AuditReport:
         """Audit the current weights and act on the gate; returns the written report."""
         started_at = datetime.now(UTC)

@@ -160,6 +160,13 @@ class KafkaSettings(_Section):
     """Longest gap between polls before the group evicts us: worst batch + snapshot + audit."""
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=1_800_000)
     """Heartbeat timeout (the broker's group.min/max.session.timeout.ms bound it)."""
+    create_topics: bool = True
+    """Create missing topics at start (needs the CreateTopics ACL); false where the topics are
+    declared elsewhere only (e.g. Strimzi KafkaTopic resources) and the daemon may not."""
+    topic_partitions: int = Field(default=1, ge=1)
+    """Partitions of a topic the daemon creates (one writer consumes them all)."""
+    topic_replication_factor: int = Field(default=1, ge=1, le=32)
+    """Replication factor of a topic the daemon creates (3 on a production cluster)."""
 
     @model_validator(mode="after")
     def _security(self) -> KafkaSettings:
@@ -205,6 +212,9 @@ class ModelSettings(_Section):
     """A known model key (``smollm2``) or a local Hugging Face folder."""
     device: Annotated[str, AfterValidator(_check_device)] = "cpu"
     dtype: Dtype = "float32"
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
+    """Pin torch's intra-op threads (``torch.set_num_threads``): float reductions, and so edits
+    and their replay, are bit-exact only at the same count. None: torch's default (cores)."""
 
 
 class EditorSettings(_Section):
@@ -301,6 +311,15 @@ class SnapshotSettings(_Section):
     every_minutes: float = Field(default=15.0, ge=0.0)
     on_shutdown: bool = True
     registered_model_name: Name = "factkeeper"
+    retry_initial_s: float = Field(default=30.0, gt=0.0)
+    """First wait before retrying a failed snapshot (MLflow down); doubles per failure."""
+    retry_max_s: float = Field(default=900.0, gt=0.0)
+    """Longest wait between snapshot retries."""
+    request_timeout_s: int = Field(default=30, ge=1)
+    """MLflow HTTP request timeout (MLFLOW_HTTP_REQUEST_TIMEOUT unless that is set)."""
+    request_max_retries: int = Field(default=2, ge=0, le=10)
+    """MLflow HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES unless set); low, so
+    an MLflow outage costs the loop seconds, not minutes; the daemon retries with backoff."""
     tracking_uri: str
     """Default: embedded SQLite under ``$FACTKEEPER_HOME/mlflow``. No credentials in the URI:
     MLflow reads them from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
@@ -351,6 +370,9 @@ class MetricsSettings(_Section):
 
     host: Name = "0.0.0.0"
     port: int = Field(default=9108, ge=1, le=65535)
+    healthz_max_age_s: float = Field(default=900.0, gt=0.0)
+    """``/healthz`` answers 503 once the main loop has not gone round for this long; keep it
+    above the longest batch + snapshot + audit (like ``kafka.max_poll_interval_ms``)."""
 
 
 class AdminSettings(_Section):

@@ -86,6 +86,7 @@ class FactConsumer:
         on_control: ControlHandler | None = None,
         after_batch: Callable[[BatchOutcome], None] | None = None,
         between_batches: Callable[[], None] | None = None,
+        ensure_topics: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = settings.kafka.topics
@@ -98,9 +99,14 @@ class FactConsumer:
         self.on_control = on_control
         self.after_batch = after_batch
         self.between_batches = between_batches
+        # Creates missing topics; retried while unassigned until it succeeds once.
+        self._ensure_topics = ensure_topics
         self.stop_requested = threading.Event()
         self.assignment_changed = threading.Event()
-        self.paused = False
+        # A pause outlives a restart (issue 17): the journal holds the last pause/resume.
+        self.paused = journal.paused()
+        if self.paused:
+            log.warning("paused (from the journal): corrections wait for a resume command")
         self.stats = RunStats()
         self._pending: list[_Pending] = []
         self._pending_since = 0.0
@@ -114,6 +120,7 @@ class FactConsumer:
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> RunStats:
         """Consume until stopped, ``max_messages`` records were consumed, or idle for long."""
+        self._create_topics()
         self.consumer.subscribe(
             [self.topics.corrections, self.topics.control], listener=_Listener(self)
         )
@@ -175,10 +182,22 @@ class FactConsumer:
         time.sleep(UNASSIGNED_PAUSE_S)
         if time.monotonic() - self._last_metadata_refresh >= METADATA_REFRESH_S:
             self._last_metadata_refresh = time.monotonic()
+            self._create_topics()
             try:
                 self.consumer.topics()
             except KafkaError as exc:
                 log.debug("metadata refresh failed", extra={"error": str(exc)})
+
+    def _create_topics(self) -> None:
+        """Create the topics if they are missing; a broker that is away is retried later."""
+        if self._ensure_topics is None:
+            return
+        try:
+            self._ensure_topics()
+        except KafkaError as exc:
+            log.warning("could not create the topics yet", extra={"error": str(exc)})
+            return
+        self._ensure_topics = None
 
     def close(self) -> None:
         """Close the clients without auto-committing anything we did not journal."""
@@ -313,6 +332,7 @@ class FactConsumer:
                         applied_at=now,
                         edit_seconds=unit.seconds,
                         delta_norms=unit.result.delta_norms(),
+                        delta_sha256=unit.result.delta_sha256(),
                         batch_id=unit.batch_id,
                         **base,
                     )

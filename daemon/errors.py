@@ -75,6 +75,15 @@ class JournalError(DaemonError):
     """The journal cannot be opened or would be left inconsistent by the requested write."""
 
 
+class ReplayMismatchError(DaemonError):
+    """Replaying a journaled edit did not reproduce the weight change the journal recorded.
+
+    The weights after start-up would then differ from the ones the daemon had (another torch
+    build or thread count, another editor checkpoint, a non-deterministic kernel); the daemon
+    stops rather than serve them.
+    """
+
+
 class DuplicateEventError(JournalError):
     """Event ids that are already claimed by a journal row (or twice in one batch)."""
 

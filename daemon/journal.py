@@ -93,12 +93,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             source TEXT
         ) STRICT""",
     ),
+    # 2: the sha256 of each applied unit's weight change, checked when the journal is replayed.
+    ("ALTER TABLE events ADD COLUMN delta_sha256 TEXT",),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _EVENT_COLUMNS = (
     'seq, event_id, topic, "partition", "offset", status, reason, payload, received_at, '
-    "applied_at, edit_seconds, delta_norms, model_version, batch_id"
+    "applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256"
 )
 _CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 
@@ -123,6 +125,7 @@ class EventRecord:
     delta_norms: Mapping[str, float] | None = None
     model_version: str | None = None
     batch_id: str | None = None
+    delta_sha256: str | None = None  # of the unit the event was applied in (applied only)
 
     def __post_init__(self) -> None:
         if self.status not in ARRIVAL_STATUSES:
@@ -162,6 +165,7 @@ class JournalEntry:
     delta_norms: dict[str, float] | None
     model_version: str | None
     batch_id: str | None
+    delta_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +359,28 @@ class Journal:
         ).fetchall()
         return [_entry(row) for row in rows]
 
+    def applied_count_since(self, moment: datetime | None) -> int:
+        """Edits applied after ``moment`` (all of them when None), whatever their status now.
+
+        The audit schedule counts edits since the last audit from here, so the count survives
+        a restart; a later rollback or revert does not undo that the edit was made.
+        """
+        rows = self._conn.execute(
+            "SELECT COUNT(*) FROM events WHERE applied_at IS NOT NULL AND applied_at > ?",
+            (_stamp(moment) if moment is not None else "",),
+        )
+        return int(rows.fetchone()[0])
+
+    def set_delta_sha256(self, batch_id: str, digest: str) -> int:
+        """Record a unit's new weight-change hash after a deliberate recomputation (a revert
+        replays later edits on other weights); returns the rows updated."""
+        with self._write("set_delta_sha256"):
+            cursor = self._conn.execute(
+                "UPDATE events SET delta_sha256 = ? WHERE batch_id = ? AND status = 'applied'",
+                (digest, batch_id),
+            )
+        return cursor.rowcount
+
     def counts_by_status(self) -> dict[EventStatus, int]:
         """Rows per status, every status present (zero when none)."""
         counts = dict.fromkeys(STATUSES, 0)
@@ -392,6 +418,16 @@ class Journal:
             )
             for seq, command, received_at, outcome, source in rows
         ]
+
+    def paused(self) -> bool:
+        """Whether the newest ``pause``/``resume`` that was carried out is a pause: a paused
+        daemon stays paused across a restart until someone resumes it."""
+        row = self._conn.execute(
+            "SELECT json_extract(command, '$.command') FROM control_commands "
+            "WHERE json_extract(command, '$.command') IN ('pause', 'resume') "
+            "AND outcome = 'done' ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        return row is not None and row[0] == "pause"
 
     def pragma(self, name: Pragma) -> Any:
         """The current value of a pragma, for checks and ``factkeeper status``."""
@@ -466,7 +502,7 @@ class Journal:
         cursor = self._conn.execute(
             'INSERT INTO events (event_id, topic, "partition", "offset", status, reason, '
             "payload, received_at, applied_at, edit_seconds, delta_norms, model_version, "
-            "batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, delta_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.event_id,
                 row.topic,
@@ -481,6 +517,7 @@ class Journal:
                 json.dumps(dict(row.delta_norms)) if row.delta_norms is not None else None,
                 row.model_version,
                 row.batch_id,
+                row.delta_sha256,
             ),
         )
         return _rowid(cursor)
@@ -501,7 +538,7 @@ def _rowid(cursor: sqlite3.Cursor) -> int:
 
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
     (seq, event_id, topic, partition, offset, status, reason, payload, received_at) = row[:9]
-    (applied_at, edit_seconds, delta_norms, model_version, batch_id) = row[9:]
+    (applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256) = row[9:]
     return JournalEntry(
         seq=seq,
         event_id=event_id,
@@ -517,4 +554,5 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         delta_norms=json.loads(delta_norms) if delta_norms else None,
         model_version=model_version,
         batch_id=batch_id,
+        delta_sha256=delta_sha256,
     )

@@ -230,6 +230,9 @@ class LocalBrokerConfig:
     """Extra JVM flags for the broker and the storage formatter (heap is set by ``heap``)."""
     sasl_ssl: SaslSslConfig | None = None
     """Also open a TLS + SASL listener (see ``SaslSslConfig``); None: PLAINTEXT only."""
+    auto_create_topics: bool = True
+    """``auto.create.topics.enable``; False behaves like the cluster chart, where a topic exists
+    only once someone creates it (the daemon does, at start)."""
     host: str = field(default=LOOPBACK, init=False)
     """Always loopback: this broker is never reachable from another machine."""
 
@@ -624,7 +627,7 @@ def _write_server_properties(cfg: LocalBrokerConfig) -> None:
         "share.coordinator.state.topic.min.isr": "1",
         # A new consumer group starts consuming at once instead of after 3 s.
         "group.initial.rebalance.delay.ms": "0",
-        "auto.create.topics.enable": "true",
+        "auto.create.topics.enable": "true" if cfg.auto_create_topics else "false",
     }
     if cfg.sasl_ssl is not None:
         props.update(_sasl_ssl_properties(cfg.sasl_ssl))

@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError, SaslAuthenticationFailedError
+from kafka.errors import KafkaError, SaslAuthenticationFailedError, TopicAlreadyExistsError
 from kafka.net.manager import KafkaConnectionManager
 from kafka.net.selector import NetworkSelector
 
@@ -102,11 +102,24 @@ def build_producer(kafka: KafkaSettings) -> KafkaProducer:
     )
 
 
-def ensure_topics(kafka: KafkaSettings, partitions: int = 1, replication: int = 1) -> list[str]:
-    """Create the four topics where missing (local broker and demos; clusters declare them)."""
+def ensure_topics(
+    kafka: KafkaSettings, partitions: int | None = None, replication: int | None = None
+) -> list[str]:
+    """Create whichever of the four topics is missing; returns the names it created.
+
+    A daemon started before its topics exist (a fresh cluster whose brokers do not auto-create
+    topics) would otherwise wait, unassigned, for someone else to create them. Partitions and
+    replication default to ``kafka.topic_partitions`` / ``kafka.topic_replication_factor``.
+    Another client creating a topic at the same moment is fine (``TopicAlreadyExistsError``).
+
+    Raises:
+        KafkaError: the brokers could not be reached or refused the creation (no ACL).
+    """
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
 
+    partitions = kafka.topic_partitions if partitions is None else partitions
+    replication = kafka.topic_replication_factor if replication is None else replication
     _check_secured(kafka)
     t = kafka.topics
     wanted = [t.corrections, t.dlq, t.control, t.quarantine]
@@ -116,10 +129,20 @@ def ensure_topics(kafka: KafkaSettings, partitions: int = 1, replication: int = 
         **security_options(kafka),
     )
     try:
-        missing = [name for name in wanted if name not in set(admin.list_topics())]
-        if missing:
-            admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
-        return missing
+        existing = set(admin.list_topics())
+        created = []
+        for name in (n for n in wanted if n not in existing):
+            try:
+                admin.create_topics([NewTopic(name, partitions, replication)])
+            except TopicAlreadyExistsError:
+                continue
+            created.append(name)
+        if created:
+            log.info(
+                "created topics",
+                extra={"topics": created, "partitions": partitions, "replication": replication},
+            )
+        return created
     finally:
         admin.close()
 

@@ -20,7 +20,7 @@ from daemon.config import Settings
 from daemon.control import ControlCommand, encode_control
 from daemon.errors import DaemonError
 from daemon.journal import Journal
-from daemon.registry import ModelRegistry, VersionInfo
+from daemon.registry import ModelRegistry, VersionInfo, audit_label
 from daemon.snapshots import FolderBaseWeights, load_into, read_snapshot, tensors_hash
 from editing.models import load_model
 from editing.paths import Paths
@@ -114,6 +114,7 @@ def version_rows(versions: list[VersionInfo]) -> list[dict[str, Any]]:
                 "journal_seq": t.get("journal_seq", ""),
                 "parent": t.get("parent_version", ""),
                 "reason": t.get("reason", ""),
+                "audit": audit_label(t),
                 "audit_passed": t.get("audit_passed", ""),
                 **{k.removeprefix("audit_"): v.metrics.get(k) for k in AUDIT_TAGS},
             }
@@ -131,7 +132,8 @@ def export_version(settings: Settings, version: str, out_dir: Path, paths: Paths
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OperationError(f"{out_dir} is not empty; export into a new folder")
     lm = load_model(settings.model.name, paths=paths, dtype=getattr(torch, settings.model.dtype))
-    tensors, meta = read_snapshot(registry_for(settings).download(version))
+    with registry_for(settings).downloaded(version) as folder:
+        tensors, meta = read_snapshot(folder)
     if meta.base_hash != lm.base_hash:
         raise OperationError(
             f"version {version} was made from other base weights than {settings.model.name}"

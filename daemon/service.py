@@ -14,7 +14,9 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import groupby
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -25,18 +27,25 @@ from daemon.applier import BatchOutcome, EditApplier, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError
+from daemon.errors import HistoryError, ReplayMismatchError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
-from daemon.kafka_clients import build_consumer, build_producer
+from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
+from daemon.registry import RegistryUnavailableError
 from daemon.snapshots import load_into
-from daemon.versions import VersionKeeper, base_weights, editable_weight_names
+from daemon.versions import (
+    SnapshotBackoff,
+    VersionKeeper,
+    base_weights,
+    editable_weight_names,
+)
 from editing.editors import Editor, get_editor
+from editing.editors.base import EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
 from editing.safeguards import GuardedEditor, SafeguardConfig
-from monitoring.http import MetricsServer, Readiness
+from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
 if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that audits needs it
@@ -45,8 +54,19 @@ if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that 
 
 log = logging.getLogger(__name__)
 
+#: Relative tolerance on delta norms when replaying an editor that is not bit-exact.
+GUARDED_NORM_RTOL = 1e-4
+#: How often the start-up key statistics pass logs its progress.
+STATS_LOG_EVERY_S = 10.0
+
 # broker_connected: set by the consumer from the Kafka client's open connections (issue 9).
-READINESS_CONDITIONS = ("model_loaded", "partitions_assigned", "broker_connected")
+# key_statistics: C0 for the safeguards, computed before ready so no edit waits for it.
+READINESS_CONDITIONS = (
+    "model_loaded",
+    "key_statistics",
+    "partitions_assigned",
+    "broker_connected",
+)
 
 
 @dataclass(frozen=True)
@@ -81,19 +101,81 @@ def build_editor(settings: Settings) -> Editor:
     return editor
 
 
+def editor_checkpoint(editor: Editor) -> Path | None:
+    """The trained checkpoint folder an editor (or the one it guards) loaded, if any."""
+    inner = editor.inner if isinstance(editor, GuardedEditor) else editor
+    folder = getattr(inner, "checkpoint", None)
+    return Path(folder) if folder is not None else None
+
+
 def key_statistics(settings: Settings, paths: Paths) -> KeyStatistics:
     """C0 for the safeguards: the configured corpus, cached under this daemon's home."""
     corpus = settings.safeguards.corpus or DEFAULT_CORPUS
     return KeyStatistics(paths, corpus=corpus, max_tokens=settings.safeguards.stats_tokens)
 
 
-def replay_journal(applier: EditApplier, journal: Journal, after_seq: int = 0) -> ReplayReport:
-    """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``."""
+def verify_replayed(editor: Editor, group: Sequence[JournalEntry], result: EditResult) -> None:
+    """The replayed unit must change the weights exactly as the journal says it did.
+
+    Bit-exact editors are held to the journaled sha256 of the delta bytes. The guarded editor
+    is not bit-exact once its memory was rebuilt (``GuardedEditor.replay_bit_exact``), so for it
+    every delta's norm must match the journaled norm within ``GUARDED_NORM_RTOL``; a different
+    edit changes the norms by far more. Rows journaled before the hash existed are not checked.
+
+    Raises:
+        ReplayMismatchError: naming the events, both figures and what to check.
+    """
+    first = group[0]
+    if first.delta_sha256 is None:
+        return
+    ids = ", ".join(e.event_id or "?" for e in group)
+    if editor.replay_bit_exact:
+        got = result.delta_sha256()
+        if got != first.delta_sha256:
+            raise ReplayMismatchError(
+                f"replaying journal seq {first.seq} ({ids}) changed the weights differently "
+                f"than when it was applied (delta sha256 {got[:16]} != journaled "
+                f"{first.delta_sha256[:16]}): check torch/transformers versions, "
+                "model.torch_threads and the editor checkpoint against the version's tags"
+            )
+        return
+    expected = first.delta_norms or {}
+    got_norms = result.delta_norms()
+
+    def off(name: str) -> bool:
+        if name not in expected or name not in got_norms:
+            return True
+        allowed = GUARDED_NORM_RTOL * max(abs(expected[name]), 1e-12)
+        return abs(got_norms[name] - expected[name]) > allowed
+
+    bad = sorted(name for name in set(expected) | set(got_norms) if off(name))
+    if bad:
+        raise ReplayMismatchError(
+            f"replaying journal seq {first.seq} ({ids}) with {editor.name} changed {bad[0]} by "
+            f"norm {got_norms.get(bad[0])} instead of the journaled {expected.get(bad[0])} "
+            f"(beyond the {GUARDED_NORM_RTOL} tolerance for this editor)"
+        )
+
+
+def replay_journal(
+    applier: EditApplier, journal: Journal, after_seq: int = 0, *, rehash: bool = False
+) -> ReplayReport:
+    """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``.
+
+    Each unit's weight change is checked against the journal (``verify_replayed``). With
+    ``rehash`` (a revert recomputes later edits on weights that never held the reverted one),
+    the new hashes are recorded instead.
+    """
     started = time.perf_counter()
     entries = journal.applied_events(after_seq)
     units = 0
     for batch_id, group in replay_units(entries):
-        applier.replay(batch_id, [e.event for e in group])
+        unit = applier.replay(batch_id, [e.event for e in group])
+        if rehash:
+            if group[0].batch_id is not None:
+                journal.set_delta_sha256(group[0].batch_id, unit.result.delta_sha256())
+        else:
+            verify_replayed(applier.editor, group, unit.result)
         units += 1
     report = ReplayReport(units, len(entries), time.perf_counter() - started)
     log.info(
@@ -121,12 +203,20 @@ class Daemon:
         self.paths = paths or Paths.from_env()
         self.metrics = metrics or FactkeeperMetrics()
         self.readiness = Readiness(*READINESS_CONDITIONS)
+        self.heartbeat = Heartbeat(settings.metrics.healthz_max_age_s)
+        self.readiness.set("model_loaded", False, "loading the model")
+        self.readiness.set("key_statistics", False, "waiting for the model")
         self._server: MetricsServer | None = None
         if serve_metrics:
             m = settings.metrics
-            self._server = MetricsServer(self.metrics.registry, self.readiness, m.host, m.port)
+            self._server = MetricsServer(
+                self.metrics.registry, self.readiness, m.host, m.port, self.heartbeat
+            )
             self._server.start()
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if settings.model.torch_threads is not None:
+            torch.set_num_threads(settings.model.torch_threads)
+        log.info("torch threads", extra={"threads": torch.get_num_threads()})
         self.lm = lm or load_model(
             settings.model.name,
             paths=self.paths,
@@ -156,11 +246,15 @@ class Daemon:
                 self.editor.set_statistics(key_statistics(settings, self.paths))
             if self.versions is not None:
                 self.versions.on_load = self._editor_holds
+        self._prepare_statistics()  # the model still holds its base weights here
+        if self.versions is not None:
+            self.versions.editor_checkpoint = lambda: editor_checkpoint(self.editor)
         self.history = (
             History(self.versions, self.journal, self._replay_after, self.metrics)
             if self.versions is not None
             else None
         )
+        self.readiness.set("model_loaded", False, "restoring a version and replaying the journal")
         self.restored = self.versions.restore() if self.versions else None
         after_seq = self.restored.journal_seq if self.restored else 0
         self.replay = replay_journal(self.applier, self.journal, after_seq=after_seq)
@@ -183,6 +277,18 @@ class Daemon:
                 settings, auditor, self.journal, self.versions, self.history, self.metrics, reports
             )
             self.schedule = AuditSchedule.from_settings(settings.audit)
+            # Edits since the last audit come from the journal, not from this process: a
+            # restart must not reset the count (49 + kill -9 + 54 edits ran no audit at 100).
+            last_audit = self.audits.last_started_at()
+            pending = self.journal.applied_count_since(last_audit)
+            self.schedule.note_applied(pending)
+            log.info(
+                "audit schedule",
+                extra={
+                    "edits_since_last_audit": pending,
+                    "last_audit": last_audit.isoformat() if last_audit else "never",
+                },
+            )
         self.inbox: ControlInbox | None = None
         self._admin: AdminServer | None = None
         if settings.admin.enabled:
@@ -191,6 +297,36 @@ class Daemon:
         self.readiness.set("model_loaded", True)
         self.consumer: FactConsumer | None = None
         self._applied_since_snapshot = self.replay.events
+        s = settings.snapshots
+        self._snapshot_backoff = SnapshotBackoff(s.retry_initial_s, s.retry_max_s)
+
+    def _prepare_statistics(self) -> None:
+        """Compute the safeguards' key statistics now, in one corpus pass, before ready.
+
+        Lazily, the first edit after a fresh start paid one full corpus pass per edited layer
+        (about 9 minutes for SmolLM2) while ``/readyz`` said ready.
+        """
+        if not isinstance(self.editor, GuardedEditor):
+            self.readiness.set("key_statistics", True)
+            return
+        started = time.perf_counter()
+        last_logged = [started]
+
+        def progress(done: int, total: int) -> None:
+            share = done / max(total, 1)
+            reason = f"computing key statistics: {share:.0%} of {total} corpus tokens"
+            self.readiness.set("key_statistics", False, reason)
+            if time.perf_counter() - last_logged[0] >= STATS_LOG_EVERY_S or done >= total:
+                last_logged[0] = time.perf_counter()
+                log.info("key statistics", extra={"tokens_done": done, "tokens": total})
+
+        self.readiness.set("key_statistics", False, "computing key statistics")
+        matrices = self.editor.prepare_statistics(self.lm, on_progress=progress)
+        self.readiness.set("key_statistics", True)
+        log.info(
+            "key statistics ready",
+            extra={"matrices": matrices, "seconds": round(time.perf_counter() - started, 2)},
+        )
 
     def _rebuild_from_journal(self) -> None:
         """Weights of unknown state (an editor failed mid-write) -> newest version + replay."""
@@ -220,7 +356,8 @@ class Daemon:
         self.editor.reset_memory(self.lm, held)
 
     def _replay_after(self, seq: int) -> int:
-        return replay_journal(self.applier, self.journal, after_seq=seq).events
+        """History's replay (revert, rollback): recomputation is the point, so re-hash."""
+        return replay_journal(self.applier, self.journal, after_seq=seq, rehash=True).events
 
     def run(
         self,
@@ -242,15 +379,21 @@ class Daemon:
             on_control=on_control or self.handle_control,
             after_batch=self._after_batch,
             between_batches=self._between_batches,
+            ensure_topics=(
+                partial(ensure_topics, self.settings.kafka)
+                if self.settings.kafka.create_topics
+                else None
+            ),
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
         if self.schedule is not None:
             self.schedule.start()
+        self.heartbeat.arm()
         try:
             stats = consumer.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
             if self.versions is not None and self.settings.snapshots.on_shutdown:
-                self.versions.snapshot("shutdown")
+                self._try_snapshot("shutdown")  # the journal holds the edits either way
             return stats
         finally:
             if self.schedule is not None:
@@ -261,23 +404,60 @@ class Daemon:
                 signal.signal(sig, handler)
 
     def _after_batch(self, outcome: BatchOutcome) -> None:
+        self.heartbeat.beat()
         applied = len(outcome.applied_ids)
         self.metrics.edits_applied.inc(applied)
         self._applied_since_snapshot += applied
         if self.schedule is not None:
             self.schedule.note_applied(applied)
-        if self.versions is not None and self.versions.due(self._applied_since_snapshot):
-            self.versions.snapshot("schedule")
+        self._snapshot_if_due()
+
+    def _snapshot_if_due(self) -> None:
+        """A scheduled snapshot, unless a failed one's backoff has not run out yet."""
+        if (
+            self.versions is not None
+            and self.versions.due(self._applied_since_snapshot)
+            and self._snapshot_backoff.ready()
+            and self._try_snapshot("schedule")
+        ):
             self._applied_since_snapshot = 0
 
+    def _try_snapshot(self, reason: str) -> bool:
+        """Snapshot now; an unreachable MLflow is counted and retried later with backoff
+        instead of ending the loop (the edits are safe in the journal meanwhile)."""
+        assert self.versions is not None
+        try:
+            self.versions.snapshot(reason)
+        except RegistryUnavailableError as exc:
+            wait = self._snapshot_backoff.failed()
+            self.metrics.snapshot_failures.inc()
+            self.metrics.snapshot_consecutive_failures.set(
+                self._snapshot_backoff.consecutive_failures
+            )
+            log.warning(
+                "snapshot failed; consuming on, retrying later",
+                extra={"reason": reason, "retry_in_s": round(wait, 1), "error": str(exc)},
+            )
+            return False
+        self._snapshot_backoff.succeeded()
+        self.metrics.snapshot_consecutive_failures.set(0)
+        self.metrics.snapshot_last_success.set(time.time())
+        return True
+
     def _between_batches(self) -> None:
-        """Work that must not overlap an edit (admin commands, a due audit): loop thread only."""
+        """Work that must not overlap an edit (admin commands, a due audit): loop thread only.
+
+        The loop calls this on every round without a batch pending, so it also beats.
+        """
+        self.heartbeat.beat()
         if self.inbox is not None and self.consumer is not None:
             for item in self.inbox.drain():
                 outcome = self.consumer.execute_control(
                     item.command, source=item.source, received_at=item.received_at
                 )
                 self.inbox.complete(item.id, outcome)
+        if self._snapshot_backoff.consecutive_failures:
+            self._snapshot_if_due()  # MLflow may be back: do not wait for the next edit
         if self.schedule is not None:
             trigger = self.schedule.take()
             if trigger is not None:
@@ -288,7 +468,11 @@ class Daemon:
         if self.audits is None:
             return "unsupported: audits are off (audit.every_n_edits and every_minutes are 0)"
         producer = self.consumer.producer if self.consumer is not None else None
-        report = self.audits.run(trigger, producer)
+        try:
+            report = self.audits.run(trigger, producer)
+        except RegistryUnavailableError as exc:
+            log.warning("audit deferred: MLflow unavailable", extra={"error": str(exc)})
+            return f"failed: {exc}"
         self._applied_since_snapshot = 0
         verdict = "passed" if report.gate_passed else "failed: " + "; ".join(report.gate.reasons)
         return f"done: audit of version {report.version} {verdict}; action {report.action}"

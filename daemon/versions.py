@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import torch
 
 from daemon.config import Settings
 from daemon.journal import Journal
-from daemon.registry import PRODUCTION, ModelRegistry
+from daemon.registry import PRODUCTION, ModelRegistry, RegistryUnavailableError
 from daemon.snapshots import (
     BaseWeights,
     FolderBaseWeights,
@@ -75,6 +76,65 @@ def config_hash(settings: Settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def checkpoint_sha256(folder: Path | None) -> str:
+    """sha256 over a checkpoint folder's files (names and bytes, sorted); ``none`` without one."""
+    if folder is None or not folder.is_dir():
+        return "none"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def runtime_tags(editor_checkpoint: Path | None) -> dict[str, str]:
+    """Version tags that let a replay be reproduced: library versions, threads, checkpoint."""
+    import transformers
+
+    return {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+        "editor_checkpoint_sha256": checkpoint_sha256(editor_checkpoint),
+    }
+
+
+def configure_mlflow_http(settings: Settings) -> None:
+    """Bound MLflow's HTTP timeout and retries (its defaults retry for minutes), unless the
+    operator set MLFLOW_HTTP_REQUEST_TIMEOUT / MLFLOW_HTTP_REQUEST_MAX_RETRIES already."""
+    s = settings.snapshots
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(s.request_timeout_s))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(s.request_max_retries))
+
+
+class SnapshotBackoff:
+    """When the next snapshot may be tried after failures: exponential, capped.
+
+    A failed snapshot must not stop the daemon (MLflow down meant a crash loop); it is retried
+    after ``initial_s``, then twice as long each time up to ``max_s``, and reset by a success.
+    """
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.consecutive_failures = 0
+        self._next_attempt = 0.0
+
+    def ready(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self._next_attempt
+
+    def failed(self, now: float | None = None) -> float:
+        """Count a failure; returns the seconds until the next attempt."""
+        self.consecutive_failures += 1
+        wait = min(self.max_s, self.initial_s * 2 ** (self.consecutive_failures - 1))
+        self._next_attempt = (time.monotonic() if now is None else now) + wait
+        return wait
+
+    def succeeded(self) -> None:
+        self.consecutive_failures = 0
+        self._next_attempt = 0.0
+
+
 class VersionKeeper:
     """Writes snapshots of one daemon's model to the registry and restores them."""
 
@@ -90,19 +150,48 @@ class VersionKeeper:
         self.lm = lm
         self.journal = journal
         self.metrics = metrics
+        configure_mlflow_http(settings)
         self.registry = registry or ModelRegistry(
             settings.snapshots.tracking_uri, settings.snapshots.registered_model_name
         )
         self.base = base_weights(lm)
         self.names = editable_weight_names(lm)
         self.current_version: str | None = None
+        self.editor_checkpoint: Callable[[], Path | None] = lambda: None
+        """The editor's checkpoint folder (the daemon sets it); hashed into every version's
+        tags with the torch/transformers versions and threads (``runtime_tags``)."""
+        self._runtime_tags: tuple[Path | None, dict[str, str]] | None = None
         self.on_load: Callable[[Sequence[str]], None] | None = None
         """Called with the event ids the weights hold after every load (editor state)."""
         self.snapshot_seq = 0  # journal seq the current weights were last snapshotted at
         self.last_snapshot_time = time.monotonic()
 
+    def runtime_tags(self) -> dict[str, str]:
+        """``runtime_tags`` of the current editor checkpoint (hashed once per folder)."""
+        folder = self.editor_checkpoint()
+        if self._runtime_tags is None or self._runtime_tags[0] != folder:
+            self._runtime_tags = (folder, runtime_tags(folder))
+        return self._runtime_tags[1]
+
     def restore(self) -> Restored:
-        """Load the newest usable version into the model; say which journal seq it covers."""
+        """Load the newest usable version into the model; say which journal seq it covers.
+
+        With MLflow unreachable this starts from the base weights (seq 0): replaying the whole
+        journal gives the same edits, only slower, and the daemon need not wait for MLflow.
+        """
+        try:
+            return self._restore()
+        except RegistryUnavailableError as exc:
+            log.warning(
+                "MLflow unavailable at start: base weights + full journal replay",
+                extra={"error": str(exc)},
+            )
+            load_into(self.lm.model, self.base, {}, reset=self.names)
+            self._loaded(())
+            self.current_version = None
+            return Restored(None, 0, 0.0)
+
+    def _restore(self) -> Restored:
         started = time.perf_counter()
         newest_seq = self.journal.last_seq()
         for info in self.registry.versions():  # newest first
@@ -111,8 +200,8 @@ class VersionKeeper:
                 continue
             if int(tags.get("journal_seq", -1)) > newest_seq:
                 continue  # the journal lost rows this version holds: do not trust it
-            folder = self.registry.download(info.version)
-            tensors, meta = read_snapshot(folder)
+            with self.registry.downloaded(info.version) as folder:
+                tensors, meta = read_snapshot(folder)
             if self._rolled_back_since(meta):
                 continue
             load_into(self.lm.model, self.base, tensors, reset=self.names)
@@ -133,7 +222,8 @@ class VersionKeeper:
 
     def read(self, version: str) -> tuple[dict[str, torch.Tensor], SnapshotMeta]:
         """A version's tensors and metadata, verified against this daemon's base model."""
-        tensors, meta = read_snapshot(self.registry.download(version))
+        with self.registry.downloaded(version) as folder:
+            tensors, meta = read_snapshot(folder)
         if meta.base_hash != self.lm.base_hash:
             raise SnapshotError(
                 f"version {version} was made from other base weights "
@@ -222,6 +312,7 @@ class VersionKeeper:
                 "parent_version": self.current_version or "",
                 "reason": reason,
                 "created_at": meta.created_at,
+                **self.runtime_tags(),
             }
             version = self.registry.register(folder, tags, {"edits": len(applied)})
         self.journal.assign_model_version(version, seq)

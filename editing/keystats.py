@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,12 @@ def sample_corpus(
     return CorpusSample(chunks[order[:wanted]], corpus, file_sha256(corpus))
 
 
+Target = tuple[MlpRole, int]
+"""One MLP matrix whose input statistic is wanted: (role, layer)."""
+ProgressCallback = Callable[[int, int], None]
+"""Called after every batch with (tokens done, tokens in the pass)."""
+
+
 def accumulate_key_moments(
     lm: LoadedModel,
     layers: Sequence[int],
@@ -146,27 +152,57 @@ def accumulate_key_moments(
 ) -> dict[int, KeyMoments]:
     """Σ k kᵀ of the ``role`` matrix's input in each layer, in one streamed pass over ``sample``.
 
-    Each forward stops right after the deepest watched module. Per batch the outer products are
-    summed in float32 (a few thousand terms) and then added to float64 running sums. The
-    running sums are also kept at checkpoints (batch_size * 2^k chunks and the half-way point)
-    to record the split-half difference against the number of tokens.
+    The one-role view of ``accumulate_target_moments`` (same arguments, keyed by layer).
+    """
+    targets = [(role, layer) for layer in layers]
+    moments = accumulate_target_moments(
+        lm, targets, sample, batch_size=batch_size, progress=progress
+    )
+    return {layer: moments[(role, layer)] for _, layer in moments}
+
+
+def _execution_order(target: Target) -> tuple[int, int]:
+    """Within a block the down matrix runs after gate/up: it is the later hook."""
+    role, layer = target
+    return layer, int(role is MlpRole.DOWN)
+
+
+def accumulate_target_moments(
+    lm: LoadedModel,
+    targets: Sequence[Target],
+    sample: CorpusSample,
+    *,
+    batch_size: int = 8,
+    progress: bool | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> dict[Target, KeyMoments]:
+    """Σ k kᵀ of every target matrix's input, all in ONE streamed pass over ``sample``.
+
+    Every target's module is hooked in the same forwards, so the corpus is run through the model
+    once however many layers (and roles) an editor needs; each forward stops right after the
+    latest watched module. Per batch the outer products are summed in float32 (a few thousand
+    terms) and then added to float64 running sums. The running sums are also kept at
+    checkpoints (batch_size * 2^k chunks and the half-way point) to record the split-half
+    difference against the number of tokens.
 
     Args:
         lm: the model, at the weights the statistic is for (normally the base weights).
-        layers: layer indices to watch.
+        targets: (role, layer) pairs to watch.
         sample: token chunks from ``sample_corpus``.
-        role: which MLP matrix's input to collect (``DOWN``: the d_ff keys).
         batch_size: chunks per forward; must divide half the chunk count.
         progress: show a tqdm bar (None: only on a terminal).
+        on_progress: called after every batch with (tokens done, tokens in the pass).
     """
-    layers = sorted(set(layers))
+    targets = sorted(set(targets), key=_execution_order)
+    if not targets:
+        raise KeyStatsError("no target matrices given")
     n_chunks, seq_len = sample.chunks.shape
     if n_chunks % (2 * batch_size):
         raise KeyStatsError(f"{n_chunks} chunks is not a multiple of 2 * batch_size")
-    modules = {str(layer): lm.adapter.module(lm.model, role, layer) for layer in layers}
-    deepest = modules[str(layers[-1])]
-    d_in = lm.adapter.weight_out_in(lm.model, role, layers[0]).shape[1]
-    totals = {layer: torch.zeros(d_in, d_in, dtype=torch.float64) for layer in layers}
+    modules = {_hook_name(t): lm.adapter.module(lm.model, t[0], t[1]) for t in targets}
+    last = modules[_hook_name(targets[-1])]
+    d_ins = {t: lm.adapter.weight_out_in(lm.model, t[0], t[1]).shape[1] for t in targets}
+    totals = {t: torch.zeros(d_ins[t], d_ins[t], dtype=torch.float64) for t in targets}
 
     checkpoints = {n_chunks // 2, n_chunks}
     point = batch_size
@@ -174,8 +210,8 @@ def accumulate_key_moments(
         checkpoints.add(point)
         point *= 2
     keep = {c // 2 for c in checkpoints if c // 2 in checkpoints}
-    kept: dict[int, dict[int, torch.Tensor]] = {}
-    curves: dict[int, list[tuple[int, float]]] = {layer: [] for layer in layers}
+    kept: dict[int, dict[Target, torch.Tensor]] = {}
+    curves: dict[Target, list[tuple[int, float]]] = {t: [] for t in targets}
 
     started = time.perf_counter()
     device = lm.device
@@ -189,41 +225,38 @@ def accumulate_key_moments(
     with torch.inference_mode(), capture_inputs(modules) as captured:
         for start in range(0, n_chunks, batch_size):
             batch = sample.chunks[start : start + batch_size].to(device)  # (B, T)
-            run_until(lm.model, deepest, input_ids=batch)
-            for layer in layers:
-                keys = captured[str(layer)].reshape(-1, d_in).float()  # (B*T, d_in)
-                totals[layer] += (keys.T @ keys).double().cpu()  # (d_in, d_in)
+            run_until(lm.model, last, input_ids=batch)
+            for t in targets:
+                keys = captured[_hook_name(t)].reshape(-1, d_ins[t]).float()  # (B*T, d_in)
+                totals[t] += (keys.T @ keys).double().cpu()  # (d_in, d_in)
             done = start + batch_size
             bar.update(batch.numel())
+            if on_progress is not None:
+                on_progress(done * seq_len, sample.tokens)
             if done in keep:
-                kept[done] = {layer: totals[layer].clone() for layer in layers}
+                kept[done] = {t: totals[t].clone() for t in targets}
             if done in checkpoints and done // 2 in kept:
-                for layer in layers:
-                    diff = _split_half_diff(kept[done // 2][layer], totals[layer])
-                    curves[layer].append((done * seq_len, diff))
+                for t in targets:
+                    diff = _split_half_diff(kept[done // 2][t], totals[t])
+                    curves[t].append((done * seq_len, diff))
                 log.debug("key stats checkpoint %d tokens", done * seq_len)
     bar.close()
     seconds = time.perf_counter() - started
 
     result = {}
-    for layer in layers:
-        final = curves[layer][-1][1]
+    for t in targets:
+        role, layer = t
+        final = curves[t][-1][1]
         meta = {
             "seconds": round(seconds, 2),
             "tokens_per_second": round(sample.tokens / max(seconds, 1e-9), 1),
             "threads": torch.get_num_threads(),
             "seq_len": int(seq_len),
-            "layers_in_pass": layers,
+            "layers_in_pass": sorted({x[1] for x in targets}),
+            "targets_in_pass": [f"{x[0].value}:{x[1]}" for x in targets],
         }
-        result[layer] = KeyMoments(
-            role,
-            layer,
-            totals[layer],
-            sample.tokens,
-            final,
-            curves[layer],
-            meta,
-            kept[n_chunks // 2][layer],
+        result[t] = KeyMoments(
+            role, layer, totals[t], sample.tokens, final, curves[t], meta, kept[n_chunks // 2][t]
         )
         log.info(
             "key stats %s layer %d: %d tokens, split-half relative difference %.4f",
@@ -232,8 +265,12 @@ def accumulate_key_moments(
             sample.tokens,
             final,
         )
-    log.info("key stats pass: %d tokens, %d layers, %.1f s", sample.tokens, len(layers), seconds)
+    log.info("key stats pass: %d tokens, %d matrices, %.1f s", sample.tokens, len(targets), seconds)
     return result
+
+
+def _hook_name(target: Target) -> str:
+    return f"{target[0].value}:{target[1]}"
 
 
 def _split_half_diff(first_half: torch.Tensor, whole: torch.Tensor) -> float:
@@ -282,26 +319,55 @@ class KeyStatistics:
         self, lm: LoadedModel, layers: Sequence[int], role: MlpRole = MlpRole.DOWN
     ) -> dict[int, KeyMoments]:
         """Statistics for ``layers``: memoised, else from the cache, else one pass for the rest."""
-        out: dict[int, KeyMoments] = {}
-        missing = []
-        for layer in sorted(set(layers)):
+        found = self.prepare(lm, [(role, layer) for layer in layers])
+        return {layer: moments for (_, layer), moments in found.items()}
+
+    def prepare(
+        self,
+        lm: LoadedModel,
+        targets: Sequence[Target],
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[Target, KeyMoments]:
+        """Statistics for every (role, layer) in ``targets``: memoised, else from the cache,
+        else computed for all the missing ones together in ONE pass over the corpus.
+
+        The daemon calls this at start (before it reports ready), so no edit waits for a
+        corpus pass; one pass per layer made the first edit of SmolLM2 wait about 9 minutes.
+        """
+        out: dict[Target, KeyMoments] = {}
+        missing: list[Target] = []
+        for target in sorted(set(targets), key=_execution_order):
+            role, layer = target
             memo_key = (lm.base_hash, role.value, layer)
             if memo_key in self._memo:
-                out[layer] = self._memo[memo_key]
+                out[target] = self._memo[memo_key]
                 continue
             cached = self._load(lm, layer, role)
             if cached is None:
-                missing.append(layer)
+                missing.append(target)
             else:
-                out[layer] = self._memo[memo_key] = cached
+                out[target] = self._memo[memo_key] = cached
         if missing:
             sample = self._corpus_sample(lm)
-            computed = accumulate_key_moments(
-                lm, missing, sample, role=role, batch_size=self.batch_size, progress=self.progress
+            log.info(
+                "computing key statistics: %d matrices (%s) in one pass over %d tokens of %s",
+                len(missing),
+                ", ".join(_hook_name(t) for t in missing),
+                sample.tokens,
+                sample.corpus,
             )
-            for layer, moments in computed.items():
+            computed = accumulate_target_moments(
+                lm,
+                missing,
+                sample,
+                batch_size=self.batch_size,
+                progress=self.progress,
+                on_progress=on_progress,
+            )
+            for target, moments in computed.items():
                 self._save(lm, moments, sample)
-                out[layer] = self._memo[(lm.base_hash, role.value, layer)] = moments
+                role, layer = target
+                out[target] = self._memo[(lm.base_hash, role.value, layer)] = moments
         return out
 
     def cache_path(self, lm: LoadedModel, layer: int, role: MlpRole) -> Path:

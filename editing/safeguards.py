@@ -38,7 +38,7 @@ from editing.editors.base import EditError, Editor, EditResult, restore, write_d
 from editing.emsedit.keys import IGNORE, tokenize_pairs
 from editing.hooks import capture_inputs, frozen_parameters
 from editing.keyspace import mask_delta, select_neurons, solve_masked_update
-from editing.keystats import KeyStatistics
+from editing.keystats import KeyStatistics, ProgressCallback
 from editing.models import LoadedModel
 from editing.paths import Paths
 from editing.requests import EditRequest, continuation
@@ -143,6 +143,11 @@ class GuardedEditor(Editor):
     """
 
     name: ClassVar[str] = "guarded"
+    # Not bit-exact after a version load or rollback: ``reset_memory`` rebuilds M from the held
+    # edits' keys in chunks, so its float64 sums round differently from the per-batch sums the
+    # original run accumulated, and later deltas differ in their last bits. Replay checks this
+    # editor's deltas against the journaled norms with a tolerance instead of the exact hash.
+    replay_bit_exact: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -165,6 +170,26 @@ class GuardedEditor(Editor):
     def set_statistics(self, stats: KeyStatistics) -> None:
         """Where C0 comes from (the daemon passes one on its own home and corpus)."""
         self._stats = stats
+
+    def statistics_targets(self, lm: LoadedModel) -> list[tuple[MlpRole, int]]:
+        """The (role, layer) pairs whose C0 the refit will read: none unless preserving with
+        ``preserve_lambda``; the inner editor's matrices (``edited_matrices``) otherwise, or
+        none when it cannot say (C0 is then computed at the first edit)."""
+        c = self.config
+        listing = getattr(self.inner, "edited_matrices", None)
+        if not (c.preserved_knowledge and c.preserve_lambda) or listing is None:
+            return []
+        return list(listing(lm))
+
+    def prepare_statistics(
+        self, lm: LoadedModel, on_progress: ProgressCallback | None = None
+    ) -> int:
+        """Compute (or load) every C0 the edits will need now, in one corpus pass, so the first
+        edit does not wait for it; ``lm`` must hold the base weights. Returns the count."""
+        targets = self.statistics_targets(lm)
+        if targets:
+            self._stats_for().prepare(lm, targets, on_progress=on_progress)
+        return len(targets)
 
     def set_originals(self, originals: OriginalWeights) -> None:
         """Where the base values come from (the daemon passes its base weights)."""

@@ -107,6 +107,21 @@ class FactkeeperMetrics:
             "Size of the last snapshot's weight deltas.",
             registry=r,
         )
+        self.snapshot_failures = Counter(
+            "factkeeper_snapshot_failures",
+            "Snapshots that could not be registered (MLflow down or failing); retried later.",
+            registry=r,
+        )
+        self.snapshot_consecutive_failures = Gauge(
+            "factkeeper_snapshot_consecutive_failures",
+            "Snapshot attempts that failed in a row since the last success (0: healthy).",
+            registry=r,
+        )
+        self.snapshot_last_success = Gauge(
+            "factkeeper_snapshot_last_success_timestamp_seconds",
+            "Unix time of the last snapshot registered in MLflow.",
+            registry=r,
+        )
         self.weight_delta_norm = Gauge(
             "factkeeper_weight_delta_norm",
             "Frobenius norm of the accumulated delta of each edited module vs the base weights.",

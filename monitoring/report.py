@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.journal import STATUSES
-from daemon.registry import CANDIDATE, PRODUCTION, VersionInfo
+from daemon.registry import CANDIDATE, PRODUCTION, VersionInfo, audit_label
 from editing.errors import FactkeeperError
 from monitoring.report_plots import (
     FAIL_COLOR,
@@ -495,7 +495,16 @@ def _charts(page: _Page, series: AuditSeries, charts: Mapping[str, bytes]) -> st
 def _versions(page: _Page) -> str:
     if not page.versions:
         return "<section><h2>Versions</h2><p>No versions registered yet.</p></section>"
-    headers = ("version", "aliases", "edits", "journal seq", "parent", "reason", "audit figures")
+    headers = (
+        "version",
+        "aliases",
+        "edits",
+        "journal seq",
+        "parent",
+        "reason",
+        "audit",
+        "audit figures",
+    )
     rows = []
     for info in page.versions[:MAX_TABLE_ROWS]:
         edits = info.tags.get("edits") or _num(info.metrics.get("edits"))
@@ -510,6 +519,7 @@ def _versions(page: _Page) -> str:
                 info.tags.get("journal_seq") or DASH,
                 _v(info.tags.get("parent_version") or None),
                 info.tags.get("reason") or DASH,
+                audit_label(info.tags),
                 figures or DASH,
                 _created(info),
             )

@@ -8,6 +8,7 @@ journal, replay and revert depend on that split.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,21 @@ class EditResult:
         """Frobenius norm of each module's delta (journal column and metric)."""
         return {name: float(d.norm()) for name, d in self.deltas.items()}
 
+    def delta_sha256(self) -> str:
+        """sha256 over the deltas' exact bytes (names, dtypes and shapes too), in name order:
+        the journal keeps it so replay can prove it rebuilt the same weights."""
+        return deltas_sha256(self.deltas)
+
+
+def deltas_sha256(deltas: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over ``name|dtype|shape|`` and the raw bytes of each tensor, sorted by name."""
+    digest = hashlib.sha256()
+    for name in sorted(deltas):
+        t = deltas[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
 
 class Editor(ABC):
     """A knowledge editor. Capabilities are class attributes, not entries in another list."""
@@ -45,6 +61,8 @@ class Editor(ABC):
     name: ClassVar[str]
     supports_batch: ClassVar[bool] = True
     needs_training: ClassVar[bool] = False
+    replay_bit_exact: ClassVar[bool] = True
+    """Replaying the same requests on the same weights gives bit-identical deltas."""
 
     @abstractmethod
     def compute_deltas(

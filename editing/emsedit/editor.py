@@ -277,6 +277,12 @@ class EMSEditEditor(Editor):
                 f"{steps} steps asked but the checkpoint has {self.config.n_nets} step networks"
             )
 
+    def edited_matrices(self, lm: LoadedModel) -> list[tuple[MlpRole, int]]:
+        """The (role, layer) of every matrix the hypernetworks edit (loads the checkpoint)."""
+        self._ensure_ready(lm)
+        assert self.modules is not None
+        return [(m.role, m.layer) for m in self.modules]
+
     @property
     def steps(self) -> int:
         assert self.config is not None

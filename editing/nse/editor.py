@@ -66,6 +66,10 @@ class NSEEditor(Editor):
 
     # --- setup --------------------------------------------------------------------------------
 
+    def edited_matrices(self, lm: LoadedModel) -> list[tuple[MlpRole, int]]:
+        """The down-projections of the configured layers."""
+        return [(MlpRole.DOWN, layer) for layer in self.config_for(lm).layers]
+
     def config_for(self, lm: LoadedModel) -> NSEConfig:
         if self.config is None:
             self.config = preset_for(lm.name)

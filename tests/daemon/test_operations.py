@@ -56,3 +56,4 @@ def test_versions_command_lists_tags_and_aliases(versioned, tmp_path, capsys):
     assert row["version"] == version
     assert row["aliases"] == "candidate"
     assert row["reason"] == "test"
+    assert row["audit"] == "never audited"  # no audit ran on it: said, not left blank

@@ -1,7 +1,10 @@
 """Snapshots restore bit-exactly, refuse pickles, and round-trip through a real MLflow registry."""
 
+import tempfile
+
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from daemon.registry import CANDIDATE, PRODUCTION, ModelRegistry
 from daemon.snapshots import (
@@ -118,6 +121,9 @@ def test_registry_versions_aliases_and_download(tmp_path):
     assert listed[0].metrics["edits"] == 2.0
 
     tensors, meta = read_snapshot(registry.download("1", tmp_path / "dl"))
+    with registry.downloaded("2") as folder:
+        assert read_snapshot(folder)[1].journal_seq == 2
+    assert not folder.exists()
     assert meta.journal_seq == 1
     assert set(tensors) == {"model.layers.1.mlp.down_proj.weight"}
 
@@ -134,3 +140,28 @@ def test_a_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypat
     ModelRegistry(f"sqlite:///{db}", "tiny").register(tmp_path / "s1", {"journal_seq": "1"})
     assert not (tmp_path / "mlruns").exists()
     assert list((db.parent / "artifacts").rglob("tensors.safetensors"))
+
+
+def test_restore_and_read_leave_no_download_folder_behind(tmp_path, monkeypatch):
+    """Each restore used to leave the downloaded snapshot (about 21 MB for SmolLM2) in /tmp."""
+    from daemon.config import load_settings
+    from daemon.journal import Journal
+    from daemon.versions import VersionKeeper
+    from editing.tiny import tiny_loaded
+    from monitoring.metrics import FactkeeperMetrics
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
+    lm = tiny_loaded("llama")
+    with Journal.open(tmp_path / "journal.sqlite3") as journal:
+        keeper = VersionKeeper(settings, lm, journal, FactkeeperMetrics(CollectorRegistry()))
+        _edit(lm.model, 1, 0.05, 1)
+        version = keeper.snapshot("test")
+        assert version is not None
+        assert not list(temp.iterdir())  # writing cleans up after itself already
+        tensors, _ = keeper.read(version)
+        assert keeper.restore().version == version
+    assert set(tensors) == {"model.layers.1.mlp.down_proj.weight"}
+    assert not list(temp.iterdir()), [p.name for p in temp.iterdir()]

@@ -48,6 +48,8 @@ KNOWN_METRICS = frozenset(
         "factkeeper_audit_last_success_timestamp_seconds",
         "factkeeper_consumer_lag_messages",
         "factkeeper_rollbacks_total",
+        # issue 17: snapshots failing while MLflow is down (not in design.md's list yet)
+        "factkeeper_snapshot_consecutive_failures",
     }
 )
 

@@ -26,6 +26,10 @@ DESIGN_METRICS = {
     "factkeeper_snapshot_duration_seconds",
     "factkeeper_snapshot_bytes",
     "factkeeper_weight_delta_norm",
+    # issue 17: MLflow outages
+    "factkeeper_snapshot_failures_total",
+    "factkeeper_snapshot_consecutive_failures",
+    "factkeeper_snapshot_last_success_timestamp_seconds",
 }
 
 

@@ -107,7 +107,14 @@ def _version(version: str, aliases: tuple[str, ...] = (), **tags: str) -> Versio
 
 
 VERSIONS = [
-    _version("2", ("production",), edits="200", journal_seq="210", parent_version="1"),
+    _version(
+        "2",
+        ("production",),
+        edits="200",
+        journal_seq="210",
+        parent_version="1",
+        audit_passed="true",
+    ),
     VersionInfo(
         version="3",
         aliases=("candidate",),
@@ -190,7 +197,9 @@ def test_page_lists_versions_audits_and_journal_counts(tmp_path: Path) -> None:
         ["v3", "candidate", "250", "265", "v2", "shutdown"],
         ["v2", "production", "200", "210", "v1", "–"],
     ]
-    assert versions[1][6] == "retention_exact_match 0.91"  # the "edits" metric is not repeated
+    # v3 never went through an audit: the page says so instead of leaving the cell empty
+    assert [row[6] for row in versions[1:]] == ["never audited", "passed"]
+    assert versions[1][7] == "retention_exact_match 0.91"  # the "edits" metric is not repeated
 
     audits = page.table("time")
     assert audits[0] == [

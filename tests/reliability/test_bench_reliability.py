@@ -26,11 +26,14 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 def test_long_sizes_are_the_issue_9_sizes(bench):
     configs = bench.long_configs(seed=0)
-    assert list(configs) == list(bench.SCENARIOS) == ["crash", "outage", "fuzz", "soak"]
+    assert list(configs) == list(bench.SCENARIOS)
+    assert list(configs) == ["crash", "outage", "fuzz", "soak", "topics_late", "mlflow_down"]
     assert (configs["crash"].events, configs["crash"].kills) == (1000, 10)
     assert configs["outage"].outage_s == 30.0
     assert configs["fuzz"].malformed == 1000
     assert configs["soak"].events == 10_000
+    assert configs["mlflow_down"].down_s == 60.0  # issue 17: "MLflow down for 60 s"
+    assert configs["topics_late"].produce_after_s > 0
 
 
 def test_only_takes_a_subset_in_order_and_refuses_unknown_names(bench):

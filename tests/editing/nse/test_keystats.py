@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from editing.adapters import MlpRole
-from editing.keystats import KeyStatistics, KeyStatsError, accumulate_key_moments, sample_corpus
+from editing.keystats import (
+    KeyStatistics,
+    KeyStatsError,
+    accumulate_key_moments,
+    accumulate_target_moments,
+    sample_corpus,
+)
 from editing.paths import Paths
 from editing.tiny import tiny_loaded
 
@@ -91,3 +97,46 @@ def test_missing_corpus_is_a_typed_error(tmp_path: Path) -> None:
     stats = KeyStatistics(Paths(tmp_path), corpus=tmp_path / "nope.txt", progress=False)
     with pytest.raises(KeyStatsError, match="not found"):
         stats.c0(tiny_loaded("llama"), 1)
+
+
+def test_one_pass_for_all_targets_equals_the_per_layer_passes(tmp_path: Path) -> None:
+    """The start-up pass hooks every needed matrix (several layers, two roles) in the same
+    forwards; each statistic must equal the one its own per-layer pass gives."""
+    lm = tiny_loaded("llama")
+    sample = sample_corpus(
+        lm.tokenizer, _corpus(tmp_path), max_tokens=1024, seq_len=32, batch_size=4
+    )
+    targets = [(MlpRole.DOWN, 1), (MlpRole.UP, 2), (MlpRole.DOWN, 3), (MlpRole.UP, 1)]
+    progress: list[tuple[int, int]] = []
+    together = accumulate_target_moments(
+        lm, targets, sample, batch_size=4, progress=False, on_progress=lambda *a: progress.append(a)
+    )
+    assert set(together) == set(targets)
+    assert progress[-1] == (sample.tokens, sample.tokens)
+    assert len(progress) == sample.chunks.shape[0] // 4  # one pass: one callback per batch
+    for role, layer in targets:
+        alone = accumulate_key_moments(lm, [layer], sample, role=role, batch_size=4)[layer]
+        got = together[(role, layer)]
+        assert got.count == alone.count
+        torch.testing.assert_close(got.total, alone.total, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got.first_half, alone.first_half, rtol=1e-6, atol=1e-9)
+
+
+def test_prepare_computes_every_missing_target_in_one_pass_and_caches(tmp_path: Path) -> None:
+    lm = tiny_loaded("llama")
+    stats = KeyStatistics(
+        Paths(tmp_path / "home"),
+        corpus=_corpus(tmp_path),
+        max_tokens=1024,
+        seq_len=32,
+        batch_size=4,
+        progress=False,
+    )
+    targets = [(MlpRole.DOWN, 1), (MlpRole.UP, 2), (MlpRole.DOWN, 3)]
+    found = stats.prepare(lm, targets)
+    assert {m.meta["targets_in_pass"] == ["down:1", "up:2", "down:3"] for m in found.values()} == {
+        True
+    }
+    assert stats.cache_path(lm, 2, MlpRole.UP).is_file()
+    # The editor's later per-layer reads are memo hits: the same objects, no new pass.
+    assert stats.moments(lm, [1, 3])[3] is found[(MlpRole.DOWN, 3)]

@@ -1,0 +1,115 @@
+"""Replay proves it rebuilt the same weights: journaled delta hashes, pinned threads, tags."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from daemon.config import load_settings
+from daemon.errors import ReplayMismatchError
+from daemon.journal import Journal, JournalEntry
+from daemon.service import Daemon, verify_replayed
+from daemon.versions import VersionKeeper
+from editing.editors import get_editor
+from editing.editors.base import EditResult
+from editing.safeguards import GuardedEditor
+from editing.tiny import tiny_loaded
+from monitoring.metrics import FactkeeperMetrics
+from tests.daemon.builders import to_bytes
+from tests.daemon.harness import (
+    FT_OPTIONS,
+    config_file,
+    create_topics,
+    env_for,
+    fact,
+    produce,
+)
+
+
+def _daemon(env: dict, options: dict) -> Daemon:
+    home = Path(env["FACTKEEPER_HOME"])
+    return Daemon(load_settings(config_file(home, options), env=env), serve_metrics=False)
+
+
+@pytest.mark.kafka
+def test_replay_checks_each_units_delta_hash_and_fails_loudly_on_a_mismatch(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(3)])
+    env = env_for(
+        tmp_path, kafka_broker, kafka_topic, tiny_model_dir, FACTKEEPER_MODEL__TORCH_THREADS="1"
+    )
+    daemon = _daemon(env, FT_OPTIONS)
+    try:
+        daemon.run(idle_timeout_s=2.0, handle_signals=False)
+        applied = daemon.journal.applied_events()
+        edited = {k: v.clone() for k, v in daemon.lm.model.state_dict().items()}
+        assert torch.get_num_threads() == 1
+    finally:
+        daemon.close()
+    assert applied and all(re.fullmatch(r"[0-9a-f]{64}", e.delta_sha256) for e in applied)
+
+    same = _daemon(env, FT_OPTIONS)  # the restart replays every unit and checks its hash
+    try:
+        assert same.replay.events == len(applied)
+        for key, value in same.lm.model.state_dict().items():
+            assert torch.equal(value, edited[key]), key
+    finally:
+        same.close()
+
+    # Another editor setting makes other weights from the same journal: refuse to start.
+    with pytest.raises(ReplayMismatchError, match=r"replaying journal seq \d+ .*delta sha256"):
+        _daemon(env, {**FT_OPTIONS, "lr": FT_OPTIONS["lr"] * 1.5})
+
+
+def _entry(norms: dict[str, float]) -> JournalEntry:
+    now = datetime.now(UTC)
+    return JournalEntry(
+        seq=1, event_id="e1", topic="t", partition=0, offset=0, status="applied", reason=None,
+        event=None, received_at=now, applied_at=now, edit_seconds=0.1, delta_norms=norms,
+        model_version=None, batch_id="b1", delta_sha256="0" * 64,
+    )  # fmt: skip
+
+
+def test_the_guarded_editor_is_checked_by_norm_within_a_tolerance():
+    """Its replay after a memory rebuild differs in the last bits (documented on the class):
+    exact hashes would always fail, so a relative 1e-4 on each delta's norm is the check."""
+    guarded = GuardedEditor(get_editor("ft", **FT_OPTIONS))
+    assert not guarded.replay_bit_exact and get_editor("ft").replay_bit_exact
+    delta = torch.full((4, 4), 0.25)
+    journaled = _entry({"w": float(delta.norm())})
+    close = EditResult({"w": delta * (1 + 1e-7)}, {}, 0.0)
+    verify_replayed(guarded, [journaled], close)  # last-bit differences pass
+    with pytest.raises(ReplayMismatchError, match="tolerance"):
+        verify_replayed(guarded, [journaled], EditResult({"w": delta * 1.01}, {}, 0.0))
+    with pytest.raises(ReplayMismatchError, match="delta sha256"):
+        verify_replayed(get_editor("ft"), [journaled], close)  # bit-exact editors: the hash
+
+
+def test_versions_carry_the_runtime_that_made_them(tmp_path):
+    settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
+    lm = tiny_loaded("llama")
+    checkpoint = tmp_path / "editor"
+    checkpoint.mkdir()
+    (checkpoint / "editor.json").write_text("{}")
+    with Journal.open(tmp_path / "journal.sqlite3") as journal:
+        keeper = VersionKeeper(settings, lm, journal, FactkeeperMetrics(CollectorRegistry()))
+        keeper.editor_checkpoint = lambda: checkpoint
+        with torch.no_grad():
+            lm.model.model.layers[1].mlp.down_proj.weight.add_(0.01)
+        version = keeper.snapshot("test")
+        [info] = keeper.registry.versions()
+    import transformers
+
+    assert info.version == version
+    tags = info.tags
+    assert tags["torch_version"] == torch.__version__
+    assert tags["transformers_version"] == transformers.__version__
+    assert tags["torch_threads"] == str(torch.get_num_threads())
+    assert re.fullmatch(r"[0-9a-f]{64}", tags["editor_checkpoint_sha256"])
