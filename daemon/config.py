@@ -345,6 +345,11 @@ class AuditSettings(_Section):
     statements ("<prompt> <answer>")."""
     sample_cap: int = Field(default=1000, ge=1)
     """Audit all applied edits up to this many, beyond it a seeded stratified sample."""
+    on_failure: Literal["quarantine", "warn"] = "quarantine"
+    """What a failed gate does. ``quarantine``: roll back to ``production`` and quarantine the
+    edits since. ``warn``: keep the edits and the weights, log a warning and record the audit
+    (``action: warned``; the floor alerts still fire); ``production`` does not move. For an
+    editor that does not meet the floors yet, where quarantine would undo every edit."""
 
 
 class MetricsSettings(_Section):
