@@ -49,7 +49,7 @@ mkdir -p "$BUILD"
 # 1. Debian root filesystem (cached: REBUILD_ROOTFS=1 to refresh).
 if [[ ! -s "$BUILD/rootfs.tar" || "${REBUILD_ROOTFS:-0}" == 1 ]]; then
     log "mmdebstrap bookworm -> $BUILD/rootfs.tar"
-    mmdebstrap --variant=minbase --mode=root \
+    mmdebstrap --variant=minbase --mode=root --format=tar \
         --include=python3,python3-venv,ca-certificates,libgomp1 \
         --aptopt='APT::Install-Recommends "false"' \
         --customize-hook='rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/*' \
