@@ -9,7 +9,9 @@ The schedule (``daemon.audit_schedule``) only says an audit is due; the consumer
 3. gates the figures against the floors and the last good audit (``monitoring.gates``);
 4. pass: ``production`` moves to the version. Fail: the edits since ``production`` are sent to
    the quarantine topic with the audit figures, marked ``quarantined`` in the journal, and the
-   model is rolled back to ``production`` (the base weights when no version passed yet);
+   model is rolled back to ``production`` (the base weights when no version passed yet); with
+   ``audit.on_failure: warn`` a failure only warns (action ``warned``: edits and weights stay,
+   ``production`` does not move);
 5. records the figures as MLflow metrics on the version, as a JSON report, and as metrics.
 """
 
@@ -126,6 +128,12 @@ class AuditRunner:
                 self.versions.promote(version)
                 action = "promoted"
             self.last_good = result
+        elif self.settings.audit.on_failure == "warn":
+            action = "warned"
+            log.warning(
+                "audit gate failed; audit.on_failure is warn, so the edits stay applied",
+                extra={"version": version, "reasons": list(decision.reasons)},
+            )
         elif self.history is not None and self.versions is not None:
             quarantined = self._quarantine(applied, production, result, decision, producer)
             if production is not None:

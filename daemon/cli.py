@@ -188,7 +188,13 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
-    """Print the effective configuration (file + environment) with secrets masked."""
+    """``show``: the effective configuration (file + environment), secrets masked;
+    ``default``: the shipped, commented default settings file (a start for ``--config``)."""
+    if ns.action == "default":
+        from daemon.config import default_config_text
+
+        print(default_config_text(), end="")
+        return EXIT_OK
     print(yaml.safe_dump(_settings(ns).redacted_dict(), sort_keys=False), end="")
     return EXIT_OK
 
@@ -369,7 +375,7 @@ COMMANDS: dict[str, Command] = {
     "status": Command(
         cmd_status, (_CONFIG, arg("--check", action="store_true", help="exit 1 unless ready"))
     ),
-    "config": Command(cmd_config, (arg("action", choices=("show",)), _CONFIG)),
+    "config": Command(cmd_config, (arg("action", choices=("show", "default")), _CONFIG)),
     "versions": Command(
         cmd_versions, (_CONFIG, arg("--json", action="store_true", help="JSON, not a table"))
     ),

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -363,6 +364,11 @@ class AuditSettings(_Section):
     statements ("<prompt> <answer>")."""
     sample_cap: int = Field(default=1000, ge=1)
     """Audit all applied edits up to this many, beyond it a seeded stratified sample."""
+    on_failure: Literal["quarantine", "warn"] = "quarantine"
+    """What a failed gate does. ``quarantine``: roll back to ``production`` and quarantine the
+    edits since. ``warn``: keep the edits and the weights, log a warning and record the audit
+    (``action: warned``; the floor alerts still fire); ``production`` does not move. For an
+    editor that does not meet the floors yet, where quarantine would undo every edit."""
 
 
 class MetricsSettings(_Section):
@@ -418,6 +424,13 @@ class Settings(_Section):
 
 
 SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)
+#: The commented default settings file, shipped in the package (a copy of configs/default.yaml).
+DEFAULT_CONFIG_FILE = "default.yaml"
+
+
+def default_config_text() -> str:
+    """The shipped ``default.yaml``: every key with its default and a comment."""
+    return resources.files("daemon").joinpath(DEFAULT_CONFIG_FILE).read_text(encoding="utf-8")
 
 
 def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Settings:
@@ -458,9 +471,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            [("", f"{path} does not exist; copy configs/default.yaml there and edit it")]
-        ) from None
+        hint = "copy configs/default.yaml there (`factkeeper config default` prints it)"
+        raise ConfigError([("", f"{path} does not exist; {hint} and edit it")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"cannot read {path}: {exc}")]) from None
     try:

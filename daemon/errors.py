@@ -84,6 +84,23 @@ class ReplayMismatchError(DaemonError):
     """
 
 
+class JournalLockedError(JournalError):
+    """Another process holds the journal's writer lock: two daemons must never write one journal.
+
+    ``holder`` is what the lock file says about that process (host and pid), or "" if unknown.
+    """
+
+    def __init__(self, lock_path: str, holder: str) -> None:
+        self.lock_path = lock_path
+        self.holder = holder
+        who = f" ({holder})" if holder else ""
+        super().__init__(
+            f"the journal is in use by another factkeeper process{who}: {lock_path} is locked; "
+            "one daemon per journal (stop the other one, or give this one its own "
+            "FACTKEEPER_HOME / journal.path)"
+        )
+
+
 class DuplicateEventError(JournalError):
     """Event ids that are already claimed by a journal row (or twice in one batch)."""
 

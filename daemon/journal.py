@@ -14,12 +14,22 @@ rule, the consumer decides what to do).
 
 Thread-safety: one writer thread. A ``Journal`` must be used only by the thread that opened it
 (sqlite3 enforces this); other processes and threads (``factkeeper status``) open their own.
+
+One writer process: the daemon opens its journal with ``exclusive=True``, which takes an
+exclusive ``flock`` on ``<journal>.lock`` beside it for as long as the journal is open, so a
+second daemon on the same file (a second pod on the same volume, a second ``factkeeper run``)
+fails at once with ``JournalLockedError`` instead of interleaving writes. The kernel drops the
+lock when the process dies, so a crash never leaves a stale lock behind. Readers
+(``factkeeper status``, ``versions``, ``report``) do not take it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import socket
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +47,7 @@ from daemon.errors import (
     DuplicateEventError,
     DuplicateOffsetError,
     JournalError,
+    JournalLockedError,
     UnknownEventError,
 )
 from daemon.events import FactCorrection, encode_event
@@ -179,18 +190,64 @@ class ControlEntry:
     source: str | None
 
 
+def writer_lock_path(path: Path) -> Path:
+    """The lock file beside the journal that one writer process holds."""
+    return path.with_name(path.name + ".lock")
+
+
+def _acquire_writer_lock(path: Path) -> int:
+    """Take an exclusive, non-blocking ``flock`` on the journal's lock file; return its fd.
+
+    Raises:
+        JournalLockedError: another open file description (another process) holds it.
+        JournalError: the lock file cannot be created.
+    """
+    lock_path = writer_lock_path(path)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise JournalError(f"cannot create the journal lock {lock_path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        finally:
+            os.close(fd)
+        raise JournalLockedError(str(lock_path), holder) from None
+    except OSError as exc:
+        os.close(fd)
+        raise JournalError(f"cannot lock {lock_path}: {exc}") from exc
+    # Who holds it, for the next opener's error message (informative only: the lock decides).
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release_writer_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor drops the flock
+
+
 class Journal:
     """The SQLite journal; build it with ``Journal.open`` and use it as a context manager."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self, connection: sqlite3.Connection, path: Path, lock_fd: int | None = None
+    ) -> None:
         self._conn = connection
         self.path = path
+        self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> Journal:
+    def open(cls, path: Path, *, create: bool = True, exclusive: bool = False) -> Journal:
         """Open (and with ``create``, create or migrate) the journal at ``path``.
 
+        Args:
+            exclusive: take the writer lock (``<path>.lock``) first; the daemon does.
+
         Raises:
+            JournalLockedError: ``exclusive`` and another process holds the writer lock.
             JournalError: the file is missing (``create=False``), not a factkeeper journal,
                 from a newer factkeeper, or WAL / synchronous=FULL could not be set.
         """
@@ -202,25 +259,29 @@ class Journal:
             if not create:
                 raise JournalError(f"no journal at {path}; `factkeeper run` creates it")
             path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _acquire_writer_lock(path) if exclusive else None
         try:
             connection = sqlite3.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
+            _release_writer_lock(lock_fd)
             raise JournalError(f"cannot open the journal at {path}: {exc}") from exc
-        journal = cls(connection, path)
+        journal = cls(connection, path, lock_fd)
         try:
             journal._configure()
             journal._migrate()
         except sqlite3.DatabaseError as exc:
-            connection.close()
+            journal.close()
             raise JournalError(f"{path} is not a usable journal: {exc}") from exc
         except JournalError:
-            connection.close()
+            journal.close()
             raise
         return journal
 
     def close(self) -> None:
-        """Close the connection; safe to call twice."""
+        """Close the connection and release the writer lock; safe to call twice."""
         self._conn.close()
+        _release_writer_lock(self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> Journal:
         return self

@@ -226,7 +226,7 @@ class Daemon:
         self.editor = editor or build_editor(settings)
         self.applier = EditApplier(self.lm, self.editor, rebuild=self._rebuild_from_journal)
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal.open(settings.journal.path)
+        self.journal = Journal.open(settings.journal.path, exclusive=True)
         # The audit baseline needs the base weights: build it before any version is restored.
         auditor = None
         if audits_enabled(settings):

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,8 @@ from editing.paths import Paths
 
 log = logging.getLogger(__name__)
 
-# The shared offline corpus: ../shared/data/wikitext next to the repository checkout.
-DEFAULT_CORPUS = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext" / "wiki.valid.raw"
-)
+# WikiText-2 valid, shipped as package data (editing/corpora/README.md: origin, licence).
+DEFAULT_CORPUS = Path(str(resources.files("editing.corpora").joinpath("wiki.valid.raw")))
 FORMAT = "factkeeper-keystats/1"
 
 
@@ -113,7 +112,7 @@ def sample_corpus(
     if not corpus.is_file():
         raise KeyStatsError(
             f"corpus {corpus} not found: pass an existing plain-text file (the default is "
-            f"WikiText-2 valid under ../shared/data/wikitext)"
+            f"WikiText-2 valid, shipped as editing/corpora/wiki.valid.raw)"
         )
     lines = [line for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     ids: list[int] = []

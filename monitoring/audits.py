@@ -56,7 +56,7 @@ BASELINE_SCHEMA = "factkeeper-audit-baseline/v2"
 BUNDLED_PROBE_FILE = "counterfact-smollm2.jsonl"
 
 Trigger = Literal["edits", "timer", "requested", "shutdown"]
-Action = Literal["promoted", "rolled_back", "none"]
+Action = Literal["promoted", "rolled_back", "warned", "none"]
 TRIGGERS: tuple[str, ...] = get_args(Trigger)
 ACTIONS: tuple[str, ...] = get_args(Action)
 

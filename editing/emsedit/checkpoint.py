@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ META = "editor.json"
 TRAIN_WEIGHTS = "train_state.safetensors"
 TRAIN_META = "train_state.json"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
-# The repository's shipped editors (editors/<model>/), next to the package in a source checkout.
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "editors"
+# The shipped editors (editors/<model>/): package data, found the same way in a source checkout
+# and in an installed wheel.
+SHIPPED_DIR = Path(str(resources.files("editors")))
 
 
 class CheckpointError(FactkeeperError):

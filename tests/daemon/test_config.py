@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Settings, load_settings
+from daemon.config import Settings, default_config_text, load_settings
 from daemon.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +53,11 @@ def test_every_shipped_config_loads(path: Path, env: dict[str, str]) -> None:
 
 def test_default_yaml_documents_exactly_the_defaults(env: dict[str, str]) -> None:
     assert load_settings(REPO / "configs" / "default.yaml", env=env) == load_settings(None, env=env)
+
+
+def test_packaged_default_yaml_is_configs_default_yaml() -> None:
+    """The wheel's copy (``factkeeper config default``) must not drift from configs/."""
+    assert default_config_text() == (REPO / "configs" / "default.yaml").read_text()
 
 
 def test_env_overrides_yaml_overrides_defaults(tmp_path: Path, env: dict[str, str]) -> None:

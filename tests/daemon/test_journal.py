@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,9 +17,10 @@ from daemon.errors import (
     DuplicateEventError,
     DuplicateOffsetError,
     JournalError,
+    JournalLockedError,
     UnknownEventError,
 )
-from daemon.journal import SCHEMA_VERSION, EventRecord, Journal
+from daemon.journal import SCHEMA_VERSION, EventRecord, Journal, writer_lock_path
 from tests.daemon.builders import make_event
 
 T0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
@@ -298,3 +302,66 @@ def test_two_openers_of_a_new_journal_do_not_both_migrate(tmp_path):
     second._migrate()  # must not raise "table events already exists"
     assert second.last_seq() == 0
     second.close()
+
+
+# --- the writer lock: one daemon per journal --------------------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from daemon.journal import Journal
+journal = Journal.open(Path(sys.argv[1]), exclusive=True)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock_in_another_process(path: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_process_fails_with_a_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    holder = _hold_lock_in_another_process(path)
+    try:
+        with pytest.raises(JournalLockedError) as caught:
+            Journal.open(path, exclusive=True)
+        assert f"pid={holder.pid}" in caught.value.holder
+        assert caught.value.lock_path == str(writer_lock_path(path))
+        assert "one daemon per journal" in str(caught.value)
+        with Journal.open(path, create=False) as reader:  # status/report still read
+            assert reader.last_seq() == 0
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock, no stale lock file blocks
+        holder.wait(timeout=30)
+    with Journal.open(path, exclusive=True) as journal:
+        assert journal.last_seq() == 0
+
+
+def test_the_writer_lock_holds_within_one_process_until_close(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    first = Journal.open(path, exclusive=True)
+    with pytest.raises(JournalLockedError):
+        Journal.open(path, exclusive=True)
+    first.close()
+    second = Journal.open(path, exclusive=True)
+    first.close()  # twice is fine and does not release the new holder's lock
+    with pytest.raises(JournalLockedError):
+        Journal.open(path, exclusive=True)
+    second.close()
+
+
+def test_a_failed_open_releases_the_writer_lock(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    path.write_text("not a journal, just text " * 100)
+    with pytest.raises(JournalError):
+        Journal.open(path, exclusive=True)
+    path.unlink()
+    Journal.open(path, exclusive=True).close()

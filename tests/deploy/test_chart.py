@@ -46,12 +46,23 @@ ALL_ON = (
     "gpu.enabled=true",
     "secrets.kafkaSaslPassword.existingSecret=kafka-user",
     "secrets.adminToken.existingSecret=admin",
+    "podDisruptionBudget.enabled=true",
 )
 
 
 def daemon_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def daemon_claim(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The state volume's claim (the train-editor job has its own)."""
+    (claim,) = [
+        c
+        for c in find(docs, "PersistentVolumeClaim")
+        if c["metadata"]["labels"].get("app.kubernetes.io/component") != "train-editor"
+    ]
+    return claim
 
 
 def all_containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -89,7 +100,14 @@ def test_helm_lint_kafka_cluster_chart(tools: Tools, env: str | None) -> None:
 
 # --- kubeconform ----------------------------------------------------------------------------
 
-BASE_KINDS = {"ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment"}
+BASE_KINDS = {
+    "ServiceAccount",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "Service",
+    "Deployment",
+    "NetworkPolicy",
+}
 
 
 @pytest.mark.parametrize(
@@ -107,7 +125,8 @@ def test_environment_render_passes_kubeconform(tools: Tools, env: str, kinds: se
 def test_every_optional_resource_passes_kubeconform(tools: Tools) -> None:
     manifests = tools.template(sets=ALL_ON).stdout
     assert_all_valid(
-        tools.kubeconform(manifests), BASE_KINDS | {"Job", "ServiceMonitor", "PrometheusRule"}
+        tools.kubeconform(manifests),
+        BASE_KINDS | {"Job", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget"},
     )
 
 
@@ -135,7 +154,9 @@ def test_every_vendored_schema_is_used(tools: Tools) -> None:
     for doc in docs:
         group, _, version = doc["apiVersion"].rpartition("/")
         kind = doc["kind"].lower()
-        if group and "." in group:
+        if group.endswith(".k8s.io"):  # built-in API groups (networking.k8s.io)
+            rendered.add(f"kubernetes/{kind}-{group.split('.')[0]}-{version}.json")
+        elif group and "." in group:
             rendered.add(f"crds/{group}/{kind}_{version}.json")
         else:
             suffix = f"-{group}-{version}" if group else f"-{version}"
@@ -201,7 +222,7 @@ def test_container_command_env_and_volumes(tools: Tools, env: str) -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     claim = volumes[mounts[HOME]]["persistentVolumeClaim"]["claimName"]
-    assert claim == only(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert claim == daemon_claim(docs)["metadata"]["name"]
     assert "emptyDir" in volumes[mounts["/tmp"]]
     config_map = volumes[mounts["/etc/factkeeper"]]["configMap"]["name"]
     assert config_map == only(docs, "ConfigMap")["metadata"]["name"]
@@ -364,14 +385,101 @@ def test_train_editor_job_and_cronjob(tools: Tools) -> None:
     ]
     assert container["resources"]["limits"][GPU] == 1
     assert GPU not in container["resources"]["requests"]
-    # The job shares the daemon's ReadWriteOnce claim, so it must land on the daemon's node,
-    # and it gets no Kafka or admin credentials.
+    # The job has its own ReadWriteOnce claim, never the daemon's ReadWriteOncePod one; the
+    # daemon mounts its editors/ read-only, so the job lands on the daemon's node. It gets no
+    # Kafka or admin credentials.
+    docs = tools.render(sets=["trainEditor.enabled=true", "trainEditor.runId=7"])
+    (job_claim,) = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    state_claim = daemon_claim(docs)
+    assert job_claim != state_claim["metadata"]["name"]
+    assert state_claim["spec"]["accessModes"] == ["ReadWriteOncePod"]
+    editor_claims = [
+        c for c in find(docs, "PersistentVolumeClaim") if c["metadata"]["name"] == job_claim
+    ]
+    assert editor_claims[0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    daemon_pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    (editors,) = [m for m in daemon_container(docs)["volumeMounts"] if m["name"] == "editors"]
+    assert editors == {
+        "name": "editors",
+        "mountPath": f"{HOME}/editors",
+        "subPath": "editors",
+        "readOnly": True,
+    }
+    daemon_volumes = {v["name"]: v for v in daemon_pod["volumes"]}
+    assert daemon_volumes["editors"]["persistentVolumeClaim"]["claimName"] == job_claim
+    job_home = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[HOME]
+    assert {v["name"]: v for v in pod["volumes"]}[job_home]["persistentVolumeClaim"]
     (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "daemon"
     assert all("valueFrom" not in var for var in container["env"])
     cron = only(tools.render(values=[chart_values("prod")]), "CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert not find(tools.render(), "Job") and not find(tools.render(), "CronJob")
+    refused = tools.template(
+        sets=["trainEditor.enabled=true", "trainEditor.persistence.accessModes={ReadWriteOncePod}"],
+        check=False,
+    )
+    assert refused.returncode != 0 and "ReadWriteOncePod" in refused.stderr
+
+
+@pytest.mark.parametrize("env", [None, *ENVIRONMENTS])
+def test_state_volume_is_read_write_once_pod(tools: Tools, env: str | None) -> None:
+    docs = tools.render(values=[chart_values(env)] if env else [])
+    assert daemon_claim(docs)["spec"]["accessModes"] == ["ReadWriteOncePod"]
+
+
+@pytest.mark.parametrize("env", [None, *ENVIRONMENTS])
+def test_failed_gate_warns_with_the_shipped_editor(tools: Tools, env: str | None) -> None:
+    """The shipped EMSEdit fails the default floors, so the chart's gate warns, not quarantines."""
+    docs = tools.render(values=[chart_values(env)] if env else [])
+    config = yaml.safe_load(only(docs, "ConfigMap")["data"]["config.yaml"])
+    assert config["editor"]["method"] == "emsedit"
+    assert config["audit"]["on_failure"] == "warn"
+    flipped = tools.render(sets=["config.audit.on_failure=quarantine"])
+    flipped_config = yaml.safe_load(only(flipped, "ConfigMap")["data"]["config.yaml"])
+    assert flipped_config["audit"]["on_failure"] == "quarantine"
+
+
+def test_pod_disruption_budget_is_opt_in(tools: Tools) -> None:
+    assert not find(tools.render(values=[chart_values("prod")]), "PodDisruptionBudget")
+    docs = tools.render(sets=["podDisruptionBudget.enabled=true"])
+    pdb = only(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_network_policy_admits_only_kafka_mlflow_and_the_scrape(tools: Tools, env: str) -> None:
+    docs = tools.render(values=[chart_values(env)])
+    policy = only(docs, "NetworkPolicy")["spec"]
+    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    (scraper,) = ingress["from"]
+    assert scraper["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    egress = {
+        frozenset((p["protocol"], p["port"]) for p in rule["ports"]): rule["to"]
+        for rule in policy["egress"]
+    }
+    assert set(egress) == {
+        frozenset({("TCP", 9092), ("TCP", 9093)}),
+        frozenset({("TCP", 5000), ("TCP", 80)}),
+        frozenset({("UDP", 53), ("TCP", 53)}),
+    }
+    # The Kafka rule reaches the brokers the rendered config bootstraps from (Strimzi labels).
+    config = yaml.safe_load(only(docs, "ConfigMap")["data"]["config.yaml"])
+    cluster = config["kafka"]["bootstrap_servers"][0].split("-kafka-bootstrap")[0]
+    kafka_peers = egress[frozenset({("TCP", 9092), ("TCP", 9093)})]
+    assert kafka_peers == [{"podSelector": {"matchLabels": {"strimzi.io/cluster": cluster}}}]
+    assert not find(tools.render(sets=["networkPolicy.enabled=false"]), "NetworkPolicy")
 
 
 def test_config_change_rolls_the_pod(tools: Tools) -> None:

@@ -62,6 +62,11 @@ app.kubernetes.io/part-of: factkeeper
 {{- default (printf "%s-data" (include "factkeeper.fullname" .)) .Values.persistence.existingClaim }}
 {{- end }}
 
+{{/* The train-editor job's own claim (its FACTKEEPER_HOME); the daemon mounts editors/ of it. */}}
+{{- define "factkeeper.editorClaimName" -}}
+{{- default (printf "%s-editor" (include "factkeeper.fullname" .)) .Values.trainEditor.existingClaim }}
+{{- end }}
+
 {{/* Where the daemon keeps its journal, snapshots and caches (FACTKEEPER_HOME). */}}
 {{- define "factkeeper.home" -}}/var/lib/factkeeper{{- end }}
 
@@ -194,13 +199,15 @@ priorityClassName: {{ . | quote }}
 
 {{/*
 Pod template of the train-editor Job/CronJob. Call with (dict "root" $ "claim" <claim name>).
-On the daemon's ReadWriteOnce claim the job must run on the daemon's node (pod affinity).
+On a ReadWriteOnce claim the job must run on the daemon's node (pod affinity), since the
+daemon mounts the same claim's editors/ folder.
 */}}
 {{- define "factkeeper.trainEditorPod" -}}
 {{- $root := .root }}
 {{- $t := $root.Values.trainEditor }}
 {{- $affinity := deepCopy (default (dict) $root.Values.affinity) }}
-{{- if and (not $t.existingClaim) (has "ReadWriteOnce" $root.Values.persistence.accessModes) (not (has "ReadWriteMany" $root.Values.persistence.accessModes)) }}
+{{- $modes := $t.persistence.accessModes }}
+{{- if and (has "ReadWriteOnce" $modes) (not (has "ReadWriteMany" $modes)) }}
 {{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "factkeeper.daemonSelectorLabels" $root | fromYaml)) }}
 {{- $podAffinity := deepCopy (default (dict) (get $affinity "podAffinity")) }}
 {{- $required := default (list) (get $podAffinity "requiredDuringSchedulingIgnoredDuringExecution") }}
