@@ -21,6 +21,7 @@ ReasonCode = Literal[
     "schema-violation",
     "unsupported-schema",
     "subject-not-in-prompt",
+    "invisible-character",
     "unknown-command",
 ]
 

@@ -39,7 +39,7 @@ from daemon.errors import (
     JournalError,
     UnknownEventError,
 )
-from daemon.events import FactCorrection, encode_event
+from daemon.events import FactCorrection, encode_event, stored_event
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class EventRecord:
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """A journaled record as read back; ``event`` is re-validated from the stored JSON."""
+    """A journaled record as read back; ``event`` is parsed from the stored JSON without the
+    input limits (``daemon.events.stored_event``)."""
 
     seq: int
     event_id: str | None
@@ -510,7 +511,7 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         offset=offset,
         status=status,
         reason=reason,
-        event=FactCorrection.model_validate_json(payload, strict=True) if payload else None,
+        event=stored_event(payload) if payload else None,
         received_at=datetime.fromisoformat(received_at),
         applied_at=datetime.fromisoformat(applied_at) if applied_at else None,
         edit_seconds=edit_seconds,
