@@ -16,10 +16,11 @@ it, and closes the consumer without auto-committing. ``run`` takes ``max_message
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -33,7 +34,7 @@ from daemon.control import ControlCommand, Pause, Resume, parse_control
 from daemon.control_auth import verify_control
 from daemon.errors import DaemonError, InvalidControlError, InvalidEventError
 from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
-from daemon.journal import EventRecord, Journal
+from daemon.journal import EventRecord, Journal, control_source
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
 
@@ -109,6 +110,12 @@ class FactConsumer:
         # Highest journaled offset per (topic, partition): records at or below it were handled
         # before a crash that came between the journal write and the offset commit.
         self._journaled = dict(journal.last_offsets())
+        # The same for control records: one executed before a crash that lost its offset commit
+        # must not run again over the edits made since (issue 17, item 5).
+        self._journaled.update(journal.control_offsets())
+        # Control partitions -> end offset at assignment: until they are read up to it, no
+        # correction is taken, so a command sent before a correction also acts before it.
+        self._control_catch_up: dict[TopicPartition, int] = {}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -126,15 +133,14 @@ class FactConsumer:
                 polled = self.consumer.poll(
                     timeout_ms=max(50, int(linger_s * 1000)), max_records=max(1, budget)
                 )
-                records = sorted(
-                    (r for batch in polled.values() for r in batch),
-                    key=lambda r: (r.topic, r.partition, r.offset),
-                )
+                records = arrival_order(polled.values(), self.topics.control)
                 if not records and not self.consumer.assignment():
                     self._wait_for_assignment()
                 if self.assignment_changed.is_set():
                     self.assignment_changed.clear()
+                    self._start_control_catch_up()
                     self._apply_pause()
+                records = self._hold_back_corrections(records)
                 for record in records:
                     self.stats.consumed += 1
                     if record.topic == self.topics.control:
@@ -142,6 +148,7 @@ class FactConsumer:
                         self._handle_control(record)
                     else:
                         self._stage(record)
+                self._end_control_catch_up()
                 if self._pending and (
                     not records
                     or self._valid_pending() >= self.settings.batching.max_size
@@ -363,8 +370,15 @@ class FactConsumer:
     # -- control ---------------------------------------------------------------------------------
 
     def _handle_control(self, record: object) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        if record.offset <= self._journaled.get((record.topic, record.partition), -1):
+            # Journaled (executed or refused) before a crash; only the offset commit was lost.
+            self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+            self.stats.count("already-journaled")
+            log.info("control record already journaled; skipped", extra={"offset": record.offset})
+            return
         now = datetime.now(UTC)
-        source = f"{record.topic}[{record.partition}]@{record.offset}"
+        source = control_source(record.topic, record.partition, record.offset)
         token = self.settings.admin.token
         try:
             command = parse_control(record.value)
@@ -382,7 +396,7 @@ class FactConsumer:
                 )
             else:
                 self.execute_control(command, source=source, received_at=now)
-        tp = TopicPartition(record.topic, record.partition)
+        self._journaled[(record.topic, record.partition)] = record.offset
         self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
 
     def execute_control(
@@ -412,6 +426,56 @@ class FactConsumer:
             return "unsupported: no handler for this command"
         return self.on_control(command)
 
+    # -- control before corrections at assignment -------------------------------------------
+
+    def _start_control_catch_up(self) -> None:
+        """Hold corrections back until the control topic is read to its end as of now.
+
+        On (re)assignment the correction partitions usually resume from a committed offset
+        while the control partition still resolves its position, so the first polls return
+        corrections produced after a pending ``rollback``; applying them first would let the
+        rollback discard them (issue 17, item 5).
+        """
+        control = [tp for tp in self.consumer.assignment() if tp.topic == self.topics.control]
+        try:
+            ends = self.consumer.end_offsets(control) if control else {}
+        except KafkaError as exc:
+            log.warning("control end offsets unavailable", extra={"error": str(exc)})
+            ends = {}
+        self._control_catch_up = {tp: end for tp, end in ends.items() if end > 0}
+        if self._control_catch_up:
+            self.consumer.pause(*self._correction_partitions())
+
+    def _hold_back_corrections(self, records: list) -> list:
+        """While catching up, drop this poll's corrections and seek back to fetch them later."""
+        if not self._control_catch_up:
+            return records
+        first: dict[TopicPartition, int] = {}
+        for r in records:
+            if r.topic != self.topics.control:
+                tp = TopicPartition(r.topic, r.partition)
+                first[tp] = min(first.get(tp, r.offset), r.offset)
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
+        return [r for r in records if r.topic == self.topics.control]
+
+    def _end_control_catch_up(self) -> None:
+        if not self._control_catch_up:
+            return
+        try:
+            behind = {
+                tp: end
+                for tp, end in self._control_catch_up.items()
+                if tp in self.consumer.assignment() and self.consumer.position(tp) < end
+            }
+        except KafkaError as exc:
+            log.debug("control position unavailable", extra={"error": str(exc)})
+            return
+        self._control_catch_up = behind
+        if not behind:
+            self.consumer.resume(*self._correction_partitions())
+            self._apply_pause()
+
     def _correction_partitions(self) -> list[TopicPartition]:
         return [tp for tp in self.consumer.assignment() if tp.topic == self.topics.corrections]
 
@@ -435,6 +499,18 @@ class FactConsumer:
             )
         except KafkaError as exc:
             log.debug("lag refresh failed", extra={"error": str(exc)})
+
+
+def arrival_order(batches: Iterable[list], control_topic: str) -> list:
+    """The records of one poll in the order they were produced, across topics.
+
+    Each partition's records stay in offset order; partitions are merged by record timestamp,
+    a control record first on a tie. Sorting by topic name instead applied corrections that
+    came *after* a ``rollback`` before it, and the rollback then discarded them (issue 17,
+    item 5).
+    """
+    streams = [sorted(batch, key=lambda r: r.offset) for batch in batches]
+    return list(heapq.merge(*streams, key=lambda r: (r.timestamp, r.topic != control_topic)))
 
 
 class _Listener(ConsumerRebalanceListener):

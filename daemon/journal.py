@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -372,6 +373,20 @@ class Journal:
         )
         return {(topic, partition): offset for topic, partition, offset in rows}
 
+    def control_offsets(self) -> dict[tuple[str, int], int]:
+        """The highest journaled control-topic offset per (topic, partition).
+
+        Read off the ``source`` of commands that came from Kafka (``control_source``); the
+        consumer skips redelivered control records at or below it.
+        """
+        offsets: dict[tuple[str, int], int] = {}
+        for (source,) in self._conn.execute("SELECT source FROM control_commands"):
+            match = _CONTROL_SOURCE.fullmatch(source or "")
+            if match:
+                key = (match["topic"], int(match["partition"]))
+                offsets[key] = max(offsets.get(key, -1), int(match["offset"]))
+        return offsets
+
     def last_seq(self) -> int:
         """The newest event sequence number (0 when empty); snapshots record it."""
         return self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
@@ -485,6 +500,14 @@ class Journal:
             ),
         )
         return _rowid(cursor)
+
+
+_CONTROL_SOURCE = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<offset>\d+)")
+
+
+def control_source(topic: str, partition: int, offset: int) -> str:
+    """How a control record's position is journaled as its ``source``: ``topic[p]@offset``."""
+    return f"{topic}[{partition}]@{offset}"
 
 
 def _stamp(moment: datetime) -> str:
