@@ -221,7 +221,7 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
     """Ask the running daemon to return to VERSION and point `production` at it."""
     from daemon.control import Rollback
 
-    return _control(ns, Rollback(command="rollback", version=ns.version))
+    return _control(ns, Rollback(command="rollback", version=ns.version, force=ns.force))
 
 
 def cmd_revert(ns: argparse.Namespace) -> int:
@@ -369,7 +369,13 @@ COMMANDS: dict[str, Command] = {
     "snapshot": Command(cmd_snapshot, (_CONFIG, _WAIT)),
     "audit": Command(cmd_audit, (_CONFIG, _WAIT)),
     "rollback": Command(
-        cmd_rollback, (arg("version", type=int, help="registered version"), _CONFIG, _WAIT)
+        cmd_rollback,
+        (
+            arg("version", type=int, help="registered version"),
+            arg("--force", action="store_true", help="bring back reverted/quarantined edits"),
+            _CONFIG,
+            _WAIT,
+        ),
     ),
     "revert": Command(cmd_revert, (arg("event_id", help="id of an applied event"), _CONFIG, _WAIT)),
     "export": Command(

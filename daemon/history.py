@@ -8,10 +8,13 @@ journal describes (a version whose edits no longer match the journal is never re
   as ``rolled_back`` (and any edit it holds that was rolled back before as ``applied`` again, so
   rolling *forward* to a newer version re-applies them), and points ``production`` at it. Kafka
   offsets are not touched: the rolled-back events stay consumed, and stay in the journal with
-  their payloads.
+  their payloads. Edits that were ``reverted`` or ``quarantined`` stay out even when the version
+  holds them (the weights are rebuilt without them as a new version), unless ``force`` is set.
 * **Revert** marks one applied edit ``reverted``, rebuilds from the newest version before it (or
   the base weights) by replaying the later edits without it, and registers the result as a new
-  version. The replay is the editor's own deterministic re-run, so later edits are recomputed on
+  version; if ``production`` held the edit, ``production`` moves to that version, since serving
+  replicas and a failed audit's rollback both follow ``production``. The replay is the editor's
+  own deterministic re-run, so later edits are recomputed on
   weights that never held the reverted one, not patched by subtracting its delta.
 """
 
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 Replay = Callable[[int], int]  # replay applied entries after a seq; returns the events replayed
 
+#: Statuses of edits a rollback keeps out of the weights unless forced: an operator or the
+#: audit gate removed them on purpose (issue 17, item 6).
+KEPT_OUT_STATUSES = frozenset({"reverted", "quarantined"})
+
 
 @dataclass(frozen=True)
 class RollbackReport:
@@ -40,6 +47,8 @@ class RollbackReport:
     rolled_back: tuple[str, ...]  # applied before, not held by the version
     restored: tuple[str, ...]  # rolled back before, held by the version (roll forward)
     seconds: float
+    kept_out: tuple[str, ...] = ()  # held by the version, but reverted or quarantined
+    promoted: str | None = None  # the version ``production`` now points at
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class RevertReport:
     replayed: int
     new_version: str | None
     seconds: float
+    promoted: bool = False  # production held the edit and now points at ``new_version``
 
 
 class History:
@@ -66,8 +76,12 @@ class History:
         self.replay = replay
         self.metrics = metrics
 
-    def rollback(self, version: str, reason: str) -> RollbackReport:
+    def rollback(self, version: str, reason: str, *, force: bool = False) -> RollbackReport:
         """Make ``version`` the model and ``production``; the journal follows it exactly.
+
+        Reverted and quarantined edits the version holds stay out: the weights are rebuilt
+        without them and registered as a new version, which ``production`` then points at.
+        ``force`` brings them back as ``applied`` instead.
 
         Raises:
             HistoryError: the version does not exist or was made from other base weights.
@@ -86,20 +100,36 @@ class History:
             raise HistoryError(
                 f"version {version} holds edits this journal never saw: {unknown[:3]}"
             )
+        kept_out = (
+            [] if force else [i for i in missing if self.journal.get(i).status in KEPT_OUT_STATUSES]
+        )
+        restored = [i for i in missing if i not in kept_out]
         self.journal.mark_many(
             {
                 **dict.fromkeys(dropped, ("rolled_back", f"{reason}: rollback to v{version}")),
-                **dict.fromkeys(missing, ("applied", f"{reason}: roll forward to v{version}")),
+                **dict.fromkeys(restored, ("applied", f"{reason}: roll forward to v{version}")),
             }
         )
         self.versions.load(version)
-        self.versions.mark_synced()
-        self.versions.promote(version)
+        target: str | None = version
+        if kept_out:
+            target = self._rebuild_without(
+                kept_out, f"{reason}: v{version} without {len(kept_out)} removed edit(s)"
+            )
+        else:
+            self.versions.mark_synced()
+        if target is not None:
+            self.versions.promote(target)
         self.metrics.rollbacks.labels(reason=reason).inc()
         self.metrics.events.labels(result="rolled_back").inc(len(dropped))
-        self.metrics.edits_applied.set(len(held))
+        self.metrics.edits_applied.set(len(held) - len(kept_out))
         report = RollbackReport(
-            version, tuple(dropped), tuple(missing), time.perf_counter() - started
+            version,
+            tuple(dropped),
+            tuple(restored),
+            time.perf_counter() - started,
+            kept_out=tuple(kept_out),
+            promoted=target,
         )
         log.info(
             "rolled back",
@@ -107,7 +137,8 @@ class History:
                 "version": version,
                 "reason": reason,
                 "rolled_back": len(dropped),
-                "restored": len(missing),
+                "restored": len(restored),
+                "kept_out": len(kept_out),
                 "seconds": round(report.seconds, 2),
             },
         )
@@ -143,9 +174,15 @@ class History:
         self.versions.current_version = start_version
         self.versions.snapshot_seq = start_seq
         new_version = self.versions.snapshot(f"revert {event_id}")
+        promoted = self._move_production_off(event_id, new_version)
         self.metrics.edits_applied.set(len(self.journal.applied_events()))
         report = RevertReport(
-            event_id, start_version, replayed, new_version, time.perf_counter() - started
+            event_id,
+            start_version,
+            replayed,
+            new_version,
+            time.perf_counter() - started,
+            promoted=promoted,
         )
         log.info(
             "reverted",
@@ -158,6 +195,37 @@ class History:
             },
         )
         return report
+
+    def _move_production_off(self, event_id: str, new_version: str | None) -> bool:
+        """Point ``production`` at ``new_version`` if it still holds the reverted edit.
+
+        Otherwise serving replicas keep the edit, and a failed audit's rollback to
+        ``production`` would bring it back.
+        """
+        production = self.versions.production()
+        if production is None or new_version is None:
+            return False
+        _, meta = self.versions.read(production)
+        if event_id not in meta.event_ids:
+            return False
+        self.versions.promote(new_version)
+        log.info("production moved off a reverted edit", extra={"version": new_version})
+        return True
+
+    def _rebuild_without(self, kept_out: list[str], reason: str) -> str | None:
+        """Weights = the applied journal (which no longer counts ``kept_out``), registered.
+
+        Rebuilds from the newest usable version before the earliest kept-out edit, replays the
+        applied edits after it and snapshots the result; returns the version now loaded.
+        """
+        first = min(self.journal.get(i).seq for i in kept_out)
+        before = self.versions.newest_usable_before(first)
+        start_version, start_seq = (before[0], before[1].journal_seq) if before else (None, 0)
+        self.versions.load(start_version)
+        self.replay(start_seq)
+        self.versions.current_version = start_version
+        self.versions.snapshot_seq = start_seq
+        return self.versions.snapshot(reason) or start_version
 
     def _editable_params(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.versions.lm.model.named_parameters())

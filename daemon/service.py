@@ -306,10 +306,11 @@ class Daemon:
                 current = self.versions.current_version
                 return f"done: version {version}" if version else f"done: unchanged ({current})"
             if isinstance(command, Rollback):
-                report = self.history.rollback(str(command.version), "manual")
+                report = self.history.rollback(str(command.version), "manual", force=command.force)
+                kept = f", {len(report.kept_out)} removed edits kept out" if report.kept_out else ""
                 return (
                     f"done: version {report.version}; {len(report.rolled_back)} edits rolled "
-                    f"back, {len(report.restored)} restored"
+                    f"back, {len(report.restored)} restored{kept}"
                 )
             if isinstance(command, Revert):
                 rev = self.history.revert(command.event_id)

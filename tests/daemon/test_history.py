@@ -127,3 +127,47 @@ def test_revert_removes_one_edit_and_equals_a_run_without_it(
         _assert_equal(restarted.lm.model, reverted_weights)
     finally:
         restarted.close()
+
+
+def test_reverted_edits_stay_out_when_the_gate_rolls_back_unless_forced(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    env = env_for(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN="true",
+    )
+    daemon = daemon_from_env(env)
+    try:
+        produce(kafka_broker, kafka_topic, [to_bytes(fact(0)), to_bytes(fact(1))])
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        good = daemon.versions.current_version  # holds fact:0 and fact:1
+        daemon.versions.promote(good)  # as a passed audit would
+        produce(kafka_broker, kafka_topic, [to_bytes(fact(3))])
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+
+        revert = daemon.history.revert("fact:1")
+        assert daemon.versions.production() == revert.new_version  # replicas drop fact:1
+
+        # What a failed audit does: back to the version that last passed, which holds fact:1.
+        report = daemon.history.rollback(good, "audit-gate")
+        assert daemon.journal.get("fact:1").status == "reverted"
+        assert report.kept_out == ("fact:1",)
+        current = daemon.versions.current_version
+        assert daemon.versions.production() == current != good
+        held = set(daemon.versions.read(current)[1].event_ids)
+        assert held == {"fact:0"} == {e.event_id for e in daemon.journal.applied_events()}
+        tensors, _ = daemon.versions.read(current)
+        params = dict(daemon.lm.model.named_parameters())
+        for name, value in tensors.items():
+            assert torch.equal(params[name].detach(), value), name
+
+        forced = daemon.history.rollback(good, "manual", force=True)
+        assert forced.kept_out == () and "fact:1" in forced.restored
+        assert daemon.journal.get("fact:1").status == "applied"
+        assert daemon.versions.production() == good
+    finally:
+        daemon.close()
