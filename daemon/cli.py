@@ -147,7 +147,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
     """Run the daemon: replay the journal, then apply corrections from Kafka until SIGTERM."""
     from daemon.service import Daemon
 
-    daemon = Daemon(_settings(ns), start_version=ns.version)
+    daemon = Daemon(
+        _settings(ns),
+        start_version=ns.version,
+        accept_journal_mismatch=ns.accept_journal_mismatch,
+    )
     try:
         stats = daemon.run(max_messages=ns.max_messages, idle_timeout_s=ns.idle_timeout)
     finally:
@@ -347,6 +351,11 @@ COMMANDS: dict[str, Command] = {
             arg("--max-messages", type=int, default=None, help="stop after this many records"),
             arg("--idle-timeout", type=float, default=None, help="stop after S idle seconds"),
             arg("--version", default=None, help="start from this registered version"),
+            arg(
+                "--accept-journal-mismatch",
+                action="store_true",
+                help="start although the journal does not match the topic or registry",
+            ),
         ),
     ),
     "produce": Command(

@@ -32,7 +32,12 @@ from daemon.applier import BatchOutcome, EditApplier
 from daemon.config import Settings
 from daemon.control import ControlCommand, Pause, Resume, parse_control
 from daemon.control_auth import verify_control
-from daemon.errors import DaemonError, InvalidControlError, InvalidEventError
+from daemon.errors import (
+    DaemonError,
+    InvalidControlError,
+    InvalidEventError,
+    JournalMismatchError,
+)
 from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
 from daemon.journal import EventRecord, Journal, control_source
 from monitoring.http import Readiness
@@ -87,8 +92,10 @@ class FactConsumer:
         on_control: ControlHandler | None = None,
         after_batch: Callable[[BatchOutcome], None] | None = None,
         between_batches: Callable[[], None] | None = None,
+        accept_journal_mismatch: bool = False,
     ) -> None:
         self.settings = settings
+        self.accept_journal_mismatch = accept_journal_mismatch
         self.topics = settings.kafka.topics
         self.applier = applier
         self.journal = journal
@@ -124,6 +131,7 @@ class FactConsumer:
         self.consumer.subscribe(
             [self.topics.corrections, self.topics.control], listener=_Listener(self)
         )
+        self._check_fresh_journal()
         last_activity = time.monotonic()
         linger_s = self.settings.batching.linger_ms / 1000
         broker_watch = _BrokerWatch(self.consumer, self.readiness).start()
@@ -197,8 +205,55 @@ class FactConsumer:
 
     # -- staging -------------------------------------------------------------------------------
 
+    def _check_fresh_journal(self) -> None:
+        """An empty journal beside committed offsets means the journal was lost: refuse."""
+        if self.accept_journal_mismatch or not self.journal.is_empty():
+            return
+        topic = self.topics.corrections
+        try:
+            partitions = self.consumer.partitions_for_topic(topic) or set()
+            committed = {p: self.consumer.committed(TopicPartition(topic, p)) for p in partitions}
+        except KafkaError as exc:
+            log.warning("committed offsets unavailable", extra={"error": str(exc)})
+            return
+        ahead = {p: o for p, o in committed.items() if o}
+        if ahead:
+            raise JournalMismatchError(
+                f"the journal at {self.journal.path} is empty, but group "
+                f"{self.settings.kafka.group_id!r} has committed offsets on {topic} {ahead}: "
+                "the corrections before them would be skipped and the model would start from "
+                "the base weights"
+            )
+
+    def _matches_journal(self, record: object) -> bool:
+        """Whether the journal row at this record's position is this record."""
+        entry = self.journal.event_at(record.topic, record.partition, record.offset)
+        if entry is None:
+            return False
+        try:
+            event = parse_event(record.value)
+        except InvalidEventError:
+            return entry.event is None
+        return entry.event is not None and encode_event(entry.event) == encode_event(event)
+
     def _stage(self, record: object) -> None:
         done_upto = self._journaled.get((record.topic, record.partition), -1)
+        if record.offset <= done_upto and not self._matches_journal(record):
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
+            if not self.accept_journal_mismatch:
+                raise JournalMismatchError(
+                    f"record {where} is not the one the journal holds at that offset (was the "
+                    "topic deleted and re-created?); skipping it as already journaled would "
+                    "drop it"
+                )
+            suffix = f"retired-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+            moved = self.journal.retire_partition(record.topic, record.partition, suffix)
+            log.warning(
+                "journal rows of a re-created partition retired",
+                extra={"at": where, "rows": moved, "suffix": suffix},
+            )
+            self._journaled.pop((record.topic, record.partition), None)
+            done_upto = -1
         if record.offset <= done_upto:  # journaled before a crash; only the commit was lost
             tp = TopicPartition(record.topic, record.partition)
             self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})

@@ -106,5 +106,26 @@ class UnknownEventError(JournalError):
         super().__init__(f"no journaled event with id(s): {', '.join(self.event_ids)}")
 
 
+class JournalMismatchError(JournalError):
+    """The journal does not describe the stream or registry it meets (issue 17, item 7).
+
+    A re-created topic restarts at offset 0, so skipping "journaled" offsets would drop new
+    corrections; an empty journal beside committed offsets or registered versions (a lost
+    volume) would silently restart from the base model. Either needs an operator's decision.
+    """
+
+    FORCE_FLAG = "--accept-journal-mismatch"
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(
+            f"{problem}. Refusing to start. If this is intended (the topic was re-created, or "
+            f"the journal was deliberately reset), start once with `factkeeper run "
+            f"{self.FORCE_FLAG}`: the journal rows of a re-created topic are kept under a "
+            "retired topic name and its records are consumed anew; an empty journal starts "
+            "from the base model."
+        )
+
+
 class HistoryError(DaemonError):
     """A rollback or revert was refused (unknown version, edit not applied, other base)."""

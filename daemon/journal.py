@@ -373,6 +373,35 @@ class Journal:
         )
         return {(topic, partition): offset for topic, partition, offset in rows}
 
+    def event_at(self, topic: str, partition: int, offset: int) -> JournalEntry | None:
+        """The row journaled for one Kafka position, or ``None``."""
+        row = self._conn.execute(
+            f'SELECT {_EVENT_COLUMNS} FROM events WHERE topic = ? AND "partition" = ? '
+            'AND "offset" = ?',
+            (topic, partition, offset),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def retire_partition(self, topic: str, partition: int, suffix: str) -> int:
+        """Move a partition's rows under ``topic~suffix``: the topic was re-created.
+
+        The rows, their statuses and claimed ids stay (a re-sent id is still a duplicate);
+        only their (topic, partition, offset) no longer matches the new topic's records.
+        """
+        with self._write("retire_partition"):
+            cursor = self._conn.execute(
+                'UPDATE events SET topic = ? WHERE topic = ? AND "partition" = ?',
+                (f"{topic}~{suffix}", topic, partition),
+            )
+        return cursor.rowcount
+
+    def is_empty(self) -> bool:
+        """No event and no control command was ever journaled."""
+        row = self._conn.execute(
+            "SELECT (SELECT COUNT(*) FROM events) + (SELECT COUNT(*) FROM control_commands)"
+        ).fetchone()
+        return row[0] == 0
+
     def control_offsets(self) -> dict[tuple[str, int], int]:
         """The highest journaled control-topic offset per (topic, partition).
 

@@ -25,7 +25,7 @@ from daemon.applier import BatchOutcome, EditApplier, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError
+from daemon.errors import HistoryError, JournalMismatchError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer
@@ -116,8 +116,10 @@ class Daemon:
         serve_metrics: bool = True,
         paths: Paths | None = None,
         start_version: str | None = None,
+        accept_journal_mismatch: bool = False,
     ) -> None:
         self.settings = settings
+        self.accept_journal_mismatch = accept_journal_mismatch
         self.paths = paths or Paths.from_env()
         self.metrics = metrics or FactkeeperMetrics()
         self.readiness = Readiness(*READINESS_CONDITIONS)
@@ -161,6 +163,7 @@ class Daemon:
             if self.versions is not None
             else None
         )
+        self._check_journal_against_registry()
         self.restored = self.versions.restore() if self.versions else None
         after_seq = self.restored.journal_seq if self.restored else 0
         self.replay = replay_journal(self.applier, self.journal, after_seq=after_seq)
@@ -191,6 +194,23 @@ class Daemon:
         self.readiness.set("model_loaded", True)
         self.consumer: FactConsumer | None = None
         self._applied_since_snapshot = self.replay.events
+
+    def _check_journal_against_registry(self) -> None:
+        """An empty journal beside registered versions of this model means a lost journal."""
+        if self.versions is None or self.accept_journal_mismatch or not self.journal.is_empty():
+            return
+        mine = [
+            v.version
+            for v in self.versions.registry.versions()
+            if v.tags.get("base_hash") == self.lm.base_hash
+        ]
+        if mine:
+            raise JournalMismatchError(
+                f"the journal at {self.journal.path} is empty, but "
+                f"{self.settings.snapshots.registered_model_name!r} has {len(mine)} registered "
+                f"version(s) of this model (newest {mine[0]}): the daemon would silently start "
+                "from the base weights"
+            )
 
     def _rebuild_from_journal(self) -> None:
         """Weights of unknown state (an editor failed mid-write) -> newest version + replay."""
@@ -242,6 +262,7 @@ class Daemon:
             on_control=on_control or self.handle_control,
             after_batch=self._after_batch,
             between_batches=self._between_batches,
+            accept_journal_mismatch=self.accept_journal_mismatch,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
