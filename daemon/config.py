@@ -362,8 +362,8 @@ class AdminSettings(_Section):
     """Interface to listen on; loopback by default (reach it with ``kubectl port-forward``)."""
     port: int = Field(default=9109, ge=1, le=65535)
     token: SecretStr | None = None
-    """Bearer token; required when enabled, at least 16 characters. When set, control-topic
-    records must also carry its HMAC-SHA256 signature (``daemon/control_auth.py``)."""
+    """Bearer token of the HTTP endpoint; required when enabled, at least 16 characters. It
+    is not the control-topic key (``control.keys``): the two must differ."""
 
     @model_validator(mode="after")
     def _token(self) -> AdminSettings:
@@ -374,6 +374,42 @@ class AdminSettings(_Section):
                 [("token", f"must be at least {_MIN_ADMIN_TOKEN_CHARS} characters")]
             )
         return self
+
+
+class ControlSettings(_Section):
+    """Who may send commands on the control topic (``daemon/control_auth.py``)."""
+
+    keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], SecretStr] = Field(
+        default_factory=dict
+    )
+    """HMAC keys by key id (>= 16 characters each), e.g. ``FACTKEEPER_CONTROL__KEYS__K2025``;
+    several ids allow rotation. Records must be signed with one of them."""
+    signing_key_id: str | None = None
+    """The key id ``factkeeper rollback`` etc. sign with; default: the only key."""
+    max_age_s: float = Field(default=300.0, gt=0.0, le=86_400.0)
+    """Refuse a signed record issued longer ago (or further ahead) than this; its nonce is
+    remembered for this long."""
+    allow_unsigned: bool = False
+    """Run unsigned control records when no key is configured; only for local demos and
+    tests. Without keys and without this, every control-topic record is refused."""
+
+    @model_validator(mode="after")
+    def _keys(self) -> ControlSettings:
+        problems = []
+        for key_id, key in self.keys.items():
+            if len(key.get_secret_value()) < _MIN_ADMIN_TOKEN_CHARS:
+                problems.append((f"keys.{key_id}", f"at least {_MIN_ADMIN_TOKEN_CHARS} chars"))
+        if self.signing_key_id is not None and self.signing_key_id not in self.keys:
+            problems.append(("signing_key_id", "names no key in control.keys"))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    def signing_key(self) -> tuple[str, SecretStr] | None:
+        """(key id, key) the CLI signs with, or None when there is no key."""
+        if self.signing_key_id is not None:
+            return self.signing_key_id, self.keys[self.signing_key_id]
+        return next(iter(sorted(self.keys.items())), None)
 
 
 class Settings(_Section):
@@ -389,6 +425,19 @@ class Settings(_Section):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+
+    @model_validator(mode="after")
+    def _separate_secrets(self) -> Settings:
+        token = self.admin.token.get_secret_value() if self.admin.token else None
+        if token is not None and any(
+            k.get_secret_value() == token for k in self.control.keys.values()
+        ):
+            raise ValueError(
+                "control.keys must not reuse admin.token: the bearer token and the control "
+                "HMAC key are separate secrets"
+            )
+        return self
 
     def redacted_dict(self) -> dict[str, Any]:
         """JSON-ready settings with every secret shown as ``***`` (unset ones stay null)."""
@@ -544,4 +593,6 @@ def _redacted(model: BaseModel) -> dict[str, Any]:
             out[name] = _redacted(value)
         elif isinstance(value, SecretStr):
             out[name] = "***"
+        elif isinstance(value, dict) and any(isinstance(v, SecretStr) for v in value.values()):
+            out[name] = {k: "***" for k in value}
     return out

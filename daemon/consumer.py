@@ -434,18 +434,16 @@ class FactConsumer:
             return
         now = datetime.now(UTC)
         source = control_source(record.topic, record.partition, record.offset)
-        token = self.settings.admin.token
         try:
             command = parse_control(record.value)
         except InvalidControlError as exc:
             log.warning("invalid control command", extra={"reason": exc.reason_code, "at": source})
             self.metrics.events.labels(result="invalid").inc()
         else:
-            if token is not None and not verify_control(record.value, record.headers, token):
-                outcome = "refused: unauthenticated (missing or wrong signature)"
-                log.warning(
-                    "control command refused", extra={"reason": "bad-signature", "at": source}
-                )
+            refusal = self._authenticate(record)
+            if refusal is not None:
+                outcome = f"refused: unauthenticated ({refusal})"
+                log.warning("control command refused", extra={"reason": refusal, "at": source})
                 self.journal.record_control(
                     command, received_at=now, outcome=outcome, source=source
                 )
@@ -453,6 +451,28 @@ class FactConsumer:
                 self.execute_control(command, source=source, received_at=now)
         self._journaled[(record.topic, record.partition)] = record.offset
         self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+
+    def _authenticate(self, record: object) -> str | None:
+        """Why a control record may not run, or None (signed, fresh, first seen)."""
+        control = self.settings.control
+        if not control.keys:
+            if control.allow_unsigned:
+                return None
+            return "no control.keys configured and control.allow_unsigned is false"
+        verdict = verify_control(
+            record.value,
+            record.headers,
+            keys=control.keys,
+            topic=record.topic,
+            group=self.settings.kafka.group_id,
+            max_age_s=control.max_age_s,
+        )
+        if not verdict.ok:
+            return verdict.reason
+        fresh = self.journal.remember_nonce(
+            verdict.nonce, verdict.key_id, verdict.issued_at, time.time() - control.max_age_s
+        )
+        return None if fresh else "replayed: nonce already seen"
 
     def execute_control(
         self, command: ControlCommand, *, source: str, received_at: datetime

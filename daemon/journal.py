@@ -95,6 +95,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) STRICT""",
     ),
 )
+_MIGRATIONS += (
+    (
+        # Nonces of signed control records, kept for the staleness window (issue 17, item 10).
+        """CREATE TABLE control_nonces (
+            nonce TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            issued_at REAL NOT NULL
+        ) STRICT""",
+    ),
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _EVENT_COLUMNS = (
@@ -332,6 +342,22 @@ class Journal:
                 (encode_control(command).decode("utf-8"), _stamp(received_at), outcome, source),
             )
         return _rowid(cursor)
+
+    def remember_nonce(
+        self, nonce: str, key_id: str, issued_at: float, forget_before: float
+    ) -> bool:
+        """Record a control record's nonce; False if it was seen before (a replay).
+
+        Nonces issued before ``forget_before`` are dropped: records that old are refused as
+        stale anyway.
+        """
+        with self._write("remember_nonce"):
+            self._conn.execute("DELETE FROM control_nonces WHERE issued_at < ?", (forget_before,))
+            cursor = self._conn.execute(
+                "INSERT OR IGNORE INTO control_nonces (nonce, key_id, issued_at) VALUES (?, ?, ?)",
+                (nonce, key_id, issued_at),
+            )
+        return cursor.rowcount == 1
 
     # -- reads ---------------------------------------------------------------------------------
 

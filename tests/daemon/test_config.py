@@ -249,3 +249,13 @@ def test_config_and_schema_modules_do_not_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_control_key_must_not_reuse_the_admin_token(env: dict[str, str]) -> None:
+    secret = "same-secret-0123456789abcdef"
+    reused = {**env, "FACTKEEPER_ADMIN__TOKEN": secret, "FACTKEEPER_CONTROL__KEYS__K1": secret}
+    with pytest.raises(ConfigError, match="separate secrets"):
+        load_settings(None, env=reused)
+    settings = load_settings(None, env={**reused, "FACTKEEPER_CONTROL__KEYS__K1": secret + "x"})
+    assert settings.redacted_dict()["control"]["keys"] == {"k1": "***"}
+    assert settings.control.signing_key()[0] == "k1"

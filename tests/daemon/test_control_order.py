@@ -57,6 +57,7 @@ def test_rollback_acts_at_its_position_and_runs_once(
         tiny_model_dir,
         FACTKEEPER_BATCHING__MAX_SIZE="8",  # one poll may return records of both topics
         FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN="true",
+        FACTKEEPER_CONTROL__ALLOW_UNSIGNED="true",
     )
     produce(kafka_broker, kafka_topic, [to_bytes(fact(0))])
     _run(env)  # fact:0, then version 1 at shutdown

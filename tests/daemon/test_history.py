@@ -32,6 +32,7 @@ def _env(tmp_path, kafka_broker, kafka_topic, tiny_model_dir) -> dict:
         tiny_model_dir,
         FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="4",
         FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN="true",
+        FACTKEEPER_CONTROL__ALLOW_UNSIGNED="true",  # these tests are not about signing
     )
 
 
