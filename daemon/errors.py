@@ -129,3 +129,20 @@ class JournalMismatchError(JournalError):
 
 class HistoryError(DaemonError):
     """A rollback or revert was refused (unknown version, edit not applied, other base)."""
+
+
+class QuarantineDeliveryError(DaemonError):
+    """The broker did not take a quarantine record (issue 17b, item 3).
+
+    Raised by a failed audit before anything is marked ``quarantined`` or rolled back, so the
+    journal never claims that an edit sits on the quarantine topic when it does not.
+    """
+
+    def __init__(self, topic: str, failures: Sequence[tuple[str, BaseException]]) -> None:
+        self.topic = topic
+        self.event_ids = tuple(event_id for event_id, _ in failures)
+        first = failures[0][1]
+        super().__init__(
+            f"{len(failures)} quarantine record(s) not delivered to {topic!r} "
+            f"(first: {type(first).__name__}: {first}); nothing was quarantined or rolled back"
+        )
