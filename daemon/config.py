@@ -217,6 +217,21 @@ class EditorSettings(_Section):
     options: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``);
     validated by that config class when the editor is built."""
+    transient_retries: int = Field(default=2, ge=0, le=10)
+    """Retries of an editor call that failed with a transient error (below) before its events
+    fail to the DLQ; the weights are rebuilt from the journal before each retry."""
+    transient_backoff_s: float = Field(default=0.5, ge=0.0, le=60.0)
+    """Wait before the first retry; doubled before each further one."""
+    transient_error_types: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["torch.OutOfMemoryError"]
+    )
+    """Exception classes that count as transient, as ``module.QualName`` or ``QualName``;
+    subclasses count too."""
+    transient_error_messages: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["out of memory"]
+    )
+    """Text that makes any editor error transient when its message contains it (case is
+    ignored), e.g. a ``RuntimeError: ... out of memory`` from an allocator."""
 
 
 class SafeguardSettings(_Section):

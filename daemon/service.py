@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.admin import AdminServer, ControlInbox
-from daemon.applier import BatchOutcome, EditApplier, to_request
+from daemon.applier import BatchOutcome, EditApplier, TransientRetry, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
@@ -136,7 +136,12 @@ class Daemon:
             dtype=getattr(torch, settings.model.dtype),
         )
         self.editor = editor or build_editor(settings)
-        self.applier = EditApplier(self.lm, self.editor, rebuild=self._rebuild_from_journal)
+        self.applier = EditApplier(
+            self.lm,
+            self.editor,
+            rebuild=self._rebuild_from_journal,
+            retry=TransientRetry.from_settings(settings.editor),
+        )
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path)
         # The audit baseline needs the base weights: build it before any version is restored.
