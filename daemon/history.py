@@ -16,6 +16,11 @@ journal describes (a version whose edits no longer match the journal is never re
   replicas and a failed audit's rollback both follow ``production``. The replay is the editor's
   own deterministic re-run, so later edits are recomputed on
   weights that never held the reverted one, not patched by subtracting its delta.
+  The edits applied in the same unit as the reverted one (its batch siblings) are recomputed
+  without it, so they are post-checked afterwards: if any no longer holds, each sibling becomes
+  a unit of its own (in the journal, at its original position) and the rebuild is replayed
+  again; a sibling that still does not hold alone is marked ``failed`` with the reason and left
+  out by one more rebuild. The revert's report lists both (``resplit``, ``failed``).
 """
 
 from __future__ import annotations
@@ -28,13 +33,16 @@ from dataclasses import dataclass
 import torch
 
 from daemon.errors import HistoryError
-from daemon.journal import Journal
+from daemon.events import FactCorrection
+from daemon.journal import Journal, JournalEntry
 from daemon.versions import VersionKeeper
 from monitoring.metrics import FactkeeperMetrics
 
 log = logging.getLogger(__name__)
 
 Replay = Callable[[int], int]  # replay applied entries after a seq; returns the events replayed
+#: Post-check: the events whose new target is not the model's answer, with the reason.
+Check = Callable[[list[FactCorrection]], dict[str, str]]
 
 #: Statuses of edits a rollback keeps out of the weights unless forced: an operator or the
 #: audit gate removed them on purpose (issue 17, item 6).
@@ -59,6 +67,8 @@ class RevertReport:
     new_version: str | None
     seconds: float
     promoted: bool = False  # production held the edit and now points at ``new_version``
+    resplit: tuple[str, ...] = ()  # batch siblings that lost their edit; now units of their own
+    failed: tuple[str, ...] = ()  # of those, the ones that did not hold alone either
 
 
 class History:
@@ -70,11 +80,13 @@ class History:
         journal: Journal,
         replay: Replay,
         metrics: FactkeeperMetrics,
+        check: Check | None = None,
     ) -> None:
         self.versions = versions
         self.journal = journal
         self.replay = replay
         self.metrics = metrics
+        self.check = check
 
     def rollback(self, version: str, reason: str, *, force: bool = False) -> RollbackReport:
         """Make ``version`` the model and ``production``; the journal follows it exactly.
@@ -159,18 +171,46 @@ class History:
         before = self.versions.newest_usable_before(entry.seq)
         saved = {n: p.detach().clone() for n, p in self._editable_params().items()}
         previous_version = self.versions.current_version
+        siblings = self._siblings(entry)
         self.journal.mark([event_id], "reverted", reason)
+        resplit: list[str] = []
+        failed: dict[str, str] = {}
         try:
             start_version, start_seq = (before[0], before[1].journal_seq) if before else (None, 0)
             self.versions.load(start_version)
             replayed = self.replay(start_seq)
+            lost = self._post_check(siblings)
+            if lost:
+                # Each sibling alone, where it stood in the journal: what a restart replays.
+                resplit = [e.event_id for e in siblings]
+                self.journal.set_batch_ids(
+                    {e.event_id: f"{e.batch_id}/{e.event_id}" for e in siblings}
+                )
+                self.versions.load(start_version)
+                replayed = self.replay(start_seq)
+                failed = self._post_check(siblings)
+            if failed:
+                note = f"{reason} {event_id}: batch sibling no longer holds, even alone: "
+                self.journal.mark_many(
+                    {i: ("failed", (note + why)[:500]) for i, why in failed.items()}
+                )
+                self.versions.load(start_version)
+                replayed = self.replay(start_seq)
         except Exception:
             with torch.no_grad():
                 for name, param in self._editable_params().items():
                     param.copy_(saved[name])
             self.versions.current_version = previous_version
-            self.journal.mark([event_id], "applied", "revert failed; edit kept")
+            self.journal.set_batch_ids({e.event_id: e.batch_id for e in siblings})
+            self.journal.mark_many(
+                {
+                    event_id: ("applied", "revert failed; edit kept"),
+                    **{i: ("applied", None) for i in failed},
+                }
+            )
             raise
+        if failed:
+            self.metrics.events.labels(result="failed").inc(len(failed))
         self.versions.current_version = start_version
         self.versions.snapshot_seq = start_seq
         new_version = self.versions.snapshot(f"revert {event_id}")
@@ -183,11 +223,15 @@ class History:
             new_version,
             time.perf_counter() - started,
             promoted=promoted,
+            resplit=tuple(resplit),
+            failed=tuple(failed),
         )
         log.info(
             "reverted",
             extra={
                 "event_id": event_id,
+                "resplit": len(resplit),
+                "failed": len(failed),
                 "rebuilt_from": start_version or "base",
                 "replayed": replayed,
                 "version": new_version,
@@ -195,6 +239,26 @@ class History:
             },
         )
         return report
+
+    def _siblings(self, entry: JournalEntry) -> list[JournalEntry]:
+        """The other applied edits of ``entry``'s unit, in journal order, less those a later
+        correction of the same prompt superseded (their answer is no longer theirs to hold)."""
+        if entry.batch_id is None:
+            return []
+        applied = self.journal.applied_events()
+        newest = {e.event.prompt: e.seq for e in applied}
+        return [
+            e
+            for e in applied
+            if e.batch_id == entry.batch_id
+            and e.event_id != entry.event_id
+            and newest[e.event.prompt] == e.seq
+        ]
+
+    def _post_check(self, entries: list[JournalEntry]) -> dict[str, str]:
+        if self.check is None or not entries:
+            return {}
+        return self.check([e.event for e in entries])
 
     def _move_production_off(self, event_id: str, new_version: str | None) -> bool:
         """Point ``production`` at ``new_version`` if it still holds the reverted edit.

@@ -305,6 +305,24 @@ class Journal:
                 )
         return len(changes)
 
+    def set_batch_ids(self, changes: Mapping[str, str | None]) -> int:
+        """Move claimed events to other replay units (a revert splitting a batch), atomically.
+
+        Raises:
+            UnknownEventError: some id has no claiming row; nothing is changed.
+        """
+        with self._write("set_batch_ids"):
+            missing = sorted(i for i in changes if not self._claimed(i))
+            if missing:
+                raise UnknownEventError(missing)
+            for event_id, batch_id in changes.items():
+                self._conn.execute(
+                    f"UPDATE events SET batch_id = ? "
+                    f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
+                    (batch_id, event_id),
+                )
+        return len(changes)
+
     def assign_model_version(self, version: str, up_to_seq: int) -> int:
         """Record the snapshot version that now contains the applied edits up to ``up_to_seq``.
 

@@ -164,7 +164,13 @@ class Daemon:
             if self.versions is not None:
                 self.versions.on_load = self._editor_holds
         self.history = (
-            History(self.versions, self.journal, self._replay_after, self.metrics)
+            History(
+                self.versions,
+                self.journal,
+                self._replay_after,
+                self.metrics,
+                check=lambda events: self.applier.post_check([to_request(e) for e in events]),
+            )
             if self.versions is not None
             else None
         )
@@ -340,9 +346,15 @@ class Daemon:
                 )
             if isinstance(command, Revert):
                 rev = self.history.revert(command.event_id)
+                siblings = ""
+                if rev.resplit:
+                    siblings = (
+                        f"; {len(rev.resplit)} batch siblings re-applied alone, "
+                        f"{len(rev.failed)} failed: {', '.join(rev.failed) or 'none'}"
+                    )
                 return (
                     f"done: version {rev.new_version}; replayed {rev.replayed} edits from "
-                    f"{rev.rebuilt_from or 'base'} in {rev.seconds:.1f} s"
+                    f"{rev.rebuilt_from or 'base'} in {rev.seconds:.1f} s{siblings}"
                 )
         except HistoryError as exc:
             return f"refused: {exc}"
