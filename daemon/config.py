@@ -340,7 +340,10 @@ class SnapshotSettings(_Section):
 
 
 class AuditSettings(_Section):
-    """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1])."""
+    """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1]).
+
+    Audits need snapshots on: a failed gate rolls back to a registered version, so audits on
+    with every snapshot trigger off is refused at load (``Settings``)."""
 
     every_n_edits: int = Field(default=100, ge=0)
     every_minutes: float = Field(default=30.0, ge=0.0)
@@ -451,6 +454,21 @@ class Settings(_Section):
             raise ValueError(
                 "control.keys must not reuse admin.token: the bearer token and the control "
                 "HMAC key are separate secrets"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _audits_need_snapshots(self) -> Settings:
+        a, s = self.audit, self.snapshots
+        audits_on = a.every_n_edits > 0 or a.every_minutes > 0
+        snapshots_on = s.every_n_edits > 0 or s.every_minutes > 0 or s.on_shutdown
+        if audits_on and not snapshots_on:
+            raise ValueError(
+                "audits are on (audit.every_n_edits or audit.every_minutes) but snapshots are "
+                "off (snapshots.every_n_edits and every_minutes are 0, on_shutdown is false): a "
+                "failed audit gate could neither roll back nor quarantine, only report. Turn "
+                "snapshots on (e.g. snapshots.on_shutdown: true) or audits off (audit."
+                "every_n_edits: 0 and audit.every_minutes: 0)"
             )
         return self
 
