@@ -518,11 +518,15 @@ class FactConsumer:
             log.warning("control end offsets unavailable", extra={"error": str(exc)})
             ends = {}
         self._control_catch_up = {tp: end for tp, end in ends.items() if end > 0}
-        if self._control_catch_up:
-            self.consumer.pause(*self._correction_partitions())
 
     def _hold_back_corrections(self, records: list) -> list:
-        """While catching up, drop this poll's corrections and seek back to fetch them later."""
+        """While catching up, drop this poll's corrections and seek back to fetch them later.
+
+        The correction partitions are not paused meanwhile: kafka-python never fetched a
+        partition again that was sought while paused and then resumed, so every correction
+        after a control record read during the catch-up stalled (bench/reliability.py
+        ``control-redelivered``, tests/reliability/test_redelivery.py).
+        """
         if not self._control_catch_up:
             return records
         first: dict[TopicPartition, int] = {}
