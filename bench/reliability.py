@@ -9,14 +9,20 @@ model, and records the run:
 * **outage**: the daemon's own broker stopped for 30 s mid-stream and restarted on the same data
   dir; ``/readyz`` while down and after, exactly-once, no restart of the daemon;
 * **fuzz**: 1 000 malformed records (every kind) among 250 valid ones; DLQ reasons, no crash;
-* **soak**: 10 000 events drained; RSS growth after warm-up, threads, open fds.
+* **soak**: 10 000 events drained; RSS growth after warm-up, threads, open fds;
+* **control-redelivered**: a ``rollback`` whose offset commit is lost in a crash is delivered
+  again after the restart, with corrections applied since; events lost and applied twice;
+* **topic-recreated**: the corrections topic is deleted and re-created (its offsets reused):
+  refused without ``--accept-journal-mismatch``, then every new record consumed; events lost
+  and applied twice.
 
 Results go to ``bench/results/reliability.json`` (merged by scenario, so ``--only`` re-runs one
 without losing the others) with the exact command, git revision, machine (cores, RAM), load
 average at start and end, timestamps, and each scenario's config, figures and verdict; a table
 goes to stdout, logs to stderr. Exit status 1 if any scenario failed.
 
-Usage: ``python bench/reliability.py [--only crash,outage,fuzz,soak] [--seed 0]``.
+Usage: ``python bench/reliability.py [--only crash,outage,fuzz,soak,control-redelivered,
+topic-recreated] [--seed 0]``.
 """
 
 from __future__ import annotations
@@ -47,12 +53,18 @@ from tests.fixtures.kafka import free_loopback_ports  # noqa: E402
 from tests.reliability.crash import CrashConfig, run_crash  # noqa: E402
 from tests.reliability.fuzz import FuzzConfig, run_fuzz  # noqa: E402
 from tests.reliability.outage import OutageConfig, run_outage  # noqa: E402
+from tests.reliability.redelivery import (  # noqa: E402
+    RecreateConfig,
+    RedeliveryConfig,
+    run_control_redelivery,
+    run_topic_recreated,
+)
 from tests.reliability.soak import SoakConfig, run_soak  # noqa: E402
 
 log = logging.getLogger("reliability")
 
 DEFAULT_OUT = REPO / "bench" / "results" / "reliability.json"
-SCENARIOS = ("crash", "outage", "fuzz", "soak")
+SCENARIOS = ("crash", "outage", "fuzz", "soak", "control-redelivered", "topic-recreated")
 
 
 def long_configs(seed: int) -> dict[str, Any]:
@@ -62,6 +74,8 @@ def long_configs(seed: int) -> dict[str, Any]:
         "outage": OutageConfig(events=200, outage_s=30.0, stop_after=50),
         "fuzz": FuzzConfig(malformed=1000, valid=250, seed=seed),
         "soak": SoakConfig(events=10_000),
+        "control-redelivered": RedeliveryConfig(before=10, rolled_back=10, after=20),
+        "topic-recreated": RecreateConfig(before=20, after=20),
     }
 
 
@@ -94,6 +108,8 @@ def run_scenario(
         "outage": lambda: run_outage(workdir, model_dir, config),
         "fuzz": lambda: run_fuzz(broker, workdir, model_dir, config),
         "soak": lambda: run_soak(broker, workdir, model_dir, config),
+        "control-redelivered": lambda: run_control_redelivery(broker, workdir, model_dir, config),
+        "topic-recreated": lambda: run_topic_recreated(broker, workdir, model_dir, config),
     }
     result = runners[name]()
     return result.to_dict(), result.failures()
@@ -125,6 +141,17 @@ def headline(name: str, r: dict[str, Any]) -> str:
             f"with the expected reason; valid {r['valid_applied']} applied + "
             f"{r['valid_failed']} edit-failed ({r['valid_failed_in_dlq']} in DLQ); "
             f"exit {r['exit_code']}, consumed {r['consumed']}"
+        )
+    if name in ("control-redelivered", "topic-recreated"):
+        extra = (
+            f"redelivered rollback skipped {r['redelivered_skipped']}x"
+            if name == "control-redelivered"
+            else f"refused without the flag {r['refused_without_flag']}, "
+            f"{r['retired_rows']} rows retired"
+        )
+        return (
+            f"events lost: {r['events_lost']}, applied twice: {r['applied_twice']}; {extra}; "
+            f"{r['statuses']}"
         )
     growth = r["rss_growth"]
     return (
@@ -227,13 +254,13 @@ def write_results(out: Path, invocation: dict[str, Any], records: dict[str, Any]
 
 
 def print_table(records: dict[str, dict[str, Any]]) -> None:
-    print(f"{'scenario':<8}  {'verdict':<7}  {'seconds':>8}  figures")
+    print(f"{'scenario':<19}  {'verdict':<7}  {'seconds':>8}  figures")
     for name, r in records.items():
         verdict = "pass" if r["passed"] else "FAIL"
         figures = headline(name, r["result"]) if "result" in r else r["failures"][0]
-        print(f"{name:<8}  {verdict:<7}  {r['seconds']:>8.1f}  {figures}")
+        print(f"{name:<19}  {verdict:<7}  {r['seconds']:>8.1f}  {figures}")
         for failure in r["failures"]:
-            print(f"{'':<8}  {'':<7}  {'':>8}  - {failure}")
+            print(f"{'':<19}  {'':<7}  {'':>8}  - {failure}")
 
 
 if __name__ == "__main__":
