@@ -14,14 +14,19 @@ model, and records the run:
   events produced 15 s later; events lost and applied twice, time to the first and last row;
 * **mlflow_down**: the real MLflow server stopped for 60 s mid-stream (90 events) and started
   again; the daemon keeps consuming; events lost, applied twice, snapshot failures, recovery.
+* **control-redelivered**: a ``rollback`` whose offset commit is lost in a crash is delivered
+  again after the restart, with corrections applied since; events lost and applied twice;
+* **topic-recreated**: the corrections topic is deleted and re-created (its offsets reused):
+  refused without ``--accept-journal-mismatch``, then every new record consumed; events lost
+  and applied twice.
 
 Results go to ``bench/results/reliability.json`` (merged by scenario, so ``--only`` re-runs one
 without losing the others) with the exact command, git revision, machine (cores, RAM), load
 average at start and end, timestamps, and each scenario's config, figures and verdict; a table
 goes to stdout, logs to stderr. Exit status 1 if any scenario failed.
 
-Usage: ``python bench/reliability.py [--only crash,outage,...] [--seed 0]`` (``--scenarios`` is
-the same as ``--only``).
+Usage: ``python bench/reliability.py [--only crash,outage,fuzz,soak,topics_late,mlflow_down,
+control-redelivered,topic-recreated] [--seed 0]`` (``--scenarios`` is the same as ``--only``).
 """
 
 from __future__ import annotations
@@ -58,12 +63,27 @@ from tests.reliability.dependencies import (  # noqa: E402
 )
 from tests.reliability.fuzz import FuzzConfig, run_fuzz  # noqa: E402
 from tests.reliability.outage import OutageConfig, run_outage  # noqa: E402
+from tests.reliability.redelivery import (  # noqa: E402
+    RecreateConfig,
+    RedeliveryConfig,
+    run_control_redelivery,
+    run_topic_recreated,
+)
 from tests.reliability.soak import SoakConfig, run_soak  # noqa: E402
 
 log = logging.getLogger("reliability")
 
 DEFAULT_OUT = REPO / "bench" / "results" / "reliability.json"
-SCENARIOS = ("crash", "outage", "fuzz", "soak", "topics_late", "mlflow_down")
+SCENARIOS = (
+    "crash",
+    "outage",
+    "fuzz",
+    "soak",
+    "topics_late",
+    "mlflow_down",
+    "control-redelivered",
+    "topic-recreated",
+)
 #: Scenarios that start a broker of their own (the shared one is not started for them alone).
 OWN_BROKER = frozenset({"outage", "topics_late", "mlflow_down"})
 
@@ -77,6 +97,8 @@ def long_configs(seed: int) -> dict[str, Any]:
         "soak": SoakConfig(events=10_000),
         "topics_late": TopicsLateConfig(events=50, produce_after_s=15.0),
         "mlflow_down": MlflowDownConfig(events=90, down_s=60.0, snapshot_every=5),
+        "control-redelivered": RedeliveryConfig(before=10, rolled_back=10, after=20),
+        "topic-recreated": RecreateConfig(before=20, after=20),
     }
 
 
@@ -111,6 +133,8 @@ def run_scenario(
         "soak": lambda: run_soak(broker, workdir, model_dir, config),
         "topics_late": lambda: run_topics_late(workdir, model_dir, config),
         "mlflow_down": lambda: run_mlflow_down(workdir, model_dir, config),
+        "control-redelivered": lambda: run_control_redelivery(broker, workdir, model_dir, config),
+        "topic-recreated": lambda: run_topic_recreated(broker, workdir, model_dir, config),
     }
     result = runners[name]()
     return result.to_dict(), result.failures()
@@ -155,6 +179,17 @@ def headline(name: str, r: dict[str, Any]) -> str:
             f"MLflow down {r['mlflow_down_s']} s, {r['journaled_while_down']} rows journaled "
             f"meanwhile; {r['snapshot_failures_total']} snapshot failures; version after "
             f"recovery {r['version_registered_after_recovery']}; exit {r['exit_code']}"
+        )
+    if name in ("control-redelivered", "topic-recreated"):
+        extra = (
+            f"redelivered rollback skipped {r['redelivered_skipped']}x"
+            if name == "control-redelivered"
+            else f"refused without the flag {r['refused_without_flag']}, "
+            f"{r['retired_rows']} rows retired"
+        )
+        return (
+            f"events lost: {r['events_lost']}, applied twice: {r['applied_twice']}; {extra}; "
+            f"{r['statuses']}"
         )
     growth = r["rss_growth"]
     return (
@@ -259,13 +294,13 @@ def write_results(out: Path, invocation: dict[str, Any], records: dict[str, Any]
 
 
 def print_table(records: dict[str, dict[str, Any]]) -> None:
-    print(f"{'scenario':<11}  {'verdict':<7}  {'seconds':>8}  figures")
+    print(f"{'scenario':<19}  {'verdict':<7}  {'seconds':>8}  figures")
     for name, r in records.items():
         verdict = "pass" if r["passed"] else "FAIL"
         figures = headline(name, r["result"]) if "result" in r else r["failures"][0]
-        print(f"{name:<11}  {verdict:<7}  {r['seconds']:>8.1f}  {figures}")
+        print(f"{name:<19}  {verdict:<7}  {r['seconds']:>8.1f}  {figures}")
         for failure in r["failures"]:
-            print(f"{'':<11}  {'':<7}  {'':>8}  - {failure}")
+            print(f"{'':<19}  {'':<7}  {'':>8}  - {failure}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ correction cannot drag good ones down; an event that still does not take alone i
 reported as failed. The units that were finally kept are what the journal records (``batch_id``)
 and what replay re-applies, in order, to reach the same weights after a restart.
 
+An editor that fails with a *transient* error (``TransientRetry``: out of memory by default) is
+retried a bounded number of times with a doubling backoff, the weights rebuilt from the journal
+before each try; only then are its events failed. Other unexpected errors fail them at once.
+
 A correction for a prompt an earlier edit already changed is applied on top of it (the earlier
 edit stays in the weights and in the journal); audits expect the newest target for each prompt.
 """
@@ -19,6 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from daemon.config import EditorSettings
 from daemon.events import FactCorrection
 from editing.checks import Judge, Verdict
 from editing.editors.base import EditError, Editor, EditResult
@@ -39,6 +44,38 @@ def to_request(event: FactCorrection) -> EditRequest:
         rephrases=tuple(event.rephrases),
         locality=tuple(LocalityProbe(p.prompt, p.answer) for p in event.locality_probes),
     )
+
+
+@dataclass(frozen=True)
+class TransientRetry:
+    """Which editor errors are worth retrying, and how often (``editor.transient_*``)."""
+
+    retries: int = 0
+    backoff_s: float = 0.5
+    error_types: tuple[str, ...] = ("torch.OutOfMemoryError",)
+    error_messages: tuple[str, ...] = ("out of memory",)
+
+    @classmethod
+    def from_settings(cls, editor: EditorSettings) -> TransientRetry:
+        return cls(
+            retries=editor.transient_retries,
+            backoff_s=editor.transient_backoff_s,
+            error_types=tuple(editor.transient_error_types),
+            error_messages=tuple(editor.transient_error_messages),
+        )
+
+    def is_transient(self, exc: BaseException) -> bool:
+        for cls in type(exc).__mro__:
+            if cls.__qualname__ in self.error_types:
+                return True
+            if f"{cls.__module__}.{cls.__qualname__}" in self.error_types:
+                return True
+        message = str(exc).lower()
+        return any(m.lower() in message for m in self.error_messages)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        return self.backoff_s * 2 ** (attempt - 1)
 
 
 @dataclass
@@ -67,16 +104,24 @@ class EditApplier:
     ``rebuild`` makes the weights what the journal says (the daemon passes its restore + replay).
     With it, an editor that fails in an unexpected way (not ``EditError``, so the weights may be
     half-written) costs a rebuild and marks the events failed instead of crashing the daemon on
-    the same record after every restart; without it, the error propagates.
+    the same record after every restart; without it, the error propagates. A transient error
+    (``retry``) is retried after the rebuild, up to ``retry.retries`` times.
     """
 
     def __init__(
-        self, lm: LoadedModel, editor: Editor, rebuild: Callable[[], None] | None = None
+        self,
+        lm: LoadedModel,
+        editor: Editor,
+        rebuild: Callable[[], None] | None = None,
+        retry: TransientRetry | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.lm = lm
         self.editor = editor
         self.rebuild = rebuild
         self.judge = Judge(lm)
+        self.retry = retry or TransientRetry()
+        self.sleep = sleep
 
     def apply(self, events: Sequence[FactCorrection]) -> BatchOutcome:
         """Apply ``events``; every event ends up in ``applied`` or ``failed``, never half-done."""
@@ -108,16 +153,29 @@ class EditApplier:
     ) -> tuple[AppliedUnit | None, dict[str, str]]:
         requests = [to_request(e) for e in events]
         started = time.perf_counter()
-        try:
-            result = self.editor.apply(self.lm, requests)
-        except EditError as exc:  # the editor guarantees the model is unchanged
-            return None, {e.id: f"editor refused: {exc}" for e in events}
-        except Exception as exc:
-            if self.rebuild is None:
-                raise
-            log.exception("editor failed; rebuilding the weights from the journal")
-            self._rebuild_keeping(outcome.applied)
-            return None, {e.id: f"editor error: {type(exc).__name__}: {exc}"[:300] for e in events}
+        attempt = 0
+        while True:
+            try:
+                result = self.editor.apply(self.lm, requests)
+                break
+            except EditError as exc:  # the editor guarantees the model is unchanged
+                return None, {e.id: f"editor refused: {exc}" for e in events}
+            except Exception as exc:
+                if self.rebuild is None:
+                    raise
+                transient = self.retry.is_transient(exc)
+                log.exception(
+                    "editor failed; rebuilding the weights from the journal",
+                    extra={"transient": transient, "attempt": attempt + 1},
+                )
+                self._rebuild_keeping(outcome.applied)
+                if transient and attempt < self.retry.retries:
+                    attempt += 1
+                    self.sleep(self.retry.delay(attempt))
+                    continue
+                note = f" (transient; failed {attempt + 1} times)" if transient else ""
+                reason = f"editor error{note}: {type(exc).__name__}: {exc}"[:300]
+                return None, {e.id: reason for e in events}
         failures = self.post_check(requests)
         if failures:
             self.editor.undo(self.lm, result)

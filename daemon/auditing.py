@@ -11,7 +11,10 @@ The schedule (``daemon.audit_schedule``) only says an audit is due; the consumer
    the quarantine topic with the audit figures, marked ``quarantined`` in the journal, and the
    model is rolled back to ``production`` (the base weights when no version passed yet); with
    ``audit.on_failure: warn`` a failure only warns (action ``warned``: edits and weights stay,
-   ``production`` does not move);
+   ``production`` does not move). The quarantine records are checked for delivery first: if the
+   broker did not take one, ``QuarantineDeliveryError`` is raised and nothing is marked or rolled
+   back (a requested audit journals it as its ``failed:`` outcome; a scheduled one stops the
+   daemon like an undelivered DLQ record, and the restart audits again);
 5. records the figures as MLflow metrics on the version, as a JSON report, and as metrics.
 """
 
@@ -24,8 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from daemon.config import Settings
+from daemon.errors import QuarantineDeliveryError
 from daemon.events import encode_event
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
@@ -199,6 +204,7 @@ class AuditRunner:
         ).encode()
         if producer is not None and offenders:
             topic = self.settings.kafka.topics.quarantine
+            sent = []
             for entry in offenders:
                 headers = [
                     ("factkeeper.reason", QUARANTINE_REASON.encode()),
@@ -206,13 +212,30 @@ class AuditRunner:
                     ("factkeeper.production_version", (production or "base").encode()),
                     ("factkeeper.journal_seq", str(entry.seq).encode()),
                 ]
-                producer.send(
+                future = producer.send(
                     topic,
                     value=encode_event(entry.event),
                     key=entry.event_id.encode(),
                     headers=headers,
                 )
-            producer.flush()
+                sent.append((entry.event_id, future))
+            # Like the DLQ: a record the broker did not take fails the audit here, before the
+            # journal marks anything quarantined and before the rollback. kafka-python's flush
+            # itself raises when the idempotent producer aborted its batches (e.g. a record
+            # over the topic's max.message.bytes); the records it left unsent failed too.
+            flush_error: KafkaError | None = None
+            try:
+                producer.flush()
+            except KafkaError as exc:
+                flush_error = exc
+            failures: list[tuple[str, BaseException]] = []
+            for event_id, future in sent:
+                try:
+                    future.get(timeout=0)
+                except KafkaError as exc:
+                    failures.append((event_id, exc if future.is_done else flush_error or exc))
+            if failures:
+                raise QuarantineDeliveryError(topic, failures)
         ids = tuple(e.event_id for e in offenders)
         if ids:
             reason = f"{QUARANTINE_REASON}: " + "; ".join(decision.reasons)

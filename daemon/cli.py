@@ -148,7 +148,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
     """Run the daemon: replay the journal, then apply corrections from Kafka until SIGTERM."""
     from daemon.service import Daemon
 
-    daemon = Daemon(_settings(ns), start_version=ns.version)
+    daemon = Daemon(
+        _settings(ns),
+        start_version=ns.version,
+        accept_journal_mismatch=ns.accept_journal_mismatch,
+    )
     try:
         stats = daemon.run(max_messages=ns.max_messages, idle_timeout_s=ns.idle_timeout)
     finally:
@@ -228,7 +232,7 @@ def cmd_rollback(ns: argparse.Namespace) -> int:
     """Ask the running daemon to return to VERSION and point `production` at it."""
     from daemon.control import Rollback
 
-    return _control(ns, Rollback(command="rollback", version=ns.version))
+    return _control(ns, Rollback(command="rollback", version=ns.version, force=ns.force))
 
 
 def cmd_revert(ns: argparse.Namespace) -> int:
@@ -360,6 +364,11 @@ COMMANDS: dict[str, Command] = {
             arg("--max-messages", type=int, default=None, help="stop after this many records"),
             arg("--idle-timeout", type=float, default=None, help="stop after S idle seconds"),
             arg("--version", default=None, help="start from this registered version"),
+            arg(
+                "--accept-journal-mismatch",
+                action="store_true",
+                help="start although the journal does not match the topic or registry",
+            ),
         ),
     ),
     "produce": Command(
@@ -382,7 +391,13 @@ COMMANDS: dict[str, Command] = {
     "snapshot": Command(cmd_snapshot, (_CONFIG, _WAIT)),
     "audit": Command(cmd_audit, (_CONFIG, _WAIT)),
     "rollback": Command(
-        cmd_rollback, (arg("version", type=int, help="registered version"), _CONFIG, _WAIT)
+        cmd_rollback,
+        (
+            arg("version", type=int, help="registered version"),
+            arg("--force", action="store_true", help="bring back reverted/quarantined edits"),
+            _CONFIG,
+            _WAIT,
+        ),
     ),
     "revert": Command(cmd_revert, (arg("event_id", help="id of an applied event"), _CONFIG, _WAIT)),
     "export": Command(

@@ -228,6 +228,21 @@ class EditorSettings(_Section):
     options: dict[str, bool | int | float | str] = Field(default_factory=dict)
     """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``);
     validated by that config class when the editor is built."""
+    transient_retries: int = Field(default=2, ge=0, le=10)
+    """Retries of an editor call that failed with a transient error (below) before its events
+    fail to the DLQ; the weights are rebuilt from the journal before each retry."""
+    transient_backoff_s: float = Field(default=0.5, ge=0.0, le=60.0)
+    """Wait before the first retry; doubled before each further one."""
+    transient_error_types: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["torch.OutOfMemoryError"]
+    )
+    """Exception classes that count as transient, as ``module.QualName`` or ``QualName``;
+    subclasses count too."""
+    transient_error_messages: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["out of memory"]
+    )
+    """Text that makes any editor error transient when its message contains it (case is
+    ignored), e.g. a ``RuntimeError: ... out of memory`` from an allocator."""
 
 
 class SafeguardSettings(_Section):
@@ -345,7 +360,10 @@ class SnapshotSettings(_Section):
 
 
 class AuditSettings(_Section):
-    """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1])."""
+    """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1]).
+
+    Audits need snapshots on: a failed gate rolls back to a registered version, so audits on
+    with every snapshot trigger off is refused at load (``Settings``)."""
 
     every_n_edits: int = Field(default=100, ge=0)
     every_minutes: float = Field(default=30.0, ge=0.0)
@@ -390,8 +408,8 @@ class AdminSettings(_Section):
     """Interface to listen on; loopback by default (reach it with ``kubectl port-forward``)."""
     port: int = Field(default=9109, ge=1, le=65535)
     token: SecretStr | None = None
-    """Bearer token; required when enabled, at least 16 characters. When set, control-topic
-    records must also carry its HMAC-SHA256 signature (``daemon/control_auth.py``)."""
+    """Bearer token of the HTTP endpoint; required when enabled, at least 16 characters. It
+    is not the control-topic key (``control.keys``): the two must differ."""
 
     @model_validator(mode="after")
     def _token(self) -> AdminSettings:
@@ -402,6 +420,42 @@ class AdminSettings(_Section):
                 [("token", f"must be at least {_MIN_ADMIN_TOKEN_CHARS} characters")]
             )
         return self
+
+
+class ControlSettings(_Section):
+    """Who may send commands on the control topic (``daemon/control_auth.py``)."""
+
+    keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], SecretStr] = Field(
+        default_factory=dict
+    )
+    """HMAC keys by key id (>= 16 characters each), e.g. ``FACTKEEPER_CONTROL__KEYS__K2025``;
+    several ids allow rotation. Records must be signed with one of them."""
+    signing_key_id: str | None = None
+    """The key id ``factkeeper rollback`` etc. sign with; default: the only key."""
+    max_age_s: float = Field(default=300.0, gt=0.0, le=86_400.0)
+    """Refuse a signed record issued longer ago (or further ahead) than this; its nonce is
+    remembered for this long."""
+    allow_unsigned: bool = False
+    """Run unsigned control records when no key is configured; only for local demos and
+    tests. Without keys and without this, every control-topic record is refused."""
+
+    @model_validator(mode="after")
+    def _keys(self) -> ControlSettings:
+        problems = []
+        for key_id, key in self.keys.items():
+            if len(key.get_secret_value()) < _MIN_ADMIN_TOKEN_CHARS:
+                problems.append((f"keys.{key_id}", f"at least {_MIN_ADMIN_TOKEN_CHARS} chars"))
+        if self.signing_key_id is not None and self.signing_key_id not in self.keys:
+            problems.append(("signing_key_id", "names no key in control.keys"))
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
+    def signing_key(self) -> tuple[str, SecretStr] | None:
+        """(key id, key) the CLI signs with, or None when there is no key."""
+        if self.signing_key_id is not None:
+            return self.signing_key_id, self.keys[self.signing_key_id]
+        return next(iter(sorted(self.keys.items())), None)
 
 
 class Settings(_Section):
@@ -417,6 +471,34 @@ class Settings(_Section):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+
+    @model_validator(mode="after")
+    def _separate_secrets(self) -> Settings:
+        token = self.admin.token.get_secret_value() if self.admin.token else None
+        if token is not None and any(
+            k.get_secret_value() == token for k in self.control.keys.values()
+        ):
+            raise ValueError(
+                "control.keys must not reuse admin.token: the bearer token and the control "
+                "HMAC key are separate secrets"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _audits_need_snapshots(self) -> Settings:
+        a, s = self.audit, self.snapshots
+        audits_on = a.every_n_edits > 0 or a.every_minutes > 0
+        snapshots_on = s.every_n_edits > 0 or s.every_minutes > 0 or s.on_shutdown
+        if audits_on and not snapshots_on:
+            raise ValueError(
+                "audits are on (audit.every_n_edits or audit.every_minutes) but snapshots are "
+                "off (snapshots.every_n_edits and every_minutes are 0, on_shutdown is false): a "
+                "failed audit gate could neither roll back nor quarantine, only report. Turn "
+                "snapshots on (e.g. snapshots.on_shutdown: true) or audits off (audit."
+                "every_n_edits: 0 and audit.every_minutes: 0)"
+            )
+        return self
 
     def redacted_dict(self) -> dict[str, Any]:
         """JSON-ready settings with every secret shown as ``***`` (unset ones stay null)."""
@@ -578,4 +660,6 @@ def _redacted(model: BaseModel) -> dict[str, Any]:
             out[name] = _redacted(value)
         elif isinstance(value, SecretStr):
             out[name] = "***"
+        elif isinstance(value, dict) and any(isinstance(v, SecretStr) for v in value.values()):
+            out[name] = {k: "***" for k in value}
     return out

@@ -16,10 +16,11 @@ it, and closes the consumer without auto-committing. ``run`` takes ``max_message
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -31,9 +32,14 @@ from daemon.applier import BatchOutcome, EditApplier
 from daemon.config import Settings
 from daemon.control import ControlCommand, Pause, Resume, parse_control
 from daemon.control_auth import verify_control
-from daemon.errors import DaemonError, InvalidControlError, InvalidEventError
+from daemon.errors import (
+    DaemonError,
+    InvalidControlError,
+    InvalidEventError,
+    JournalMismatchError,
+)
 from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
-from daemon.journal import EventRecord, Journal
+from daemon.journal import EventRecord, Journal, control_source
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
 
@@ -87,8 +93,10 @@ class FactConsumer:
         after_batch: Callable[[BatchOutcome], None] | None = None,
         between_batches: Callable[[], None] | None = None,
         ensure_topics: Callable[[], object] | None = None,
+        accept_journal_mismatch: bool = False,
     ) -> None:
         self.settings = settings
+        self.accept_journal_mismatch = accept_journal_mismatch
         self.topics = settings.kafka.topics
         self.applier = applier
         self.journal = journal
@@ -115,6 +123,12 @@ class FactConsumer:
         # Highest journaled offset per (topic, partition): records at or below it were handled
         # before a crash that came between the journal write and the offset commit.
         self._journaled = dict(journal.last_offsets())
+        # The same for control records: one executed before a crash that lost its offset commit
+        # must not run again over the edits made since (issue 17, item 5).
+        self._journaled.update(journal.control_offsets())
+        # Control partitions -> end offset at assignment: until they are read up to it, no
+        # correction is taken, so a command sent before a correction also acts before it.
+        self._control_catch_up: dict[TopicPartition, int] = {}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -124,6 +138,7 @@ class FactConsumer:
         self.consumer.subscribe(
             [self.topics.corrections, self.topics.control], listener=_Listener(self)
         )
+        self._check_fresh_journal()
         last_activity = time.monotonic()
         linger_s = self.settings.batching.linger_ms / 1000
         broker_watch = _BrokerWatch(self.consumer, self.readiness).start()
@@ -133,15 +148,14 @@ class FactConsumer:
                 polled = self.consumer.poll(
                     timeout_ms=max(50, int(linger_s * 1000)), max_records=max(1, budget)
                 )
-                records = sorted(
-                    (r for batch in polled.values() for r in batch),
-                    key=lambda r: (r.topic, r.partition, r.offset),
-                )
+                records = arrival_order(polled.values(), self.topics.control)
                 if not records and not self.consumer.assignment():
                     self._wait_for_assignment()
                 if self.assignment_changed.is_set():
                     self.assignment_changed.clear()
+                    self._start_control_catch_up()
                     self._apply_pause()
+                records = self._hold_back_corrections(records)
                 for record in records:
                     self.stats.consumed += 1
                     if record.topic == self.topics.control:
@@ -149,6 +163,7 @@ class FactConsumer:
                         self._handle_control(record)
                     else:
                         self._stage(record)
+                self._end_control_catch_up()
                 if self._pending and (
                     not records
                     or self._valid_pending() >= self.settings.batching.max_size
@@ -209,8 +224,55 @@ class FactConsumer:
 
     # -- staging -------------------------------------------------------------------------------
 
+    def _check_fresh_journal(self) -> None:
+        """An empty journal beside committed offsets means the journal was lost: refuse."""
+        if self.accept_journal_mismatch or not self.journal.is_empty():
+            return
+        topic = self.topics.corrections
+        try:
+            partitions = self.consumer.partitions_for_topic(topic) or set()
+            committed = {p: self.consumer.committed(TopicPartition(topic, p)) for p in partitions}
+        except KafkaError as exc:
+            log.warning("committed offsets unavailable", extra={"error": str(exc)})
+            return
+        ahead = {p: o for p, o in committed.items() if o}
+        if ahead:
+            raise JournalMismatchError(
+                f"the journal at {self.journal.path} is empty, but group "
+                f"{self.settings.kafka.group_id!r} has committed offsets on {topic} {ahead}: "
+                "the corrections before them would be skipped and the model would start from "
+                "the base weights"
+            )
+
+    def _matches_journal(self, record: object) -> bool:
+        """Whether the journal row at this record's position is this record."""
+        entry = self.journal.event_at(record.topic, record.partition, record.offset)
+        if entry is None:
+            return False
+        try:
+            event = parse_event(record.value)
+        except InvalidEventError:
+            return entry.event is None
+        return entry.event is not None and encode_event(entry.event) == encode_event(event)
+
     def _stage(self, record: object) -> None:
         done_upto = self._journaled.get((record.topic, record.partition), -1)
+        if record.offset <= done_upto and not self._matches_journal(record):
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
+            if not self.accept_journal_mismatch:
+                raise JournalMismatchError(
+                    f"record {where} is not the one the journal holds at that offset (was the "
+                    "topic deleted and re-created?); skipping it as already journaled would "
+                    "drop it"
+                )
+            suffix = f"retired-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+            moved = self.journal.retire_partition(record.topic, record.partition, suffix)
+            log.warning(
+                "journal rows of a re-created partition retired",
+                extra={"at": where, "rows": moved, "suffix": suffix},
+            )
+            self._journaled.pop((record.topic, record.partition), None)
+            done_upto = -1
         if record.offset <= done_upto:  # journaled before a crash; only the commit was lost
             tp = TopicPartition(record.topic, record.partition)
             self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
@@ -383,27 +445,54 @@ class FactConsumer:
     # -- control ---------------------------------------------------------------------------------
 
     def _handle_control(self, record: object) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        if record.offset <= self._journaled.get((record.topic, record.partition), -1):
+            # Journaled (executed or refused) before a crash; only the offset commit was lost.
+            self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+            self.stats.count("already-journaled")
+            log.info("control record already journaled; skipped", extra={"offset": record.offset})
+            return
         now = datetime.now(UTC)
-        source = f"{record.topic}[{record.partition}]@{record.offset}"
-        token = self.settings.admin.token
+        source = control_source(record.topic, record.partition, record.offset)
         try:
             command = parse_control(record.value)
         except InvalidControlError as exc:
             log.warning("invalid control command", extra={"reason": exc.reason_code, "at": source})
             self.metrics.events.labels(result="invalid").inc()
         else:
-            if token is not None and not verify_control(record.value, record.headers, token):
-                outcome = "refused: unauthenticated (missing or wrong signature)"
-                log.warning(
-                    "control command refused", extra={"reason": "bad-signature", "at": source}
-                )
+            refusal = self._authenticate(record)
+            if refusal is not None:
+                outcome = f"refused: unauthenticated ({refusal})"
+                log.warning("control command refused", extra={"reason": refusal, "at": source})
                 self.journal.record_control(
                     command, received_at=now, outcome=outcome, source=source
                 )
             else:
                 self.execute_control(command, source=source, received_at=now)
-        tp = TopicPartition(record.topic, record.partition)
+        self._journaled[(record.topic, record.partition)] = record.offset
         self._commit_offsets({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+
+    def _authenticate(self, record: object) -> str | None:
+        """Why a control record may not run, or None (signed, fresh, first seen)."""
+        control = self.settings.control
+        if not control.keys:
+            if control.allow_unsigned:
+                return None
+            return "no control.keys configured and control.allow_unsigned is false"
+        verdict = verify_control(
+            record.value,
+            record.headers,
+            keys=control.keys,
+            topic=record.topic,
+            group=self.settings.kafka.group_id,
+            max_age_s=control.max_age_s,
+        )
+        if not verdict.ok:
+            return verdict.reason
+        fresh = self.journal.remember_nonce(
+            verdict.nonce, verdict.key_id, verdict.issued_at, time.time() - control.max_age_s
+        )
+        return None if fresh else "replayed: nonce already seen"
 
     def execute_control(
         self, command: ControlCommand, *, source: str, received_at: datetime
@@ -432,6 +521,60 @@ class FactConsumer:
             return "unsupported: no handler for this command"
         return self.on_control(command)
 
+    # -- control before corrections at assignment -------------------------------------------
+
+    def _start_control_catch_up(self) -> None:
+        """Hold corrections back until the control topic is read to its end as of now.
+
+        On (re)assignment the correction partitions usually resume from a committed offset
+        while the control partition still resolves its position, so the first polls return
+        corrections produced after a pending ``rollback``; applying them first would let the
+        rollback discard them (issue 17, item 5).
+        """
+        control = [tp for tp in self.consumer.assignment() if tp.topic == self.topics.control]
+        try:
+            ends = self.consumer.end_offsets(control) if control else {}
+        except KafkaError as exc:
+            log.warning("control end offsets unavailable", extra={"error": str(exc)})
+            ends = {}
+        self._control_catch_up = {tp: end for tp, end in ends.items() if end > 0}
+
+    def _hold_back_corrections(self, records: list) -> list:
+        """While catching up, drop this poll's corrections and seek back to fetch them later.
+
+        The correction partitions are not paused meanwhile: kafka-python never fetched a
+        partition again that was sought while paused and then resumed, so every correction
+        after a control record read during the catch-up stalled (bench/reliability.py
+        ``control-redelivered``, tests/reliability/test_redelivery.py).
+        """
+        if not self._control_catch_up:
+            return records
+        first: dict[TopicPartition, int] = {}
+        for r in records:
+            if r.topic != self.topics.control:
+                tp = TopicPartition(r.topic, r.partition)
+                first[tp] = min(first.get(tp, r.offset), r.offset)
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
+        return [r for r in records if r.topic == self.topics.control]
+
+    def _end_control_catch_up(self) -> None:
+        if not self._control_catch_up:
+            return
+        try:
+            behind = {
+                tp: end
+                for tp, end in self._control_catch_up.items()
+                if tp in self.consumer.assignment() and self.consumer.position(tp) < end
+            }
+        except KafkaError as exc:
+            log.debug("control position unavailable", extra={"error": str(exc)})
+            return
+        self._control_catch_up = behind
+        if not behind:
+            self.consumer.resume(*self._correction_partitions())
+            self._apply_pause()
+
     def _correction_partitions(self) -> list[TopicPartition]:
         return [tp for tp in self.consumer.assignment() if tp.topic == self.topics.corrections]
 
@@ -455,6 +598,18 @@ class FactConsumer:
             )
         except KafkaError as exc:
             log.debug("lag refresh failed", extra={"error": str(exc)})
+
+
+def arrival_order(batches: Iterable[list], control_topic: str) -> list:
+    """The records of one poll in the order they were produced, across topics.
+
+    Each partition's records stay in offset order; partitions are merged by record timestamp,
+    a control record first on a tie. Sorting by topic name instead applied corrections that
+    came *after* a ``rollback`` before it, and the rollback then discarded them (issue 17,
+    item 5).
+    """
+    streams = [sorted(batch, key=lambda r: r.offset) for batch in batches]
+    return list(heapq.merge(*streams, key=lambda r: (r.timestamp, r.topic != control_topic)))
 
 
 class _Listener(ConsumerRebalanceListener):

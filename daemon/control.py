@@ -66,6 +66,9 @@ class Rollback(_Command):
     command: Literal["rollback"]
     version: int = Field(ge=1)
     """The MLflow registered-model version to return to."""
+    force: bool = False
+    """Bring back edits the version holds that were reverted or quarantined since; without
+    it they stay out (the weights are rebuilt without them)."""
 
 
 class Revert(_Command):

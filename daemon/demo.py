@@ -76,6 +76,8 @@ def run_demo(
             "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": str(max(1, corrections // 2)),
             "FACTKEEPER_AUDIT__EVERY_N_EDITS": str(max(1, corrections // 2)),
             "FACTKEEPER_METRICS__HOST": "127.0.0.1",
+            # The demo's broker is local and its rollback is sent unsigned, on purpose.
+            "FACTKEEPER_CONTROL__ALLOW_UNSIGNED": "true",
         }
         if method:
             env["FACTKEEPER_EDITOR__METHOD"] = method

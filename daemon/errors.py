@@ -21,6 +21,7 @@ ReasonCode = Literal[
     "schema-violation",
     "unsupported-schema",
     "subject-not-in-prompt",
+    "invisible-character",
     "unknown-command",
 ]
 
@@ -131,5 +132,43 @@ class UnknownEventError(JournalError):
         super().__init__(f"no journaled event with id(s): {', '.join(self.event_ids)}")
 
 
+class JournalMismatchError(JournalError):
+    """The journal does not describe the stream or registry it meets (issue 17, item 7).
+
+    A re-created topic restarts at offset 0, so skipping "journaled" offsets would drop new
+    corrections; an empty journal beside committed offsets or registered versions (a lost
+    volume) would silently restart from the base model. Either needs an operator's decision.
+    """
+
+    FORCE_FLAG = "--accept-journal-mismatch"
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(
+            f"{problem}. Refusing to start. If this is intended (the topic was re-created, or "
+            f"the journal was deliberately reset), start once with `factkeeper run "
+            f"{self.FORCE_FLAG}`: the journal rows of a re-created topic are kept under a "
+            "retired topic name and its records are consumed anew; an empty journal starts "
+            "from the base model."
+        )
+
+
 class HistoryError(DaemonError):
     """A rollback or revert was refused (unknown version, edit not applied, other base)."""
+
+
+class QuarantineDeliveryError(DaemonError):
+    """The broker did not take a quarantine record (issue 17b, item 3).
+
+    Raised by a failed audit before anything is marked ``quarantined`` or rolled back, so the
+    journal never claims that an edit sits on the quarantine topic when it does not.
+    """
+
+    def __init__(self, topic: str, failures: Sequence[tuple[str, BaseException]]) -> None:
+        self.topic = topic
+        self.event_ids = tuple(event_id for event_id, _ in failures)
+        first = failures[0][1]
+        super().__init__(
+            f"{len(failures)} quarantine record(s) not delivered to {topic!r} "
+            f"(first: {type(first).__name__}: {first}); nothing was quarantined or rolled back"
+        )

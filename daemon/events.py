@@ -25,6 +25,8 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -50,15 +52,28 @@ MAX_DLQ_DETAIL_BYTES = 1024
 
 #: Producer ids: letters, digits and ``. _ : -`` (UUIDs, ``dataset:1234``), starting alphanumeric.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
-#: C0/C1 control characters except tab, newline and carriage return, plus the bidirectional
-#: embedding/override/isolate marks that make displayed text differ from stored text.
-_FORBIDDEN_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
-TEXT_PATTERN = f"^[^{_FORBIDDEN_CHARS}]*$"
+#: C0/C1 control characters except tab, newline and carriage return.
+_CONTROL_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+#: Characters that render as nothing (or reorder what is shown), so displayed text differs from
+#: stored text: zero-width space/joiners and the LRM/RLM marks (U+200B-U+200F), line and
+#: paragraph separators plus the bidi embeddings/overrides (U+2028-U+202E), the word joiner
+#: (U+2060), the bidi isolates (U+2066-U+2069), the BOM (U+FEFF) and the tag block.
+_INVISIBLE_CHARS = "\u200b-\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff\U000e0000-\U000e007f"
+_CONTROL_RE = re.compile(f"[{_CONTROL_CHARS}]")
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE_CHARS}]")
+TEXT_PATTERN = f"^[^{_CONTROL_CHARS}{_INVISIBLE_CHARS}]*$"
+#: The same rule for producers' JSON Schema validators, in ECMA-262 escapes on UTF-16 code
+#: units (the tag block is U+DB40 followed by U+DC00-U+DC7F); the daemon checks in Python.
+SCHEMA_TEXT_PATTERN = (
+    r"^(?:[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060"
+    r"\u2066-\u2069\ufeff\udb40]|\udb40[^\udc00-\udc7f])*$"
+)
+#: Validation context key: the text was read back from the journal, where it was stored after
+#: passing every input check once; limits are never re-applied to it (issue 17, item 4).
+STORED_CONTEXT = "factkeeper.stored"
 
 _PATTERN_HINTS = {
     ID_PATTERN: "must start with a letter or digit and hold only letters, digits and . _ : -",
-    TEXT_PATTERN: "must not contain control characters (other than tab, newline, carriage "
-    "return) or bidirectional override marks",
 }
 _SCHEMA_NAME = re.compile(r"fact-correction/v(\d+)(?:\.\d+)*")
 
@@ -80,14 +95,67 @@ def _nfc(value: str) -> str:
     return unicodedata.normalize("NFC", value)
 
 
+def is_stored(info: ValidationInfo) -> bool:
+    """Whether this validation reads a journaled event back (``STORED_CONTEXT`` is set)."""
+    return bool(isinstance(info.context, dict) and info.context.get(STORED_CONTEXT))
+
+
+def _checked_text(max_chars: int) -> Any:
+    """Normalise to NFC, then check the text as it will be stored.
+
+    The limits apply to the normalised form because that is what the journal, the editor and
+    every later read see: NFC can lengthen a string (U+0958 becomes two code points), so a
+    check before it let through events that later reads rejected (issue 17, item 4).
+    """
+
+    def check(value: str, info: ValidationInfo) -> str:
+        text = _nfc(value)
+        if is_stored(info):
+            return text
+        if not text:
+            raise PydanticCustomError("string_too_short", "must not be empty")
+        control = _CONTROL_RE.search(text)
+        if control:
+            raise PydanticCustomError(
+                "forbidden_character",
+                "must not contain control characters (other than tab, newline, carriage "
+                "return); found {char}",
+                {"char": f"U+{ord(control.group()):04X}"},
+            )
+        invisible = _INVISIBLE_RE.search(text)
+        if invisible:
+            char = invisible.group()
+            name = unicodedata.name(char, "unnamed").lower()
+            raise PydanticCustomError(
+                "invisible_character",
+                "must not contain invisible or bidirectional characters; found {char} ({name})",
+                {"char": f"U+{ord(char):04X}", "name": name},
+            )
+        if len(text) > max_chars:
+            raise PydanticCustomError(
+                "string_too_long",
+                "at most {max_chars} characters after NFC normalisation, got {length}",
+                {"max_chars": max_chars, "length": len(text)},
+            )
+        return text
+
+    return check
+
+
 def _text(max_chars: int) -> Any:
     """A stripped, non-empty, NFC-normalised string of at most ``max_chars`` characters."""
     return Annotated[
         str,
-        StringConstraints(
-            strip_whitespace=True, min_length=1, max_length=max_chars, pattern=TEXT_PATTERN
+        StringConstraints(strip_whitespace=True),
+        AfterValidator(_checked_text(max_chars)),
+        WithJsonSchema(
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": max_chars,
+                "pattern": SCHEMA_TEXT_PATTERN,
+            }
         ),
-        AfterValidator(_nfc),
     ]
 
 
@@ -157,7 +225,9 @@ class FactCorrection(_Strict):
     """When the producer created the event, ISO-8601 with a UTC offset."""
 
     @model_validator(mode="after")
-    def _check_fact(self) -> FactCorrection:
+    def _check_fact(self, info: ValidationInfo) -> FactCorrection:
+        if is_stored(info):
+            return self
         if self.subject not in self.prompt:
             raise PydanticCustomError(
                 "subject_not_in_prompt", "the subject does not occur in the prompt"
@@ -178,7 +248,8 @@ def parse_event(raw: bytes | bytearray | memoryview | None) -> FactCorrection:
     Raises:
         InvalidEventError: with ``reason_code`` one of ``too-large``, ``invalid-utf8``,
             ``too-deep``, ``invalid-json``, ``unsupported-schema``, ``schema-violation``,
-            ``subject-not-in-prompt``; ``event_id`` is set when the id could be read.
+            ``subject-not-in-prompt``, ``invisible-character``; ``event_id`` is set when the
+            id could be read.
     """
     text, obj = decode_json_object(
         raw, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_JSON_DEPTH, error=InvalidEventError
@@ -197,6 +268,15 @@ def parse_event(raw: bytes | bytearray | memoryview | None) -> FactCorrection:
         return FactCorrection.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise InvalidEventError(_reason(exc), _describe(exc), event_id) from None
+
+
+def stored_event(payload: str | bytes) -> FactCorrection:
+    """An event as the journal stored it: parsed strictly, but without the input limits.
+
+    A row was validated once, when it was consumed; re-applying limits on read would turn a
+    limit change (or the NFC bug of issue 17) into a daemon that cannot restart.
+    """
+    return FactCorrection.model_validate_json(payload, strict=True, context={STORED_CONTEXT: True})
 
 
 def encode_event(event: FactCorrection) -> bytes:
@@ -260,6 +340,8 @@ def _reason(exc: ValidationError) -> ReasonCode:
         return "invalid-json"
     if "subject_not_in_prompt" in types:
         return "subject-not-in-prompt"
+    if "invisible_character" in types:
+        return "invisible-character"
     return "schema-violation"
 
 

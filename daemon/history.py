@@ -8,11 +8,19 @@ journal describes (a version whose edits no longer match the journal is never re
   as ``rolled_back`` (and any edit it holds that was rolled back before as ``applied`` again, so
   rolling *forward* to a newer version re-applies them), and points ``production`` at it. Kafka
   offsets are not touched: the rolled-back events stay consumed, and stay in the journal with
-  their payloads.
+  their payloads. Edits that were ``reverted`` or ``quarantined`` stay out even when the version
+  holds them (the weights are rebuilt without them as a new version), unless ``force`` is set.
 * **Revert** marks one applied edit ``reverted``, rebuilds from the newest version before it (or
   the base weights) by replaying the later edits without it, and registers the result as a new
-  version. The replay is the editor's own deterministic re-run, so later edits are recomputed on
+  version; if ``production`` held the edit, ``production`` moves to that version, since serving
+  replicas and a failed audit's rollback both follow ``production``. The replay is the editor's
+  own deterministic re-run, so later edits are recomputed on
   weights that never held the reverted one, not patched by subtracting its delta.
+  The edits applied in the same unit as the reverted one (its batch siblings) are recomputed
+  without it, so they are post-checked afterwards: if any no longer holds, each sibling becomes
+  a unit of its own (in the journal, at its original position) and the rebuild is replayed
+  again; a sibling that still does not hold alone is marked ``failed`` with the reason and left
+  out by one more rebuild. The revert's report lists both (``resplit``, ``failed``).
 """
 
 from __future__ import annotations
@@ -25,13 +33,20 @@ from dataclasses import dataclass
 import torch
 
 from daemon.errors import HistoryError
-from daemon.journal import Journal
+from daemon.events import FactCorrection
+from daemon.journal import Journal, JournalEntry
 from daemon.versions import VersionKeeper
 from monitoring.metrics import FactkeeperMetrics
 
 log = logging.getLogger(__name__)
 
 Replay = Callable[[int], int]  # replay applied entries after a seq; returns the events replayed
+#: Post-check: the events whose new target is not the model's answer, with the reason.
+Check = Callable[[list[FactCorrection]], dict[str, str]]
+
+#: Statuses of edits a rollback keeps out of the weights unless forced: an operator or the
+#: audit gate removed them on purpose (issue 17, item 6).
+KEPT_OUT_STATUSES = frozenset({"reverted", "quarantined"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,8 @@ class RollbackReport:
     rolled_back: tuple[str, ...]  # applied before, not held by the version
     restored: tuple[str, ...]  # rolled back before, held by the version (roll forward)
     seconds: float
+    kept_out: tuple[str, ...] = ()  # held by the version, but reverted or quarantined
+    promoted: str | None = None  # the version ``production`` now points at
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,9 @@ class RevertReport:
     replayed: int
     new_version: str | None
     seconds: float
+    promoted: bool = False  # production held the edit and now points at ``new_version``
+    resplit: tuple[str, ...] = ()  # batch siblings that lost their edit; now units of their own
+    failed: tuple[str, ...] = ()  # of those, the ones that did not hold alone either
 
 
 class History:
@@ -60,14 +80,20 @@ class History:
         journal: Journal,
         replay: Replay,
         metrics: FactkeeperMetrics,
+        check: Check | None = None,
     ) -> None:
         self.versions = versions
         self.journal = journal
         self.replay = replay
         self.metrics = metrics
+        self.check = check
 
-    def rollback(self, version: str, reason: str) -> RollbackReport:
+    def rollback(self, version: str, reason: str, *, force: bool = False) -> RollbackReport:
         """Make ``version`` the model and ``production``; the journal follows it exactly.
+
+        Reverted and quarantined edits the version holds stay out: the weights are rebuilt
+        without them and registered as a new version, which ``production`` then points at.
+        ``force`` brings them back as ``applied`` instead.
 
         Raises:
             HistoryError: the version does not exist or was made from other base weights.
@@ -86,20 +112,36 @@ class History:
             raise HistoryError(
                 f"version {version} holds edits this journal never saw: {unknown[:3]}"
             )
+        kept_out = (
+            [] if force else [i for i in missing if self.journal.get(i).status in KEPT_OUT_STATUSES]
+        )
+        restored = [i for i in missing if i not in kept_out]
         self.journal.mark_many(
             {
                 **dict.fromkeys(dropped, ("rolled_back", f"{reason}: rollback to v{version}")),
-                **dict.fromkeys(missing, ("applied", f"{reason}: roll forward to v{version}")),
+                **dict.fromkeys(restored, ("applied", f"{reason}: roll forward to v{version}")),
             }
         )
         self.versions.load(version)
-        self.versions.mark_synced()
-        self.versions.promote(version)
+        target: str | None = version
+        if kept_out:
+            target = self._rebuild_without(
+                kept_out, f"{reason}: v{version} without {len(kept_out)} removed edit(s)"
+            )
+        else:
+            self.versions.mark_synced()
+        if target is not None:
+            self.versions.promote(target)
         self.metrics.rollbacks.labels(reason=reason).inc()
         self.metrics.events.labels(result="rolled_back").inc(len(dropped))
-        self.metrics.edits_applied.set(len(held))
+        self.metrics.edits_applied.set(len(held) - len(kept_out))
         report = RollbackReport(
-            version, tuple(dropped), tuple(missing), time.perf_counter() - started
+            version,
+            tuple(dropped),
+            tuple(restored),
+            time.perf_counter() - started,
+            kept_out=tuple(kept_out),
+            promoted=target,
         )
         log.info(
             "rolled back",
@@ -107,7 +149,8 @@ class History:
                 "version": version,
                 "reason": reason,
                 "rolled_back": len(dropped),
-                "restored": len(missing),
+                "restored": len(restored),
+                "kept_out": len(kept_out),
                 "seconds": round(report.seconds, 2),
             },
         )
@@ -128,29 +171,67 @@ class History:
         before = self.versions.newest_usable_before(entry.seq)
         saved = {n: p.detach().clone() for n, p in self._editable_params().items()}
         previous_version = self.versions.current_version
+        siblings = self._siblings(entry)
         self.journal.mark([event_id], "reverted", reason)
+        resplit: list[str] = []
+        failed: dict[str, str] = {}
         try:
             start_version, start_seq = (before[0], before[1].journal_seq) if before else (None, 0)
             self.versions.load(start_version)
             replayed = self.replay(start_seq)
+            lost = self._post_check(siblings)
+            if lost:
+                # Each sibling alone, where it stood in the journal: what a restart replays.
+                resplit = [e.event_id for e in siblings]
+                self.journal.set_batch_ids(
+                    {e.event_id: f"{e.batch_id}/{e.event_id}" for e in siblings}
+                )
+                self.versions.load(start_version)
+                replayed = self.replay(start_seq)
+                failed = self._post_check(siblings)
+            if failed:
+                note = f"{reason} {event_id}: batch sibling no longer holds, even alone: "
+                self.journal.mark_many(
+                    {i: ("failed", (note + why)[:500]) for i, why in failed.items()}
+                )
+                self.versions.load(start_version)
+                replayed = self.replay(start_seq)
         except Exception:
             with torch.no_grad():
                 for name, param in self._editable_params().items():
                     param.copy_(saved[name])
             self.versions.current_version = previous_version
-            self.journal.mark([event_id], "applied", "revert failed; edit kept")
+            self.journal.set_batch_ids({e.event_id: e.batch_id for e in siblings})
+            self.journal.mark_many(
+                {
+                    event_id: ("applied", "revert failed; edit kept"),
+                    **{i: ("applied", None) for i in failed},
+                }
+            )
             raise
+        if failed:
+            self.metrics.events.labels(result="failed").inc(len(failed))
         self.versions.current_version = start_version
         self.versions.snapshot_seq = start_seq
         new_version = self.versions.snapshot(f"revert {event_id}")
+        promoted = self._move_production_off(event_id, new_version)
         self.metrics.edits_applied.set(len(self.journal.applied_events()))
         report = RevertReport(
-            event_id, start_version, replayed, new_version, time.perf_counter() - started
+            event_id,
+            start_version,
+            replayed,
+            new_version,
+            time.perf_counter() - started,
+            promoted=promoted,
+            resplit=tuple(resplit),
+            failed=tuple(failed),
         )
         log.info(
             "reverted",
             extra={
                 "event_id": event_id,
+                "resplit": len(resplit),
+                "failed": len(failed),
                 "rebuilt_from": start_version or "base",
                 "replayed": replayed,
                 "version": new_version,
@@ -158,6 +239,57 @@ class History:
             },
         )
         return report
+
+    def _siblings(self, entry: JournalEntry) -> list[JournalEntry]:
+        """The other applied edits of ``entry``'s unit, in journal order, less those a later
+        correction of the same prompt superseded (their answer is no longer theirs to hold)."""
+        if entry.batch_id is None:
+            return []
+        applied = self.journal.applied_events()
+        newest = {e.event.prompt: e.seq for e in applied}
+        return [
+            e
+            for e in applied
+            if e.batch_id == entry.batch_id
+            and e.event_id != entry.event_id
+            and newest[e.event.prompt] == e.seq
+        ]
+
+    def _post_check(self, entries: list[JournalEntry]) -> dict[str, str]:
+        if self.check is None or not entries:
+            return {}
+        return self.check([e.event for e in entries])
+
+    def _move_production_off(self, event_id: str, new_version: str | None) -> bool:
+        """Point ``production`` at ``new_version`` if it still holds the reverted edit.
+
+        Otherwise serving replicas keep the edit, and a failed audit's rollback to
+        ``production`` would bring it back.
+        """
+        production = self.versions.production()
+        if production is None or new_version is None:
+            return False
+        _, meta = self.versions.read(production)
+        if event_id not in meta.event_ids:
+            return False
+        self.versions.promote(new_version)
+        log.info("production moved off a reverted edit", extra={"version": new_version})
+        return True
+
+    def _rebuild_without(self, kept_out: list[str], reason: str) -> str | None:
+        """Weights = the applied journal (which no longer counts ``kept_out``), registered.
+
+        Rebuilds from the newest usable version before the earliest kept-out edit, replays the
+        applied edits after it and snapshots the result; returns the version now loaded.
+        """
+        first = min(self.journal.get(i).seq for i in kept_out)
+        before = self.versions.newest_usable_before(first)
+        start_version, start_seq = (before[0], before[1].journal_seq) if before else (None, 0)
+        self.versions.load(start_version)
+        self.replay(start_seq)
+        self.versions.current_version = start_version
+        self.versions.snapshot_seq = start_seq
+        return self.versions.snapshot(reason) or start_version
 
     def _editable_params(self) -> dict[str, torch.nn.Parameter]:
         params = dict(self.versions.lm.model.named_parameters())

@@ -29,6 +29,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 from collections import Counter
@@ -50,7 +51,7 @@ from daemon.errors import (
     JournalLockedError,
     UnknownEventError,
 )
-from daemon.events import FactCorrection, encode_event
+from daemon.events import FactCorrection, encode_event, stored_event
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: the sha256 of each applied unit's weight change, checked when the journal is replayed.
     ("ALTER TABLE events ADD COLUMN delta_sha256 TEXT",),
 )
+_MIGRATIONS += (
+    (
+        # Nonces of signed control records, kept for the staleness window (issue 17, item 10).
+        """CREATE TABLE control_nonces (
+            nonce TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            issued_at REAL NOT NULL
+        ) STRICT""",
+    ),
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _EVENT_COLUMNS = (
@@ -160,7 +171,8 @@ class EventRecord:
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """A journaled record as read back; ``event`` is re-validated from the stored JSON."""
+    """A journaled record as read back; ``event`` is parsed from the stored JSON without the
+    input limits (``daemon.events.stored_event``)."""
 
     seq: int
     event_id: str | None
@@ -358,6 +370,24 @@ class Journal:
                 )
         return len(changes)
 
+    def set_batch_ids(self, changes: Mapping[str, str | None]) -> int:
+        """Move claimed events to other replay units (a revert splitting a batch), atomically.
+
+        Raises:
+            UnknownEventError: some id has no claiming row; nothing is changed.
+        """
+        with self._write("set_batch_ids"):
+            missing = sorted(i for i in changes if not self._claimed(i))
+            if missing:
+                raise UnknownEventError(missing)
+            for event_id, batch_id in changes.items():
+                self._conn.execute(
+                    f"UPDATE events SET batch_id = ? "
+                    f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
+                    (batch_id, event_id),
+                )
+        return len(changes)
+
     def assign_model_version(self, version: str, up_to_seq: int) -> int:
         """Record the snapshot version that now contains the applied edits up to ``up_to_seq``.
 
@@ -395,6 +425,22 @@ class Journal:
                 (encode_control(command).decode("utf-8"), _stamp(received_at), outcome, source),
             )
         return _rowid(cursor)
+
+    def remember_nonce(
+        self, nonce: str, key_id: str, issued_at: float, forget_before: float
+    ) -> bool:
+        """Record a control record's nonce; False if it was seen before (a replay).
+
+        Nonces issued before ``forget_before`` are dropped: records that old are refused as
+        stale anyway.
+        """
+        with self._write("remember_nonce"):
+            self._conn.execute("DELETE FROM control_nonces WHERE issued_at < ?", (forget_before,))
+            cursor = self._conn.execute(
+                "INSERT OR IGNORE INTO control_nonces (nonce, key_id, issued_at) VALUES (?, ?, ?)",
+                (nonce, key_id, issued_at),
+            )
+        return cursor.rowcount == 1
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -457,6 +503,49 @@ class Journal:
             'SELECT topic, "partition", MAX("offset") FROM events GROUP BY topic, "partition"'
         )
         return {(topic, partition): offset for topic, partition, offset in rows}
+
+    def event_at(self, topic: str, partition: int, offset: int) -> JournalEntry | None:
+        """The row journaled for one Kafka position, or ``None``."""
+        row = self._conn.execute(
+            f'SELECT {_EVENT_COLUMNS} FROM events WHERE topic = ? AND "partition" = ? '
+            'AND "offset" = ?',
+            (topic, partition, offset),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def retire_partition(self, topic: str, partition: int, suffix: str) -> int:
+        """Move a partition's rows under ``topic~suffix``: the topic was re-created.
+
+        The rows, their statuses and claimed ids stay (a re-sent id is still a duplicate);
+        only their (topic, partition, offset) no longer matches the new topic's records.
+        """
+        with self._write("retire_partition"):
+            cursor = self._conn.execute(
+                'UPDATE events SET topic = ? WHERE topic = ? AND "partition" = ?',
+                (f"{topic}~{suffix}", topic, partition),
+            )
+        return cursor.rowcount
+
+    def is_empty(self) -> bool:
+        """No event and no control command was ever journaled."""
+        row = self._conn.execute(
+            "SELECT (SELECT COUNT(*) FROM events) + (SELECT COUNT(*) FROM control_commands)"
+        ).fetchone()
+        return row[0] == 0
+
+    def control_offsets(self) -> dict[tuple[str, int], int]:
+        """The highest journaled control-topic offset per (topic, partition).
+
+        Read off the ``source`` of commands that came from Kafka (``control_source``); the
+        consumer skips redelivered control records at or below it.
+        """
+        offsets: dict[tuple[str, int], int] = {}
+        for (source,) in self._conn.execute("SELECT source FROM control_commands"):
+            match = _CONTROL_SOURCE.fullmatch(source or "")
+            if match:
+                key = (match["topic"], int(match["partition"]))
+                offsets[key] = max(offsets.get(key, -1), int(match["offset"]))
+        return offsets
 
     def last_seq(self) -> int:
         """The newest event sequence number (0 when empty); snapshots record it."""
@@ -584,6 +673,14 @@ class Journal:
         return _rowid(cursor)
 
 
+_CONTROL_SOURCE = re.compile(r"(?P<topic>[A-Za-z0-9._-]+)\[(?P<partition>\d+)\]@(?P<offset>\d+)")
+
+
+def control_source(topic: str, partition: int, offset: int) -> str:
+    """How a control record's position is journaled as its ``source``: ``topic[p]@offset``."""
+    return f"{topic}[{partition}]@{offset}"
+
+
 def _stamp(moment: datetime) -> str:
     """UTC ISO-8601, so stored times sort and compare as text."""
     if moment.tzinfo is None:
@@ -608,7 +705,7 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         offset=offset,
         status=status,
         reason=reason,
-        event=FactCorrection.model_validate_json(payload, strict=True) if payload else None,
+        event=stored_event(payload) if payload else None,
         received_at=datetime.fromisoformat(received_at),
         applied_at=datetime.fromisoformat(applied_at) if applied_at else None,
         edit_seconds=edit_seconds,

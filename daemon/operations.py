@@ -75,12 +75,20 @@ def send_control(settings: Settings, command: ControlCommand, wait_s: float) -> 
 
 
 def _signed(settings: Settings, value: bytes) -> list[tuple[str, bytes]]:
-    token = settings.admin.token
-    if token is None:
+    """Sign with ``control.keys`` (the signing key); unsigned only without any key."""
+    signing = settings.control.signing_key()
+    if signing is None:
         return []
     from daemon.control_auth import sign_control
 
-    return sign_control(value, token.get_secret_value())
+    key_id, key = signing
+    return sign_control(
+        value,
+        key_id=key_id,
+        key=key,
+        topic=settings.kafka.topics.control,
+        group=settings.kafka.group_id,
+    )
 
 
 def _last_control_seq(settings: Settings) -> int:

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.admin import AdminServer, ControlInbox
-from daemon.applier import BatchOutcome, EditApplier, to_request
+from daemon.applier import BatchOutcome, EditApplier, TransientRetry, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError, ReplayMismatchError
+from daemon.errors import HistoryError, JournalMismatchError, ReplayMismatchError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
@@ -198,8 +198,10 @@ class Daemon:
         serve_metrics: bool = True,
         paths: Paths | None = None,
         start_version: str | None = None,
+        accept_journal_mismatch: bool = False,
     ) -> None:
         self.settings = settings
+        self.accept_journal_mismatch = accept_journal_mismatch
         self.paths = paths or Paths.from_env()
         self.metrics = metrics or FactkeeperMetrics()
         self.readiness = Readiness(*READINESS_CONDITIONS)
@@ -224,7 +226,12 @@ class Daemon:
             dtype=getattr(torch, settings.model.dtype),
         )
         self.editor = editor or build_editor(settings)
-        self.applier = EditApplier(self.lm, self.editor, rebuild=self._rebuild_from_journal)
+        self.applier = EditApplier(
+            self.lm,
+            self.editor,
+            rebuild=self._rebuild_from_journal,
+            retry=TransientRetry.from_settings(settings.editor),
+        )
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path, exclusive=True)
         # The audit baseline needs the base weights: build it before any version is restored.
@@ -250,10 +257,17 @@ class Daemon:
         if self.versions is not None:
             self.versions.editor_checkpoint = lambda: editor_checkpoint(self.editor)
         self.history = (
-            History(self.versions, self.journal, self._replay_after, self.metrics)
+            History(
+                self.versions,
+                self.journal,
+                self._replay_after,
+                self.metrics,
+                check=lambda events: self.applier.post_check([to_request(e) for e in events]),
+            )
             if self.versions is not None
             else None
         )
+        self._check_journal_against_registry()
         self.readiness.set("model_loaded", False, "restoring a version and replaying the journal")
         self.restored = self.versions.restore() if self.versions else None
         after_seq = self.restored.journal_seq if self.restored else 0
@@ -328,6 +342,23 @@ class Daemon:
             extra={"matrices": matrices, "seconds": round(time.perf_counter() - started, 2)},
         )
 
+    def _check_journal_against_registry(self) -> None:
+        """An empty journal beside registered versions of this model means a lost journal."""
+        if self.versions is None or self.accept_journal_mismatch or not self.journal.is_empty():
+            return
+        mine = [
+            v.version
+            for v in self.versions.registry.versions()
+            if v.tags.get("base_hash") == self.lm.base_hash
+        ]
+        if mine:
+            raise JournalMismatchError(
+                f"the journal at {self.journal.path} is empty, but "
+                f"{self.settings.snapshots.registered_model_name!r} has {len(mine)} registered "
+                f"version(s) of this model (newest {mine[0]}): the daemon would silently start "
+                "from the base weights"
+            )
+
     def _rebuild_from_journal(self) -> None:
         """Weights of unknown state (an editor failed mid-write) -> newest version + replay."""
         started = time.perf_counter()
@@ -384,6 +415,7 @@ class Daemon:
                 if self.settings.kafka.create_topics
                 else None
             ),
+            accept_journal_mismatch=self.accept_journal_mismatch,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
@@ -490,16 +522,23 @@ class Daemon:
                 current = self.versions.current_version
                 return f"done: version {version}" if version else f"done: unchanged ({current})"
             if isinstance(command, Rollback):
-                report = self.history.rollback(str(command.version), "manual")
+                report = self.history.rollback(str(command.version), "manual", force=command.force)
+                kept = f", {len(report.kept_out)} removed edits kept out" if report.kept_out else ""
                 return (
                     f"done: version {report.version}; {len(report.rolled_back)} edits rolled "
-                    f"back, {len(report.restored)} restored"
+                    f"back, {len(report.restored)} restored{kept}"
                 )
             if isinstance(command, Revert):
                 rev = self.history.revert(command.event_id)
+                siblings = ""
+                if rev.resplit:
+                    siblings = (
+                        f"; {len(rev.resplit)} batch siblings re-applied alone, "
+                        f"{len(rev.failed)} failed: {', '.join(rev.failed) or 'none'}"
+                    )
                 return (
                     f"done: version {rev.new_version}; replayed {rev.replayed} edits from "
-                    f"{rev.rebuilt_from or 'base'} in {rev.seconds:.1f} s"
+                    f"{rev.rebuilt_from or 'base'} in {rev.seconds:.1f} s{siblings}"
                 )
         except HistoryError as exc:
             return f"refused: {exc}"

@@ -21,6 +21,9 @@ from daemon.admin import AdminError, AdminServer, ControlInbox, InboxFullError
 from daemon.config import load_settings
 from daemon.control import MAX_CONTROL_BYTES, Pause, Rollback, encode_control, parse_control
 from daemon.control_auth import (
+    ISSUED_AT_HEADER,
+    KEY_ID_HEADER,
+    NONCE_HEADER,
     SIGNATURE_HEADER,
     bearer_token_matches,
     sign_control,
@@ -30,6 +33,8 @@ from daemon.errors import ConfigError
 
 TOKEN = "admin-token-0123456789abcdef"
 WRONG = "wrong-token-fedcba9876543210"
+KEY = "control-key-0123456789abcdef"
+KEY2 = "control-key-2-0123456789abcdef"
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -311,32 +316,56 @@ def test_bearer_token_matching() -> None:
         assert not bearer_token_matches(header, TOKEN)
 
 
+SCOPE = {"topic": "factkeeper.control", "group": "factkeeper"}
+KEYS = {"k1": SecretStr(KEY), "k2": SecretStr(KEY2)}
+
+
+def _verify(value, headers, **overrides):
+    options = {"keys": KEYS, "max_age_s": 300.0, **SCOPE, **overrides}
+    return verify_control(value, headers, **options)
+
+
 def test_signature_accepts_the_right_one_and_refuses_wrong_or_missing() -> None:
     value = encode_control(Rollback(command="rollback", version=2))
-    headers = sign_control(value, TOKEN)
-    assert [k for k, _ in headers] == [SIGNATURE_HEADER]
-    assert verify_control(value, headers, TOKEN)
-    assert verify_control(value, [("trace-id", b"1"), *headers], SecretStr(TOKEN))
+    headers = sign_control(value, key_id="k1", key=KEY, **SCOPE)
+    assert {k for k, _ in headers} == {
+        SIGNATURE_HEADER,
+        KEY_ID_HEADER,
+        ISSUED_AT_HEADER,
+        NONCE_HEADER,
+    }
+    assert _verify(value, headers).ok
+    assert _verify(value, [("trace-id", b"1"), *headers]).ok
+    rotated = sign_control(value, key_id="k2", key=KEY2, **SCOPE)
+    assert _verify(value, rotated).ok  # a second key id: rotation
 
-    assert not verify_control(value, headers, WRONG)  # signed with another token
-    assert not verify_control(value, sign_control(value, WRONG), TOKEN)
+    assert not _verify(value, sign_control(value, key_id="k1", key=WRONG, **SCOPE)).ok
+    assert not _verify(value, sign_control(value, key_id="k9", key=KEY, **SCOPE)).ok
     tampered = encode_control(Rollback(command="rollback", version=1))
-    assert not verify_control(tampered, headers, TOKEN)  # value changed after signing
-    assert not verify_control(value, [], TOKEN)
-    assert not verify_control(value, None, TOKEN)
-    assert not verify_control(value, [(SIGNATURE_HEADER, None)], TOKEN)
-    assert not verify_control(value, [(SIGNATURE_HEADER, b"")], TOKEN)
-    assert not verify_control(value, [(SIGNATURE_HEADER, b"ab" * 32)], TOKEN)
-    assert not verify_control(value, headers * 2, TOKEN)  # ambiguous: two signatures
-    assert not verify_control(None, headers, TOKEN)  # a tombstone is never a command
+    assert not _verify(tampered, headers).ok  # value changed after signing
+    assert not _verify(value, headers, topic="other.control").ok  # another topic
+    assert not _verify(value, headers, group="other-group").ok  # another daemon
+    old = sign_control(value, key_id="k1", key=KEY, now=time.time() - 301, **SCOPE)
+    assert "stale" in (_verify(value, old).reason or "")
+    assert not _verify(value, []).ok
+    assert not _verify(value, None).ok
+    assert not _verify(value, headers * 2).ok  # ambiguous: two signatures
+    assert not _verify(None, headers).ok  # a tombstone is never a command
     with pytest.raises(ValueError):
-        sign_control(value, "")
+        sign_control(value, key_id="k1", key="", **SCOPE)
 
 
-def test_signature_is_hmac_sha256_hex_of_the_value() -> None:
+def test_signature_covers_value_scope_time_and_nonce() -> None:
     import hashlib
     import hmac
 
     value = b'{"command":"pause"}'
-    [(_, signature)] = sign_control(value, TOKEN)
-    assert signature == hmac.new(TOKEN.encode(), value, hashlib.sha256).hexdigest().encode()
+    headers = dict(sign_control(value, key_id="k1", key=KEY, now=1_700_000_000, **SCOPE))
+    nonce = headers[NONCE_HEADER].decode()
+    message = b"\n".join(
+        [b"factkeeper-control/v2", b"k1", b"factkeeper.control", b"factkeeper", b"1700000000"]
+        + [nonce.encode(), value]
+    )
+    expected = hmac.new(KEY.encode(), message, hashlib.sha256).hexdigest().encode()
+    assert headers[SIGNATURE_HEADER] == expected
+    assert headers[ISSUED_AT_HEADER] == b"1700000000" and len(nonce) == 32

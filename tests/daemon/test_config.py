@@ -254,3 +254,31 @@ def test_config_and_schema_modules_do_not_import_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_control_key_must_not_reuse_the_admin_token(env: dict[str, str]) -> None:
+    secret = "same-secret-0123456789abcdef"
+    reused = {**env, "FACTKEEPER_ADMIN__TOKEN": secret, "FACTKEEPER_CONTROL__KEYS__K1": secret}
+    with pytest.raises(ConfigError, match="separate secrets"):
+        load_settings(None, env=reused)
+    settings = load_settings(None, env={**reused, "FACTKEEPER_CONTROL__KEYS__K1": secret + "x"})
+    assert settings.redacted_dict()["control"]["keys"] == {"k1": "***"}
+    assert settings.control.signing_key()[0] == "k1"
+
+
+def test_audits_with_snapshots_off_are_refused_at_load(env: dict[str, str]) -> None:
+    snapshots_off = {
+        **env,
+        "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": "0",
+        "FACTKEEPER_SNAPSHOTS__EVERY_MINUTES": "0",
+        "FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN": "false",
+    }
+    # A failed gate would have no version to roll back to: refuse, and say what to change.
+    with pytest.raises(ConfigError, match="could neither roll back nor quarantine") as raised:
+        load_settings(None, env={**snapshots_off, "FACTKEEPER_AUDIT__EVERY_MINUTES": "0"})
+    assert "snapshots.on_shutdown: true" in str(raised.value)
+    # Either section on its own is fine.
+    off = {"FACTKEEPER_AUDIT__EVERY_N_EDITS": "0", "FACTKEEPER_AUDIT__EVERY_MINUTES": "0"}
+    assert load_settings(None, env={**snapshots_off, **off}).audit.every_n_edits == 0
+    on_shutdown = {**snapshots_off, "FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN": "true"}
+    assert load_settings(None, env=on_shutdown).audit.every_n_edits == 100

@@ -82,3 +82,84 @@ def test_editor_bug_fails_the_event_and_leaves_the_journaled_weights(
         for r in dlq_records(kafka_broker, kafka_topic, failed)
     }
     assert dlq[poison["id"]] == "edit-failed"
+
+
+class FlakyEditor(Editor):
+    """FT-L, except for scripted failures per target, after half-writing a weight each time.
+
+    ``script`` maps a subject to the exceptions its calls raise, in order; once they are used
+    up, the call succeeds.
+    """
+
+    name = "flaky"
+
+    def __init__(self, script: dict[str, list[Exception]]) -> None:
+        self.inner = get_editor("ft", **FT_OPTIONS)
+        self.script = script
+        self.raised: dict[str, int] = {}  # replays after a rebuild also call the editor
+
+    def compute_deltas(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, torch.Tensor]:
+        for r in requests:
+            pending = self.script.get(r.subject)
+            if pending:
+                self.raised[r.subject] = self.raised.get(r.subject, 0) + 1
+                name = lm.adapter.weight_name(lm.adapter.roles()[-1], 0)
+                weight = dict(lm.model.named_parameters())[name]
+                write_deltas(lm.model, {name: torch.full_like(weight, 0.5)})  # half-written
+                raise pending.pop(0)
+        return self.inner.compute_deltas(lm, requests)
+
+
+def _oom() -> RuntimeError:
+    return RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_transient_editor_errors_are_retried_before_the_event_fails(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    stream = [fact(i) for i in range(5)]
+    flaky, hopeless, bug = stream[1:4]
+    editor = FlakyEditor(
+        {
+            "Zorblax1": [_oom(), torch.OutOfMemoryError("allocator")],  # then it takes
+            "Zorblax2": [_oom() for _ in range(10)],  # out of memory every time
+            "Zorblax3": [RuntimeError("simulated editor bug")],  # not transient: no retry
+        }
+    )
+    produce(kafka_broker, kafka_topic, [to_bytes(e) for e in stream])
+    env = env_for(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_EDITOR__TRANSIENT_RETRIES="2",
+        FACTKEEPER_EDITOR__TRANSIENT_BACKOFF_S="0.01",
+    )
+    settings = load_settings(config_file(tmp_path / "home"), env=env)
+    daemon = Daemon(settings, editor=editor, serve_metrics=False)
+    try:
+        daemon.run(idle_timeout_s=3.0, handle_signals=False)
+        status = {e["id"]: daemon.journal.get(e["id"]) for e in stream}
+        weights = {k: v.clone() for k, v in daemon.lm.model.state_dict().items()}
+        fresh = load_model(str(tiny_model_dir))
+        replay_journal(EditApplier(fresh, get_editor("ft", **FT_OPTIONS)), daemon.journal)
+    finally:
+        daemon.close()
+
+    assert status[flaky["id"]].status == "applied", status[flaky["id"]].reason
+    assert editor.raised["Zorblax1"] == 2
+    assert status[hopeless["id"]].status == "failed"
+    assert "transient; failed 3 times" in status[hopeless["id"]].reason
+    assert editor.raised["Zorblax2"] == 3  # one try and two retries
+    assert status[bug["id"]].status == "failed"
+    assert status[bug["id"]].reason.startswith("editor error: RuntimeError: simulated")
+    assert editor.raised["Zorblax3"] == 1
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(weights[name], value), name  # the retries left nothing half-written
+    failed = {i for i, entry in status.items() if entry.status == "failed"}
+    records = dlq_records(kafka_broker, kafka_topic, len(failed))
+    assert {dict(r.headers)[HEADER_EVENT_ID].decode() for r in records} == failed
+    assert {hopeless["id"], bug["id"]} <= failed

@@ -120,7 +120,18 @@ def test_bad_bytes_get_their_reason(raw: bytes | None, reason: str) -> None:
         ({"target_new": "   "}, "schema-violation"),
         ({"target_new": "English", "target_old": "English"}, "schema-violation"),
         ({"source": "bot\x07"}, "schema-violation"),
-        ({"target_new": "Eng\u202elish"}, "schema-violation"),
+        ({"target_new": "Eng\u202elish"}, "invisible-character"),
+        ({"target_new": "Eng\u200blish"}, "invisible-character"),  # zero-width space
+        ({"target_new": "Eng\u200dlish"}, "invisible-character"),  # zero-width joiner
+        ({"target_new": "Eng\u2060lish"}, "invisible-character"),  # word joiner
+        ({"target_new": "Eng\u200flish"}, "invisible-character"),  # right-to-left mark
+        ({"target_new": "Eng\u2067lish"}, "invisible-character"),  # bidi isolate
+        ({"source": "\ufeffbot"}, "invisible-character"),  # BOM
+        ({"source": "bot\u2028two"}, "invisible-character"),  # line separator
+        ({"source": "bot\u2029two"}, "invisible-character"),  # paragraph separator
+        ({"source": "bot\U000e0041\U000e007f"}, "invisible-character"),  # tag block
+        ({"source": "a" * 250 + "\u0958" * 4}, "schema-violation"),  # 258 chars once NFC
+        ({"subject": "Danielle Darrieux\u200b"}, "invisible-character"),
         ({"id": "has space"}, "schema-violation"),
         ({"id": "x" * 129}, "schema-violation"),
         ({"extra": "field"}, "schema-violation"),
@@ -134,6 +145,21 @@ def test_bad_bytes_get_their_reason(raw: bytes | None, reason: str) -> None:
 )
 def test_bad_fields_get_their_reason(overrides: dict[str, Any], reason: str) -> None:
     assert reason_of(to_bytes(event_dict(**overrides))) == reason
+
+
+def test_limits_apply_to_the_normalised_form() -> None:
+    # U+0958 has no composed form: NFC gives two code points, so 254 input characters are 258
+    # stored ones. The DLQ detail says which limit, after normalisation.
+    with pytest.raises(InvalidEventError, match="after NFC normalisation, got 258"):
+        parse_event(to_bytes(event_dict(source="a" * 250 + "\u0958" * 4)))
+    assert parse_event(to_bytes(event_dict(source="a" * 248 + "\u0958" * 4))).source == (
+        "a" * 248 + "\u0915\u093c" * 4
+    )
+
+
+def test_invisible_character_detail_names_the_character() -> None:
+    with pytest.raises(InvalidEventError, match=r"U\+200B \(zero width space\)"):
+        parse_event(to_bytes(event_dict(target_new="Eng\u200blish")))
 
 
 def test_missing_required_field_is_a_schema_violation() -> None:

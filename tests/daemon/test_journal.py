@@ -304,6 +304,27 @@ def test_two_openers_of_a_new_journal_do_not_both_migrate(tmp_path):
     second.close()
 
 
+def test_rows_are_read_back_without_input_limits(journal: Journal) -> None:
+    # Rows an older factkeeper journaled past today's limits: a source that NFC made 258
+    # characters long, and a zero-width space. Reading must not re-apply the limits, or every
+    # snapshot, audit and restart after such a row raises (issue 17, item 4).
+    journal.record_batch([applied("cf:1", 0), applied("cf:2", 1)])
+    long_source = "a" * 250 + "\u0915\u093c" * 4
+    with sqlite3.connect(journal.path) as raw:
+        for event_id, field, value in (
+            ("cf:1", "$.source", long_source),
+            ("cf:2", "$.target_new", "Eng\u200blish"),
+        ):
+            raw.execute(
+                "UPDATE events SET payload = json_set(payload, ?, ?) WHERE event_id = ?",
+                (field, value, event_id),
+            )
+    first, second = journal.applied_events()
+    assert first.event is not None and first.event.source == long_source
+    assert second.event is not None and second.event.target_new == "Eng\u200blish"
+    assert journal.get("cf:1") is not None
+
+
 # --- the writer lock: one daemon per journal --------------------------------------------------
 
 _HOLD = """

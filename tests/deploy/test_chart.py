@@ -278,6 +278,28 @@ def test_secrets_only_by_reference(tools: Tools, env: str) -> None:
 
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_prod_verifies_kafka_tls_with_the_mounted_cluster_ca(tools: Tools, env: str) -> None:
+    docs = tools.render(values=[chart_values(env)])
+    container = daemon_container(docs)
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    config = yaml.safe_load(only(docs, "ConfigMap")["data"]["config.yaml"])
+    env_vars = {e["name"]: e for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    if env != "prod":
+        assert "kafka-ca" not in volumes and "FACTKEEPER_KAFKA__SSL_CAFILE" not in env_vars
+        return
+    assert config["kafka"]["security_protocol"] == "SASL_SSL"
+    assert volumes["kafka-ca"]["secret"]["secretName"] == "factkeeper-cluster-ca-cert"
+    assert mounts["kafka-ca"] == {
+        "name": "kafka-ca",
+        "mountPath": "/etc/factkeeper/kafka-ca",
+        "readOnly": True,
+    }
+    assert env_vars["FACTKEEPER_KAFKA__SSL_CAFILE"]["value"] == "/etc/factkeeper/kafka-ca/ca.crt"
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_rendered_config_loads_in_the_daemon(tools: Tools, env: str, tmp_path: Path) -> None:
     """The ConfigMap's config.yaml, with the pod's environment, passes daemon/config.py."""
     docs = tools.render(values=[chart_values(env)])

@@ -152,9 +152,22 @@ def test_local_releases_render_and_pass_kubeconform(tools: Tools, env: str) -> N
     assert report["summary"]["valid"] == len(docs) > 0, report
     assert {t["spec"]["topicName"] for t in find(docs, "KafkaTopic")} == TOPICS
     kafka = only(docs, "Kafka")
-    bootstrap = f"{kafka['metadata']['name']}-kafka-bootstrap.factkeeper.svc:9092"
+    (listener,) = kafka["spec"]["kafka"]["listeners"]
+    cluster = kafka["metadata"]["name"]
+    bootstrap = f"{cluster}-kafka-bootstrap.factkeeper.svc:{listener['port']}"
     config = yaml.safe_load(only(docs, "ConfigMap")["data"]["config.yaml"])
     assert config["kafka"]["bootstrap_servers"] == [bootstrap]
+    # Prod speaks TLS to the listener and checks it against the CA Secret Strimzi writes.
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    protocol = config["kafka"]["security_protocol"]
+    assert protocol == ("SASL_SSL" if env == "prod" else "SASL_PLAINTEXT")
+    assert listener["tls"] is (protocol == "SASL_SSL")
+    ca_volumes = [v for v in pod["volumes"] if v["name"] == "kafka-ca"]
+    if env == "prod":
+        (ca,) = ca_volumes
+        assert ca["secret"]["secretName"] == f"{cluster}-cluster-ca-cert"
+    else:
+        assert not ca_volumes
     assert set(config["kafka"]["topics"].values()) == TOPICS
     # The daemon logs in as the KafkaUser, with the password from the Secret Strimzi writes.
     (user,) = (u["metadata"]["name"] for u in find(docs, "KafkaUser"))

@@ -32,6 +32,7 @@ CONFIG_SECTIONS = frozenset(
         "audit",
         "metrics",
         "admin",
+        "control",
     }
 )
 ALERTS = CHART / "files" / "alerts.yaml"

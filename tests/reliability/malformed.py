@@ -203,7 +203,10 @@ def control_chars(rng: random.Random, base: dict[str, Any], earlier: Sequence[di
     obj[field] = value[:at] + char + value[at:]
     if field == "subject":  # keep the subject in the prompt, so only the character is wrong
         obj["prompt"] = obj["prompt"].replace(value, obj["subject"])
-    return _item("control-chars", _dump(obj), "schema-violation")
+    invisible = ord(char) >= 0x2000 and field != "id"  # ids have their own narrow alphabet
+    return _item(
+        "control-chars", _dump(obj), "invisible-character" if invisible else "schema-violation"
+    )
 
 
 def prompt_injection(

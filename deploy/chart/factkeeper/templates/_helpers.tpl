@@ -125,6 +125,12 @@ referenced, never rendered into the chart. Call with (dict "root" $ "secrets" bo
       key: {{ .key | quote }}
 {{- end }}
 {{- end }}
+{{- with $v.secrets.kafkaCa }}
+{{- if .existingSecret }}
+- name: FACTKEEPER_KAFKA__SSL_CAFILE
+  value: {{ printf "%s/%s" (trimSuffix "/" .mountPath) .key | quote }}
+{{- end }}
+{{- end }}
 {{- with $v.secrets.adminToken }}
 {{- if .existingSecret }}
 - name: FACTKEEPER_ADMIN__TOKEN
