@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FTConfig:
-    """FT-L knobs. Defaults were chosen on SmolLM2-135M (bench/results/RESULTS.md, FT-L)."""
+    """FT-L knobs; defaults chosen on SmolLM2-135M (bench/results/RESULTS-pre-yardstick.md)."""
 
     layer: int | None = None
     """Block whose MLP down-projection is trained; None: ``round(depth * (n_layers - 1))``."""
