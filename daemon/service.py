@@ -346,11 +346,12 @@ class Daemon:
         """An empty journal beside registered versions of this model means a lost journal."""
         if self.versions is None or self.accept_journal_mismatch or not self.journal.is_empty():
             return
-        mine = [
-            v.version
-            for v in self.versions.registry.versions()
-            if v.tags.get("base_hash") == self.lm.base_hash
-        ]
+        try:
+            registered = self.versions.registry.versions()
+        except RegistryUnavailableError as exc:  # MLflow down: start anyway (journal replay)
+            log.warning("cannot compare the empty journal with the registry: %s", exc)
+            return
+        mine = [v.version for v in registered if v.tags.get("base_hash") == self.lm.base_hash]
         if mine:
             raise JournalMismatchError(
                 f"the journal at {self.journal.path} is empty, but "

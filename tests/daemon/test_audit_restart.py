@@ -39,6 +39,7 @@ def test_edits_before_a_restart_count_towards_the_next_audit(
         kafka_topic,
         tiny_model_dir,
         FACTKEEPER_AUDIT__EVERY_N_EDITS=str(EVERY_N),
+        FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN="true",  # audits need versions to act on a gate
         FACTKEEPER_AUDIT__PROBE_SET=str(probes),
         FACTKEEPER_AUDIT__RETENTION_FLOOR="0",
         FACTKEEPER_AUDIT__LOCALITY_FLOOR="0",

@@ -154,7 +154,13 @@ def test_key_statistics_are_computed_at_start_and_readyz_says_why_it_waits(
 @pytest.mark.kafka
 def test_pause_survives_a_restart_until_resume(kafka_broker, kafka_topic, tiny_model_dir, tmp_path):
     create_topics(kafka_broker, kafka_topic)
-    env = env_for(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
+    env = env_for(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_CONTROL__ALLOW_UNSIGNED="true",  # not about signing
+    )
     control = f"{kafka_topic}.control"
     produce(kafka_broker, control, [encode_control(Pause(command="pause"))])
     daemon = daemon_from_env(env)
