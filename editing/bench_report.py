@@ -112,7 +112,8 @@ def plot_curves(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("edits applied")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a metric no method has (ZsRE: no neighbours)
+            ax.legend()
     load = result.get("loadavg_start"), result.get("loadavg_end")
     fig.suptitle(
         f"{result['model']} · {result['dataset']} · {result['n_edits']} edits, batch "
