@@ -45,7 +45,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from editing.adapters import ArchitectureAdapter
-from editing.checks import DECODE_SLACK_TOKENS, BaseAnswers, Judge, contains_answer, forced_map
+from editing.checks import (
+    DECODE_SLACK_TOKENS,
+    BaseAnswers,
+    Judge,
+    Verdict,
+    contains_answer,
+    forced_map,
+)
 from editing.models import LoadedModel
 from editing.perplexity import perplexity, text_pairs
 from editing.requests import EditRequest, LocalityProbe
@@ -221,6 +228,7 @@ class Evaluator:
         self._base: dict[Pair, Scored] = {}
         self._base_answers: dict[str, tuple[str, int, bool, tuple[int, ...]]] = {}
         self._base_exact_true: dict[Pair, bool] = {}
+        self._base_verdicts: dict[Pair, Verdict] = {}
         self.base_seconds: float | None = None
         self.base_report: dict[str, Any] | None = None
         first = self.requests[: self.config.curve_locality_requests]
@@ -282,6 +290,8 @@ class Evaluator:
     def retained(self, requests: Sequence[EditRequest], state: ModelState) -> list[float]:
         """1.0 where the judge says the edit holds on the current weights, else 0.0."""
         checks = [(r.prompt, r.target_new) for r in requests]
+        if state.is_base and all(c in self._base_verdicts for c in checks):
+            return [float(self._base_verdicts[c].ok) for c in checks]  # what the base pass found
         verdicts = self.judge.judge(checks, **self._judge_args(checks, state))
         return [float(v.ok) for v in verdicts]
 
@@ -399,6 +409,8 @@ class Evaluator:
         verdicts = dict(
             zip(checks, self.judge.judge(checks, resume_layer=resume, forced=got), strict=True)
         )
+        if state.is_base:
+            self._base_verdicts.update(verdicts)
         probes = self._kept_probes(requests)
         _, kept = self._kept(probes, state, forced=got)
         timings["judge"] = time.perf_counter() - t0
