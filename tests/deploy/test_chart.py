@@ -308,8 +308,10 @@ def test_rendered_config_loads_in_the_daemon(tools: Tools, env: str, tmp_path: P
     pod_env = {"FACTKEEPER_HOME": str(tmp_path)}
     for var in daemon_container(docs)["env"]:
         if "valueFrom" in var:  # what the referenced Secret would hold
-            pod_env[var["name"]] = "s" * 32
+            pod_env[var["name"]] = (var["name"].lower() + "-secret-value").rjust(32, "s")
     settings = load_settings(config_file, env=pod_env)
+    if env == "prod":  # control records must be signed: prod gets its key from its own Secret
+        assert list(settings.control.keys) == ["k1"] and not settings.control.allow_unsigned
     assert settings.metrics.port == METRICS_PORT
     assert settings.metrics.host == "0.0.0.0"
     assert settings.journal.path == tmp_path / "state" / "journal.sqlite3"

@@ -114,7 +114,8 @@ def test_rendered_pod_matches_the_daemon(tools: Tools, env: str, tmp_path: Path)
     # The config loads in the daemon with the pod's environment (secrets as the Secret would).
     pod_env = {}
     for var in container["env"]:
-        pod_env[var["name"]] = var.get("value", "s" * 32)
+        # distinct stand-ins: the admin token and the control key must differ
+        pod_env[var["name"]] = var.get("value", (var["name"].lower() + "-secret").rjust(32, "s"))
     home = pod_env["FACTKEEPER_HOME"]
     settings = load_settings(config_file, env=pod_env)
 

@@ -140,6 +140,15 @@ referenced, never rendered into the chart. Call with (dict "root" $ "secrets" bo
       key: {{ .key | quote }}
 {{- end }}
 {{- end }}
+{{- with $v.secrets.controlKey }}
+{{- if .existingSecret }}
+- name: FACTKEEPER_CONTROL__KEYS__{{ .keyId }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret | quote }}
+      key: {{ .key | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
