@@ -77,8 +77,13 @@ class EMSEditConfig:
     """Adam step every this many batches; 0 = the reference's single step at the end of a run
     (faithful, but it leaves the nets one Adam step from their initialisation)."""
     lm_batch_size: int = 20
-    """Prompts per LM forward/backward (the loss is a mean over each micro-batch's tokens).
-    Reference: 4; one micro-batch per turn is ~1.6x faster on CPU."""
+    """Prompts per LM forward/backward (memory and speed only). Reference: 4; one micro-batch
+    per turn is ~1.6x faster on CPU."""
+    grad_rows: int = 20
+    """Value gradients are those of each request's mean answer CE divided by this, the same for
+    a request alone or in any batch. The reference takes a mean over each micro-batch's tokens,
+    which makes a lone edit's step many times larger; 20 keeps the shipped checkpoint's scale
+    (it was trained on micro-batches of 20 requests)."""
     hypernet_batch_size: int = 128
     """Rows per hypernetwork chunk (memory only; the net is row-wise)."""
     update_normalizer_at_edit: bool = False
@@ -102,6 +107,7 @@ class EMSEditConfig:
             (self.turns_per_sequence >= 1, "turns_per_sequence must be >= 1"),
             (self.opt_step_interval >= 0, "opt_step_interval must be >= 0 (0 = once per run)"),
             (self.lm_batch_size >= 1, "lm_batch_size must be >= 1"),
+            (self.grad_rows >= 1, "grad_rows must be >= 1"),
             (self.hypernet_batch_size >= 1, "hypernet_batch_size must be >= 1"),
             (self.mode in ("sequential", "batch"), "mode must be sequential or batch"),
             (self.locality in ("norm", "kl"), "locality must be norm or kl"),

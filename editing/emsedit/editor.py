@@ -188,7 +188,7 @@ def run_steps_(
     for step in range(steps):
         net_index = step if config.mode == "sequential" else 0
         cache = capture_keys_and_grads(
-            lm.model, modules, lm.tokenizer, pairs, config.lm_batch_size, device
+            lm.model, modules, lm.tokenizer, pairs, config.lm_batch_size, device, config.grad_rows
         )
         if update_normalizer:
             for name, (keys, grads) in cache.items():

@@ -2,7 +2,7 @@
 
 A prompt and its answer become one row: ``input_ids = tok(prompt) ++ tok(answer)[:-1]`` with
 pre-shifted labels (position t predicts ``labels[t]``; prompt positions are -100). One forward and
-one backward of the mean answer-token cross-entropy give, for every edited module, its input
+one backward of the per-request loss (``request_loss``) give, for every edited module, its input
 ``K`` (n_tok, d_in) and the gradient w.r.t. its output ``G`` (n_tok, d_out) at the answer
 positions. Hooks come from ``editing.hooks`` (context managers: removed on exit, exceptions
 included).
@@ -83,6 +83,22 @@ def answer_loss(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     return F.cross_entropy(answer_logits(model, batch), targets)
 
 
+def request_loss(model: nn.Module, batch: TokenBatch, grad_rows: int) -> torch.Tensor:
+    """Sum over rows of each row's mean answer-token CE, divided by ``grad_rows``.
+
+    A row's gradient then depends on its own answer only, never on how many other requests or
+    tokens share its micro-batch: an edit gets the same value gradients alone as inside a batch
+    (a mean over the micro-batch's tokens made a lone edit's gradient up to ~20x larger).
+    """
+    answer = batch.labels != IGNORE  # (B, T)
+    targets = batch.labels[answer]  # (n_tok,)
+    per_token = F.cross_entropy(answer_logits(model, batch), targets, reduction="none")  # (n_tok,)
+    row_of_token = answer.nonzero()[:, 0]  # (n_tok,) row index of each answer token
+    row_tokens = answer.sum(dim=1)  # (B,)
+    weights = 1.0 / (row_tokens[row_of_token].to(per_token.dtype) * grad_rows)  # (n_tok,)
+    return (per_token * weights).sum()
+
+
 def answer_log_probs(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """Log-softmax at the answer positions, (n_tok, V), for the KL locality term."""
     return answer_logits(model, batch).log_softmax(-1)
@@ -109,11 +125,12 @@ def capture_keys_and_grads(
     pairs: Sequence[tuple[str, str]],
     lm_batch_size: int,
     device: torch.device,
+    grad_rows: int,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """K (n_tok, d_in) and G (n_tok, d_out) per module for the (prompt, answer) pairs.
 
-    Micro-batches of ``lm_batch_size`` rows; each one's loss is its mean answer-token CE, so G
-    scales like 1 / n_tok of the micro-batch (as in the reference). Rows are float32 on ``device``.
+    Micro-batches of ``lm_batch_size`` rows (memory only: the loss is ``request_loss``, so G of a
+    row does not depend on the micro-batch). Rows are float32 on ``device``.
     """
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
@@ -126,7 +143,7 @@ def capture_keys_and_grads(
             capture_inputs(modules) as inputs,
             capture_outputs(modules, detach=False) as outputs,
         ):
-            loss = answer_loss(model, batch)
+            loss = request_loss(model, batch, grad_rows)
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in modules])
         for name, grad in zip(modules, out_grads, strict=True):
             key = inputs[name]  # (B, T, d_in)

@@ -93,3 +93,34 @@ def test_steps_override_and_limits():
                 modules=tiny_config().modules[:1] + (type(tiny_config().modules[0])("up", (9,)),)
             )
         ).compute_deltas(lm, make_requests()[:1])
+
+
+def _numbered_requests(n: int) -> list:
+    from editing.requests import EditRequest
+
+    words = ["Rome", "Paris", "guitar", "Bill Gates", "French", "Madrid", "tennis", "Oslo"]
+    return [
+        EditRequest(f"n{i}", f"Fact number {i} is about", f"number {i}", words[i % len(words)])
+        for i in range(n)
+    ]
+
+
+def test_a_request_gets_the_same_value_gradients_alone_as_inside_a_batch_of_20():
+    from editing.emsedit.editor import edit_pairs, resolve_modules
+    from editing.emsedit.keys import capture_keys_and_grads
+
+    lm = tiny_loaded("llama")
+    config = tiny_config(lm_batch_size=8)
+    modules = {m.name: dict(lm.model.named_modules())[m.name] for m in resolve_modules(lm, config)}
+    requests = _numbered_requests(20)
+
+    def rows_of_first(batch):
+        cache = capture_keys_and_grads(
+            lm.model, modules, lm.tokenizer, edit_pairs(batch), 8, lm.device, config.grad_rows
+        )
+        n_first = len(lm.tokenizer(" " + batch[0].target_new, add_special_tokens=False).input_ids)
+        return {name: grads[:n_first] for name, (_, grads) in cache.items()}
+
+    alone, together = rows_of_first(requests[:1]), rows_of_first(requests)
+    for name in alone:
+        assert torch.allclose(alone[name], together[name], rtol=1e-4, atol=1e-7), name
