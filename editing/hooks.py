@@ -112,13 +112,14 @@ def add_to_output(
         module: a module whose main output is (B, T, d).
         rows: (P,) batch indices.
         cols: (P,) token positions, one per row.
-        vector: (d,) added at every listed position (may require grad).
+        vector: (d,) added at every listed position, or (P, d): one per position (may require
+            grad).
     """
 
     def hook(_mod: nn.Module, _args: tuple, output: Any) -> Any:
         hidden = _first_tensor(output)  # (B, T, d)
         bump = torch.zeros_like(hidden)  # (B, T, d)
-        bump[rows, cols] = vector.to(hidden.dtype)  # (P, d) <- broadcast (d,)
+        bump[rows, cols] = vector.to(hidden.dtype)  # (P, d) <- (P, d) or broadcast (d,)
         shifted = hidden + bump
         return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
 

@@ -25,7 +25,7 @@ from editing.editors.base import EditError, Editor, EditResult, restore, write_d
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig, preset_for
-from editing.nse.keys import compute_target
+from editing.nse.keys import compute_targets
 from editing.nse.shift import RoundResult, run_round
 from editing.paths import Paths
 from editing.requests import EditRequest
@@ -100,18 +100,17 @@ class NSEEditor(Editor):
         columns = []
         missing = [r for r in requests if self.target_key(r) not in state.targets]
         if missing:
+            started = time.perf_counter()
             with state.rewound(lm):
-                for done, request in enumerate(missing, start=1):
-                    value = compute_target(lm, request, config.z_layer, config)
-                    state.targets[self.target_key(request)] = value.z
-                    log.info(
-                        "nse target %d/%d %s: nll %.3f after %d steps",
-                        done,
-                        len(missing),
-                        request.request_id,
-                        value.nll,
-                        value.steps,
-                    )
+                values = compute_targets(lm, missing, config.z_layer, config)
+            for request, value in zip(missing, values, strict=True):
+                state.targets[self.target_key(request)] = value.z
+            log.info(
+                "nse targets: %d requests in %.1f s, nll %s",
+                len(missing),
+                time.perf_counter() - started,
+                [round(v.nll, 3) for v in values],
+            )
         for request in requests:
             columns.append(state.targets[self.target_key(request)])
         return torch.stack(columns, dim=1)  # n x (d,) -> (d, n)

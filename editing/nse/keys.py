@@ -6,7 +6,7 @@ The same forward also gives h, the block output at the z layer for the plain pro
 the residual z − h is measured. The target z = h_init + δ comes from optimising δ, added to that
 block output at the subject's last token, so the model continues every (prefixed) prompt with
 the new target while the "{subject} is a" distribution stays close (spec 2.4). Keys and h use
-whatever weights the model holds; the caller runs ``compute_target`` on the original weights.
+whatever weights the model holds; the caller runs ``compute_targets`` on the original weights.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from editing.hooks import (
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig
 from editing.requests import EditRequest, continuation
+from editing.residual import can_resume, forward_from_layer
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +140,17 @@ def keys_and_hidden(
     return out, plain.T.contiguous()  # (d, n)
 
 
-def compute_target(
-    lm: LoadedModel, request: EditRequest, z_layer: int, config: NSEConfig
-) -> TargetValue:
-    """Optimise δ at the z layer so the model says ``target_new`` (spec 2.4); weights untouched.
+@dataclass(frozen=True)
+class _ValueProblem:
+    """One request's rows in the batched value optimisation."""
 
-    Loss = mean over prompts of the target's mean NLL + kl_factor·KL(p ‖ p_init) on the KL prompt
-    + v_weight_decay·||δ|| / ||h_init||². Adam on δ only; ||δ|| clamped to
-    clamp_norm_factor·||h_init||. Run it on the ORIGINAL weights (weights rewinding).
-    """
+    rows: list[list[int]]  # prompt rows (each prompt + target[:-1]), then the KL row
+    pred_cols: list[list[int]]  # per prompt row: positions predicting the target tokens
+    subject_cols: list[int]  # per row: the subject's last token
+    target_ids: list[int]
+
+
+def _value_problem(lm: LoadedModel, request: EditRequest, config: NSEConfig) -> _ValueProblem:
     target_ids = lm.tokenizer(continuation(request.target_new), add_special_tokens=False).input_ids
     if not target_ids:
         raise EditError(f"{request.request_id}: target {request.target_new!r} has no tokens")
@@ -156,71 +159,153 @@ def compute_target(
     kl = encode_prompt(
         lm, config.kl_prompt, config.kl_prompt.replace("{}", request.subject), request.subject
     )
-    rows_ids = [p.ids + target_ids[:-1] for p in prompts] + [kl.ids]
-    ids, mask = _pad(rows_ids, _pad_id(lm))  # (R, T) with R = len(prompts) + 1
-    n_prompts, n_target = len(prompts), len(target_ids)
-    # Logit positions: the last prompt token predicts target_0, the next one target_1, ...
-    pred_rows = torch.arange(n_prompts).repeat_interleave(n_target)  # (R-1)*T_tgt
-    pred_cols = torch.tensor([len(p.ids) - 1 + j for p in prompts for j in range(n_target)])
-    gold = torch.tensor(target_ids).repeat(n_prompts)  # ((R-1)*T_tgt,)
-    subject_rows = torch.arange(n_prompts + 1)
-    subject_cols = torch.tensor([p.subject_index for p in prompts] + [kl.subject_index])
+    # The last prompt token predicts target_0, the next one target_1, ...
+    return _ValueProblem(
+        rows=[p.ids + target_ids[:-1] for p in prompts] + [kl.ids],
+        pred_cols=[[len(p.ids) - 1 + j for j in range(len(target_ids))] for p in prompts],
+        subject_cols=[p.subject_index for p in prompts] + [kl.subject_index],
+        target_ids=list(target_ids),
+    )
 
+
+def compute_targets(
+    lm: LoadedModel, requests: Sequence[EditRequest], z_layer: int, config: NSEConfig
+) -> list[TargetValue]:
+    """Optimise each request's δ at the z layer so the model says its ``target_new`` (spec 2.4).
+
+    Loss per request = mean over its prompts of the target's mean NLL + kl_factor·KL(p ‖ p_init)
+    on the KL prompt + v_weight_decay·||δ|| / ||h_init||². Adam on δ only; ||δ|| clamped to
+    clamp_norm_factor·||h_init||. The requests run as one batch: the summed loss gives each δ the
+    gradient of its own loss (rows never mix) and Adam is element-wise, so the result is each
+    request's own optimisation; a request stops on its own loss and leaves the batch. Blocks up
+    to the z layer do not depend on δ: their output is computed once. Run it on the ORIGINAL
+    weights (weights rewinding); the weights are untouched.
+    """
+    problems = [_value_problem(lm, r, config) for r in requests]
+    owner = [i for i, p in enumerate(problems) for _ in p.rows]  # row -> request
+    first_row = [owner.index(i) for i in range(len(problems))]
+    all_rows = [row for p in problems for row in p.rows]
+    subject_cols = [c for p in problems for c in p.subject_cols]
     device = lm.device
-    ids, mask = ids.to(device), mask.to(device)
-    block = lm.adapter.layers(lm.model)[z_layer]
-    body = lm.model.base_model
+    ids, mask = (t.to(device) for t in _pad(all_rows, _pad_id(lm)))  # (R, T)
+    upper = _UpperModel(lm, z_layer, ids, mask)
+    h_init = upper.block_output[
+        torch.tensor(first_row), torch.tensor([p.subject_cols[0] for p in problems])
+    ].float()  # (n, d)
     head = lm.model.get_output_embeddings()
-    delta = torch.zeros(block_width(lm), device=device, requires_grad=True)
+    delta = torch.zeros(len(problems), block_width(lm), device=device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=config.v_lr)
-    h_init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
-    loss_value, nll_value, steps = float("nan"), float("nan"), 0
+    results: dict[int, TargetValue] = {}
+    active = list(range(len(problems)))
     with frozen_parameters(lm.model), torch.enable_grad():
         for it in range(config.v_num_grad_steps):
-            with (
-                add_to_output(block, subject_rows, subject_cols, delta),
-                capture_outputs({"z": block}) as outputs,
-            ):
-                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (R, T, d)
-            if h_init is None:
-                # The hook's recorded output already holds δ = 0 at the first step.
-                h_init = outputs["z"][0, subject_cols[0]].detach().clone()  # (d,)
-            logits = head(hidden[pred_rows, pred_cols])  # (N_pred, d) -> (N_pred, V)
-            log_probs = F.log_softmax(logits.float(), dim=-1)  # (N_pred, V)
-            token_nll = -log_probs.gather(1, gold.to(device)[:, None]).squeeze(1)  # (N_pred,)
-            nll = token_nll.view(n_prompts, n_target).mean(dim=1).mean()  # scalar
-            kl_logp = F.log_softmax(
-                head(hidden[n_prompts, subject_cols[-1]]).float(), dim=-1
-            )  # (V,)
+            rows = [r for r in range(len(all_rows)) if owner[r] in active]
+            hidden = upper.final_hidden(
+                rows,
+                torch.tensor([subject_cols[r] for r in rows]),
+                delta[torch.tensor([owner[r] for r in rows])],
+            )  # (R_active, T, d)
+            at = {r: k for k, r in enumerate(rows)}
+            losses, nlls, kls = [], [], []
+            for i in active:
+                p = problems[i]
+                start = first_row[i]
+                picked = torch.cat(
+                    [hidden[at[start + j], cols] for j, cols in enumerate(p.pred_cols)]
+                )  # (n_prompts * n_target, d)
+                log_probs = F.log_softmax(head(picked).float(), dim=-1)  # (N_pred, V)
+                gold = torch.tensor(p.target_ids * len(p.pred_cols), device=device)
+                token_nll = -log_probs.gather(1, gold[:, None]).squeeze(1)  # (N_pred,)
+                nll = token_nll.view(len(p.pred_cols), -1).mean(dim=1).mean()
+                kl_row = start + len(p.pred_cols)
+                kls.append(
+                    F.log_softmax(head(hidden[at[kl_row], p.subject_cols[-1]]).float(), dim=-1)
+                )  # (V,)
+                nlls.append(nll)
+            kl_logp = torch.stack(kls)  # (n_active, V)
             if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl_term = config.kl_factor * torch.sum(kl_logp.exp() * (kl_logp - kl_init))
-            decay = config.v_weight_decay * delta.norm() / h_init.norm() ** 2
-            loss = nll + kl_term + decay
-            loss_value, nll_value = float(loss.detach()), float(nll.detach())
-            if loss_value < config.early_stop_loss or it == config.v_num_grad_steps - 1:
+                kl_init = kl_logp.detach().clone()  # every request is active at step 0
+            kl_ref = kl_init[torch.tensor(active)]
+            kl_terms = config.kl_factor * (kl_logp.exp() * (kl_logp - kl_ref)).sum(dim=1)
+            idx = torch.tensor(active)
+            decay = config.v_weight_decay * delta[idx].norm(dim=1) / h_init[idx].norm(dim=1) ** 2
+            losses = torch.stack(nlls) + kl_terms + decay  # (n_active,)
+            last = it == config.v_num_grad_steps - 1
+            for k, i in enumerate(list(active)):
+                loss_value = float(losses[k].detach())
+                if loss_value < config.early_stop_loss or last:
+                    results[i] = TargetValue(
+                        (h_init[i] + delta[i].detach()).float().cpu(),
+                        h_init[i].cpu(),
+                        loss_value,
+                        float(nlls[k].detach()),
+                        it,
+                    )
+            still = [k for k, i in enumerate(active) if i not in results]
+            if not still:
                 break
             optimiser.zero_grad()
-            loss.backward()
+            losses[torch.tensor(still)].sum().backward()
             optimiser.step()
-            steps += 1
+            active = [active[k] for k in still]
             with torch.no_grad():
-                limit = config.clamp_norm_factor * h_init.norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
-    assert h_init is not None
-    z = (h_init + delta.detach()).float().cpu()
-    log.debug(
-        "target %s: loss %.4f nll %.4f after %d steps, |δ| %.3f, |h| %.3f",
-        request.request_id,
-        loss_value,
-        nll_value,
-        steps,
-        float(delta.norm()),
-        float(h_init.norm()),
-    )
-    return TargetValue(z, h_init.float().cpu(), loss_value, nll_value, steps)
+                idx = torch.tensor(active)
+                limit = config.clamp_norm_factor * h_init[idx].norm(dim=1)  # (n_active,)
+                norm = delta[idx].norm(dim=1)
+                scale = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
+                delta[idx] *= scale[:, None]
+    for i, request in enumerate(requests):
+        value = results[i]
+        log.debug(
+            "target %s: loss %.4f nll %.4f after %d steps, |δ| %.3f, |h| %.3f",
+            request.request_id,
+            value.loss,
+            value.nll,
+            value.steps,
+            float((value.z - value.h_init).norm()),
+            float(value.h_init.norm()),
+        )
+    return [results[i] for i in range(len(requests))]
+
+
+class _UpperModel:
+    """The blocks above the z layer, fed the (fixed) z-block output plus δ at chosen positions.
+
+    When the model resumes from a block input (``editing.residual.can_resume``), the blocks up
+    to the z layer run once; otherwise every call runs the whole body with δ added by a hook.
+    """
+
+    def __init__(
+        self, lm: LoadedModel, z_layer: int, ids: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        self.lm, self.z_layer, self.ids, self.mask = lm, z_layer, ids, mask
+        self.block = lm.adapter.layers(lm.model)[z_layer]
+        self.resumes = z_layer + 1 < lm.adapter.num_layers(lm.model) and can_resume(
+            lm.model, lm.adapter, lm.tokenizer
+        )
+        with torch.no_grad(), capture_outputs({"z": self.block}) as outputs:
+            run_until(lm.model, self.block, input_ids=ids, attention_mask=mask)
+        self.block_output = outputs["z"].clone()  # (R, T, d)
+
+    def final_hidden(
+        self, rows: list[int], subject_cols: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """Final hidden states (len(rows), T, d) with ``vectors[k]`` added at row k's subject."""
+        index = torch.tensor(rows, device=self.ids.device)
+        positions = torch.arange(len(rows))
+        if self.resumes:
+            entering = self.block_output[index].clone()  # (R_a, T, d)
+            bump = torch.zeros_like(entering)
+            bump[positions, subject_cols] = vectors.to(entering.dtype)
+            return forward_from_layer(
+                self.lm.model, self.lm.adapter, self.z_layer + 1, entering + bump, self.mask[index]
+            )
+        with add_to_output(self.block, positions, subject_cols, vectors):
+            out = self.lm.model.base_model(
+                input_ids=self.ids[index], attention_mask=self.mask[index]
+            )
+        return out.last_hidden_state
 
 
 def block_width(lm: LoadedModel) -> int:

@@ -183,3 +183,18 @@ def test_other_families_edit_in_stored_orientation(family: str, small_stats: Key
         assert delta.shape == before[name].shape and delta.is_contiguous()
         assert torch.equal(lm.model.state_dict()[name], before[name] + delta)
     assert result.info["residual_after"][0] < result.info["residual_before"][0]
+
+
+def test_batched_targets_are_each_requests_own_optimisation(trained_lm: LoadedModel) -> None:
+    from editing.nse.keys import compute_targets
+
+    config = PRESETS["tiny"]
+    requests = [EDIT, SECOND, EditRequest("e3", "The twin city of Rome", "Rome", "Paris")]
+    together = compute_targets(trained_lm, requests, config.z_layer, config)
+    for request, value in zip(requests, together, strict=True):
+        (alone,) = compute_targets(trained_lm, [request], config.z_layer, config)
+        assert value.steps == alone.steps
+        assert torch.allclose(value.z, alone.z, rtol=1e-4, atol=1e-5)
+        assert abs(value.nll - alone.nll) < 1e-4
+    assert any(v.steps > 0 for v in together)
+    assert not torch.allclose(together[0].z, together[1].z)
