@@ -321,7 +321,7 @@ class FactConsumer:
         except Exception:
             # The journal is the truth: an edit it does not hold must not stay in the weights.
             for unit in reversed(outcome.applied):
-                self.applier.editor.undo(self.applier.lm, unit.result)
+                self.applier.undo(unit)
             raise
         for p in pending:
             key = (p.record.topic, p.record.partition)
@@ -396,6 +396,7 @@ class FactConsumer:
                         delta_norms=unit.result.delta_norms(),
                         delta_sha256=unit.result.delta_sha256(),
                         batch_id=unit.batch_id,
+                        retry_rung=unit.retry_rung,
                         **base,
                     )
                 )
@@ -429,6 +430,8 @@ class FactConsumer:
                 result = "applied"
             self.metrics.events.labels(result=result).inc()
             self.stats.count(result)
+        for unit in outcome.applied:
+            self.metrics.edits_by_rung.labels(rung=unit.step).inc(len(unit.events))
         if outcome.applied or outcome.failed:
             self.metrics.edit_duration.observe(seconds)
             self.metrics.edit_batch_size.observe(len(outcome.applied_ids) + len(outcome.failed))
