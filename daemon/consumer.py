@@ -369,6 +369,7 @@ class FactConsumer:
                 future.get(timeout=0)
 
     def _rows(self, pending: list[_Pending], outcome: BatchOutcome) -> list[EventRecord]:
+        """One row per record; the applied ones in the order their units were applied."""
         units = {e.id: unit for unit in outcome.applied for e in unit.events}
         now = datetime.now(UTC)
         rows = []
@@ -403,7 +404,7 @@ class FactConsumer:
             else:
                 reason = outcome.failed.get(p.event.id, "edit did not take")
                 rows.append(EventRecord(status="failed", event=p.event, reason=reason, **base))
-        return rows
+        return _in_unit_order(rows, outcome)
 
     def _commit(self, pending: list[_Pending]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -682,3 +683,19 @@ class _BrokerWatch:
             was_connected = connected
             self.readiness.set("broker_connected", connected)
             self._done.wait(BROKER_CHECK_S)
+
+
+def _in_unit_order(rows: list[EventRecord], outcome: BatchOutcome) -> list[EventRecord]:
+    """``rows`` with the applied ones reordered (in the slots they hold) as they were applied.
+
+    Replay re-applies units in journal order, each unit's rows together, so a unit applied
+    after the retry ladder kept another (a batch's passing edits, then a failed one alone on a
+    rung) must come after it, whatever the records' offsets.
+    """
+    order = {event_id: i for i, event_id in enumerate(outcome.applied_ids)}
+    slots = [i for i, row in enumerate(rows) if row.status == "applied"]
+    applied = sorted((rows[i] for i in slots), key=lambda row: order[row.event_id])
+    reordered = list(rows)
+    for slot, row in zip(slots, applied, strict=True):
+        reordered[slot] = row
+    return reordered

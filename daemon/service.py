@@ -115,22 +115,25 @@ def build_ladder(settings: Settings, editor: Editor) -> list[Rung]:
         return []
     ladder = settings.editor.ladder()
     if ladder and editor.keeps_edit_memory:
-        raise ConfigError(
-            f"editor.retry_ladder: the {editor.name} editor keeps a memory of past edits that "
-            "would miss the edits a rung applies; set editor.retry_ladder: [] for it"
+        message = (
+            f"the {editor.name} editor keeps a memory of past edits that would miss the edits "
+            "a rung applies; set editor.retry_ladder: [] for it"
         )
+        raise ConfigError([("editor.retry_ladder", message)])
     rungs = []
     for index, rung in enumerate(ladder, start=1):
         method, options = settings.editor.rung_options(rung)
+        where = f"editor.retry_ladder[{index - 1}]"
         try:
             rung_editor = get_editor(method, **options)
         except (EditError, TypeError, ValueError) as exc:
-            raise ConfigError(f"editor.retry_ladder[{index - 1}] ({method}): {exc}") from exc
+            raise ConfigError([(where, f"{method}: {exc}")]) from exc
         if rung_editor.keeps_edit_memory or settings.safeguards.wraps(method):
-            raise ConfigError(
-                f"editor.retry_ladder[{index - 1}] ({method}): an editor that keeps a memory "
-                "of past edits (NSE, or one the safeguards wrap) cannot be a retry rung yet"
+            message = (
+                f"{method}: an editor that keeps a memory of past edits (NSE, or one the "
+                "safeguards wrap) cannot be a retry rung yet"
             )
+            raise ConfigError([(where, message)])
         shown = " ".join(f"{k}={v}" for k, v in sorted(rung.options.items()))
         label = f"rung {index} ({method}{' ' + shown if shown else ''})"
         rungs.append(Rung(index, rung_spec(method, options), rung_editor, label))
