@@ -3,9 +3,10 @@
 For each method this measures, on one real local Kafka broker and in one invocation:
 
 * **drain**: N CounterFact corrections are queued on a fresh topic first, then an in-process
-  ``Daemon`` consumes them through the full path (validate, edit, post-check, fallback to single
-  edits, DLQ, journal, offset commit, snapshots); events/s = consumed / wall time of ``run``.
-  The wall time is split per stage by wrapping the daemon's own objects (no daemon code changes);
+  ``Daemon`` consumes them through the full path (validate, edit, post-check, the retry ladder for
+  edits that did not take, DLQ, journal, offset commit, snapshots); events/s = consumed / wall
+  time of ``run``. The wall time is split per stage by wrapping the daemon's own objects (no
+  daemon code changes);
 * **bare editor**: the same N requests through ``editor.apply`` on a freshly loaded model, in
   batches of the daemon's ``batching.max_size``, no Kafka and no post-check; the daemon/bare
   ratio is the daemon's overhead (including the edits the post-check undoes and retries);

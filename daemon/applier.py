@@ -1,15 +1,28 @@
-"""Turning validated events into model edits that either take completely or not at all.
+"""Turning validated events into model edits: each edit is kept completely or not at all.
 
 A batch is applied with the configured editor, then every edit is post-checked: the model's
-greedy answer to the prompt must now start with the new target. If any edit in a batch does not
-take, the whole batch is undone (bit-exact) and its events are applied one at a time, so one bad
-correction cannot drag good ones down; an event that still does not take alone is undone and
-reported as failed. The units that were finally kept are what the journal records (``batch_id``)
-and what replay re-applies, in order, to reach the same weights after a restart.
+greedy answer to the prompt must now start with the new target. The edits that do not take go
+down a retry ladder, and the ones that did stay:
+
+1. The batch is undone (bit-exact) and the edits that passed are re-applied as one unit and
+   post-checked again; any that no longer take join the failures. This repeats until a unit
+   takes completely or fewer than two edits are left, at most ``editor.subset_rounds`` times.
+2. Every edit not kept is applied alone with the configured editor, then alone with each rung of
+   ``editor.retry_ladder`` in turn (by default FT-L again with more Adam steps), undone each time
+   it does not take.
+3. An edit no rung made take is reported as failed (it goes to the DLQ) with a reason that names
+   every rung tried and what the model answered.
+
+The units that were finally kept are what the journal records (``batch_id``, and ``retry_rung``
+for a unit a ladder rung applied) and what replay re-applies, in order and each with the editor
+that applied it, to reach the same weights after a restart. A rung that the journal names but
+the configured ladder no longer has stops replay with ``RetryLadderChangedError``. Editors that
+keep a memory of past edits (NSE, the safeguards) cannot be rungs yet: the daemon refuses them.
 
 An editor that fails with a *transient* error (``TransientRetry``: out of memory by default) is
 retried a bounded number of times with a doubling backoff, the weights rebuilt from the journal
-before each try; only then are its events failed. Other unexpected errors fail them at once.
+before each try; only then are its events failed. Other unexpected errors fail them at once,
+without climbing the ladder.
 
 A correction for a prompt an earlier edit already changed is applied on top of it (the earlier
 edit stays in the weights and in the journal); audits expect the newest target for each prompt.
@@ -17,13 +30,15 @@ edit stays in the weights and in the journal); audits expect the newest target f
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from daemon.config import EditorSettings
+from daemon.errors import RetryLadderChangedError
 from daemon.events import FactCorrection
 from editing.checks import Judge, Verdict
 from editing.editors.base import EditError, Editor, EditResult
@@ -78,6 +93,41 @@ class TransientRetry:
         return self.backoff_s * 2 ** (attempt - 1)
 
 
+#: The ``step`` of an applied unit (the ``rung`` label of ``factkeeper_edits_by_rung``):
+#: ``first`` the call that first tried the edit, ``subset`` a batch re-applied without the edits
+#: that failed, ``alone`` the configured editor alone after that, ``rung<i>`` the ladder's rungs.
+FIRST, SUBSET, ALONE = "first", "subset", "alone"
+
+
+def rung_step(index: int) -> str:
+    """The step label of the ladder's rung ``index`` (1-based)."""
+    return f"rung{index}"
+
+
+def rung_spec(method: str, options: Mapping[str, object]) -> str:
+    """A rung as the journal records it (``retry_rung``): canonical JSON of method and options."""
+    return json.dumps(
+        {"method": method, "options": dict(options)}, sort_keys=True, separators=(",", ":")
+    )
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One built rung of the retry ladder (``editor.retry_ladder``)."""
+
+    index: int
+    """Position in the configured ladder, from 1."""
+    spec: str
+    """``rung_spec`` of the method and the options its editor was built with."""
+    editor: Editor
+    label: str
+    """For failure reasons, e.g. ``rung 1 (ft num_steps=40)``."""
+
+    @property
+    def step(self) -> str:
+        return rung_step(self.index)
+
+
 @dataclass
 class AppliedUnit:
     """Events applied together in one editor call and kept: the unit of replay."""
@@ -86,6 +136,14 @@ class AppliedUnit:
     events: list[FactCorrection]
     result: EditResult
     seconds: float
+    step: str = FIRST
+    rung: Rung | None = None
+    """The ladder rung that applied the unit; None: the configured editor."""
+
+    @property
+    def retry_rung(self) -> str | None:
+        """What the journal records for this unit (None: the configured editor)."""
+        return self.rung.spec if self.rung is not None else None
 
 
 @dataclass
@@ -98,14 +156,22 @@ class BatchOutcome:
         return [e.id for unit in self.applied for e in unit.events]
 
 
+@dataclass
+class _Attempt:
+    unit: AppliedUnit | None
+    failures: dict[str, str]  # event id -> reason, when ``unit`` is None
+    crashed: bool = False  # an unexpected editor error: the ladder stops here
+
+
 class EditApplier:
-    """Applies events to one loaded model with one editor.
+    """Applies events to one loaded model with one editor and its retry ladder.
 
     ``rebuild`` makes the weights what the journal says (the daemon passes its restore + replay).
     With it, an editor that fails in an unexpected way (not ``EditError``, so the weights may be
     half-written) costs a rebuild and marks the events failed instead of crashing the daemon on
     the same record after every restart; without it, the error propagates. A transient error
-    (``retry``) is retried after the rebuild, up to ``retry.retries`` times.
+    (``retry``) is retried after the rebuild, up to ``retry.retries`` times. ``ladder`` holds
+    the rungs an edit that did not take alone is tried with (``build_ladder`` in the service).
     """
 
     def __init__(
@@ -115,58 +181,146 @@ class EditApplier:
         rebuild: Callable[[], None] | None = None,
         retry: TransientRetry | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        ladder: Sequence[Rung] = (),
+        subset_rounds: int = 3,
     ) -> None:
+        if subset_rounds < 1:
+            raise ValueError("subset_rounds must be >= 1")
         self.lm = lm
         self.editor = editor
         self.rebuild = rebuild
         self.judge = Judge(lm)
         self.retry = retry or TransientRetry()
         self.sleep = sleep
+        self.ladder = tuple(ladder)
+        self.subset_rounds = subset_rounds
 
     def apply(self, events: Sequence[FactCorrection]) -> BatchOutcome:
         """Apply ``events``; every event ends up in ``applied`` or ``failed``, never half-done."""
         outcome = BatchOutcome()
         if not events:
             return outcome
-        if len(events) > 1 and self.editor.supports_batch:
-            unit, failures = self._try_unit(list(events), outcome)
-            if unit is not None:
-                outcome.applied.append(unit)
-                return outcome
-            log.info("batch did not fully take; retrying one at a time", extra={"n": len(events)})
-        for event in events:
-            unit, failures = self._try_unit([event], outcome)
-            if unit is not None:
-                outcome.applied.append(unit)
-            else:
-                outcome.failed[event.id] = failures.get(event.id, "edit did not take")
+        left = list(events)
+        batched = len(left) > 1 and self.editor.supports_batch
+        if batched:
+            self._apply_subsets(left, outcome)
+            kept = set(outcome.applied_ids)
+            left = [e for e in left if e.id not in kept]
+            if left:
+                log.info("edits left for the retry ladder", extra={"n": len(left)})
+        for event in left:
+            self._climb(event, outcome, tried_before=batched)
         return outcome
 
-    def replay(self, batch_id: str, events: Sequence[FactCorrection]) -> AppliedUnit:
-        """Re-apply a journaled unit without the post-check (it passed when first applied)."""
+    def _apply_subsets(self, events: list[FactCorrection], outcome: BatchOutcome) -> None:
+        """The batch, then the edits of it that passed as one unit, until one unit takes.
+
+        Each round drops at least one edit, and ``subset_rounds`` bounds the re-applications.
+        """
+        subset = events
+        for round_ in range(1 + self.subset_rounds):
+            attempt = self._try_unit(subset, outcome, step=FIRST if round_ == 0 else SUBSET)
+            if attempt.unit is not None:
+                outcome.applied.append(attempt.unit)
+                return
+            subset = [e for e in subset if e.id not in attempt.failures]
+            if len(subset) < 2:  # one edit left is what the ladder tries first anyway
+                return
+            log.info(
+                "batch did not fully take; re-applying the edits that did",
+                extra={"n": len(subset), "round": round_ + 1},
+            )
+
+    def _climb(self, event: FactCorrection, outcome: BatchOutcome, *, tried_before: bool) -> None:
+        """``event`` alone with the configured editor, then with each rung, until one takes."""
+        tried: list[tuple[str, str]] = []
+        steps: list[Rung | None] = [None, *self.ladder]
+        for rung in steps:
+            if rung is None:
+                step, label = (ALONE if tried_before else FIRST), f"alone ({self.editor.name})"
+            else:
+                step, label = rung.step, rung.label
+            attempt = self._try_unit([event], outcome, step=step, rung=rung)
+            if attempt.unit is not None:
+                outcome.applied.append(attempt.unit)
+                return
+            tried.append((label, attempt.failures.get(event.id, "edit did not take")))
+            if attempt.crashed:
+                break
+        if len(tried) == 1:
+            outcome.failed[event.id] = tried[0][1]
+        else:
+            outcome.failed[event.id] = "; ".join(f"{label}: {why}" for label, why in tried)
+
+    def editor_of(self, unit: AppliedUnit) -> Editor:
+        """The editor that applied ``unit`` (its rung's, or the configured one)."""
+        return unit.rung.editor if unit.rung is not None else self.editor
+
+    def undo(self, unit: AppliedUnit) -> None:
+        """Restore the weights ``unit`` changed, with the editor that applied it."""
+        self.editor_of(unit).undo(self.lm, unit.result)
+
+    def rung_for(self, retry_rung: str | None, batch_id: str = "?") -> Rung | None:
+        """The configured rung the journal's ``retry_rung`` names (None: the configured editor).
+
+        Raises:
+            RetryLadderChangedError: the ladder has no such rung any more.
+        """
+        if retry_rung is None:
+            return None
+        for rung in self.ladder:
+            if rung.spec == retry_rung:
+                return rung
+        configured = "; ".join(r.spec for r in self.ladder) or "none"
+        raise RetryLadderChangedError(
+            f"journal unit {batch_id} was applied by retry rung {retry_rung}, which "
+            f"editor.retry_ladder no longer configures (its rungs now: {configured}); replaying "
+            "it with another editor would change the weights: restore that rung to start"
+        )
+
+    def replay(
+        self, batch_id: str, events: Sequence[FactCorrection], retry_rung: str | None = None
+    ) -> AppliedUnit:
+        """Re-apply a journaled unit without the post-check (it passed when first applied),
+        with the editor that first applied it.
+
+        Raises:
+            RetryLadderChangedError: ``retry_rung`` is not in the configured ladder.
+        """
+        rung = self.rung_for(retry_rung, batch_id)
+        editor = rung.editor if rung is not None else self.editor
         started = time.perf_counter()
-        result = self.editor.apply(self.lm, [to_request(e) for e in events])
-        return AppliedUnit(batch_id, list(events), result, time.perf_counter() - started)
+        result = editor.apply(self.lm, [to_request(e) for e in events])
+        seconds = time.perf_counter() - started
+        step = rung.step if rung is not None else FIRST
+        return AppliedUnit(batch_id, list(events), result, seconds, step, rung)
 
     def _try_unit(
-        self, events: list[FactCorrection], outcome: BatchOutcome
-    ) -> tuple[AppliedUnit | None, dict[str, str]]:
+        self,
+        events: list[FactCorrection],
+        outcome: BatchOutcome,
+        *,
+        step: str = FIRST,
+        rung: Rung | None = None,
+    ) -> _Attempt:
+        editor = rung.editor if rung is not None else self.editor
         requests = [to_request(e) for e in events]
         started = time.perf_counter()
         attempt = 0
         while True:
             try:
-                result = self.editor.apply(self.lm, requests)
+                result = editor.apply(self.lm, requests)
                 break
             except EditError as exc:  # the editor guarantees the model is unchanged
-                return None, {e.id: f"editor refused: {exc}" for e in events}
+                return _Attempt(None, {e.id: f"editor refused: {exc}" for e in events})
             except Exception as exc:
                 if self.rebuild is None:
                     raise
                 transient = self.retry.is_transient(exc)
                 log.exception(
                     "editor failed; rebuilding the weights from the journal",
-                    extra={"transient": transient, "attempt": attempt + 1},
+                    extra={"transient": transient, "attempt": attempt + 1, "step": step},
                 )
                 self._rebuild_keeping(outcome.applied)
                 if transient and attempt < self.retry.retries:
@@ -175,24 +329,22 @@ class EditApplier:
                     continue
                 note = f" (transient; failed {attempt + 1} times)" if transient else ""
                 reason = f"editor error{note}: {type(exc).__name__}: {exc}"[:300]
-                return None, {e.id: reason for e in events}
+                return _Attempt(None, {e.id: reason for e in events}, crashed=True)
         failures = self.post_check(requests)
         if failures:
-            self.editor.undo(self.lm, result)
-            return None, failures
-        unit = AppliedUnit(uuid.uuid4().hex, events, result, time.perf_counter() - started)
-        return unit, {}
+            editor.undo(self.lm, result)
+            return _Attempt(None, failures)
+        seconds = time.perf_counter() - started
+        return _Attempt(AppliedUnit(uuid.uuid4().hex, events, result, seconds, step, rung), {})
 
     def _rebuild_keeping(self, kept: list[AppliedUnit]) -> None:
         """Journal state, then the units of this batch kept so far (not journaled yet)."""
         assert self.rebuild is not None
         self.rebuild()
         for i, unit in enumerate(kept):
+            replayed = self.replay(unit.batch_id, unit.events, unit.retry_rung)
             kept[i] = AppliedUnit(
-                unit.batch_id,
-                unit.events,
-                self.replay(unit.batch_id, unit.events).result,
-                unit.seconds,
+                unit.batch_id, unit.events, replayed.result, unit.seconds, unit.step, unit.rung
             )
 
     def post_check(self, requests: Sequence[EditRequest]) -> dict[str, str]:

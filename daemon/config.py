@@ -218,6 +218,28 @@ class ModelSettings(_Section):
     and their replay, are bit-exact only at the same count. None: torch's default (cores)."""
 
 
+class RetryRung(_Section):
+    """One step of the retry ladder: the editor an edit that did not take is tried with next."""
+
+    method: EditorName | None = None
+    """The editing method; None: the configured ``editor.method``."""
+    options: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    """Overrides of the method's config for this rung. For the configured method they go on
+    top of ``editor.options``; another method starts from its own defaults."""
+
+
+#: The ladder used when ``editor.retry_ladder`` is unset, per method. FT-L gets a second try
+#: with 40 Adam steps (its default is 10, and the early stop at ``stop_nll`` keeps easy edits
+#: cheap). EMSEdit's trained step count is the most its sequential checkpoint allows, and NSE
+#: and guarded editors hold a memory of past edits that a rung cannot keep yet (the daemon
+#: refuses them as rungs), so those methods retry alone with the same editor only.
+DEFAULT_RETRY_LADDERS: dict[str, tuple[RetryRung, ...]] = {
+    "ft": (RetryRung(options={"num_steps": 40}),),
+}
+#: Most rungs a ladder may have (bounds the ``rung`` metric label and a failing event's cost).
+MAX_RETRY_RUNGS = 4
+
+
 class EditorSettings(_Section):
     """The editing method; its hyperparameters live in the method's own config class."""
 
@@ -243,6 +265,29 @@ class EditorSettings(_Section):
     )
     """Text that makes any editor error transient when its message contains it (case is
     ignored), e.g. a ``RuntimeError: ... out of memory`` from an allocator."""
+    subset_rounds: int = Field(default=3, ge=1, le=16)
+    """Times a batch whose post-check failed for some edits is undone and re-applied as one
+    unit without them, before every edit not yet kept is tried alone (the retry ladder)."""
+    retry_ladder: list[RetryRung] | None = Field(default=None, max_length=MAX_RETRY_RUNGS)
+    """Editors an edit that did not take alone is tried with, in order, before it fails to the
+    DLQ with every rung's answer; each rung applies the edit alone and post-checks it. None:
+    the method's default (``DEFAULT_RETRY_LADDERS``: FT-L again with ``num_steps: 40``, none
+    for the other methods, nor for an editor that keeps a memory of past edits, which cannot
+    have a ladder); ``[]``: alone with the configured editor only. Replay rebuilds an
+    edit with the rung that applied it, so a rung the journal names must stay in the ladder."""
+
+    def ladder(self) -> list[RetryRung]:
+        """The rungs in force: ``retry_ladder``, or the method's default."""
+        if self.retry_ladder is not None:
+            return list(self.retry_ladder)
+        return list(DEFAULT_RETRY_LADDERS.get(self.method, ()))
+
+    def rung_options(self, rung: RetryRung) -> tuple[str, dict[str, bool | int | float | str]]:
+        """A rung's method and the options its editor is built with."""
+        method = rung.method or self.method
+        if method == self.method:
+            return method, {**self.options, **rung.options}
+        return method, dict(rung.options)
 
 
 class SafeguardSettings(_Section):

@@ -321,7 +321,7 @@ class FactConsumer:
         except Exception:
             # The journal is the truth: an edit it does not hold must not stay in the weights.
             for unit in reversed(outcome.applied):
-                self.applier.editor.undo(self.applier.lm, unit.result)
+                self.applier.undo(unit)
             raise
         for p in pending:
             key = (p.record.topic, p.record.partition)
@@ -369,6 +369,7 @@ class FactConsumer:
                 future.get(timeout=0)
 
     def _rows(self, pending: list[_Pending], outcome: BatchOutcome) -> list[EventRecord]:
+        """One row per record; the applied ones in the order their units were applied."""
         units = {e.id: unit for unit in outcome.applied for e in unit.events}
         now = datetime.now(UTC)
         rows = []
@@ -396,13 +397,14 @@ class FactConsumer:
                         delta_norms=unit.result.delta_norms(),
                         delta_sha256=unit.result.delta_sha256(),
                         batch_id=unit.batch_id,
+                        retry_rung=unit.retry_rung,
                         **base,
                     )
                 )
             else:
                 reason = outcome.failed.get(p.event.id, "edit did not take")
                 rows.append(EventRecord(status="failed", event=p.event, reason=reason, **base))
-        return rows
+        return _in_unit_order(rows, outcome)
 
     def _commit(self, pending: list[_Pending]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -429,6 +431,8 @@ class FactConsumer:
                 result = "applied"
             self.metrics.events.labels(result=result).inc()
             self.stats.count(result)
+        for unit in outcome.applied:
+            self.metrics.edits_by_rung.labels(rung=unit.step).inc(len(unit.events))
         if outcome.applied or outcome.failed:
             self.metrics.edit_duration.observe(seconds)
             self.metrics.edit_batch_size.observe(len(outcome.applied_ids) + len(outcome.failed))
@@ -679,3 +683,19 @@ class _BrokerWatch:
             was_connected = connected
             self.readiness.set("broker_connected", connected)
             self._done.wait(BROKER_CHECK_S)
+
+
+def _in_unit_order(rows: list[EventRecord], outcome: BatchOutcome) -> list[EventRecord]:
+    """``rows`` with the applied ones reordered (in the slots they hold) as they were applied.
+
+    Replay re-applies units in journal order, each unit's rows together, so a unit applied
+    after the retry ladder kept another (a batch's passing edits, then a failed one alone on a
+    rung) must come after it, whatever the records' offsets.
+    """
+    order = {event_id: i for i, event_id in enumerate(outcome.applied_ids)}
+    slots = [i for i, row in enumerate(rows) if row.status == "applied"]
+    applied = sorted((rows[i] for i in slots), key=lambda row: order[row.event_id])
+    reordered = list(rows)
+    for slot, row in zip(slots, applied, strict=True):
+        reordered[slot] = row
+    return reordered

@@ -85,6 +85,15 @@ class ReplayMismatchError(DaemonError):
     """
 
 
+class RetryLadderChangedError(ReplayMismatchError):
+    """A journaled unit was applied by a retry-ladder rung that ``editor.retry_ladder`` no longer
+    configures (removed, or its method or options changed): replay cannot build its editor.
+
+    The daemon stops rather than rebuild the edit with another editor; restore the ladder the
+    unit was applied with (the message names it) to start.
+    """
+
+
 class JournalLockedError(JournalError):
     """Another process holds the journal's writer lock: two daemons must never write one journal.
 

@@ -118,11 +118,16 @@ _MIGRATIONS += (
         ) STRICT""",
     ),
 )
+_MIGRATIONS += (
+    # 4: the retry-ladder rung that applied a unit (``daemon.applier.rung_spec``; NULL: the
+    # configured editor), so replay re-applies the unit with the same editor.
+    ("ALTER TABLE events ADD COLUMN retry_rung TEXT",),
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _EVENT_COLUMNS = (
     'seq, event_id, topic, "partition", "offset", status, reason, payload, received_at, '
-    "applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256"
+    "applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256, retry_rung"
 )
 _CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 
@@ -148,6 +153,7 @@ class EventRecord:
     model_version: str | None = None
     batch_id: str | None = None
     delta_sha256: str | None = None  # of the unit the event was applied in (applied only)
+    retry_rung: str | None = None  # the ladder rung that applied the unit; None: the editor
 
     def __post_init__(self) -> None:
         if self.status not in ARRIVAL_STATUSES:
@@ -189,6 +195,7 @@ class JournalEntry:
     model_version: str | None
     batch_id: str | None
     delta_sha256: str | None = None
+    retry_rung: str | None = None
 
 
 @dataclass(frozen=True)
@@ -652,7 +659,8 @@ class Journal:
         cursor = self._conn.execute(
             'INSERT INTO events (event_id, topic, "partition", "offset", status, reason, '
             "payload, received_at, applied_at, edit_seconds, delta_norms, model_version, "
-            "batch_id, delta_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, delta_sha256, retry_rung) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.event_id,
                 row.topic,
@@ -668,6 +676,7 @@ class Journal:
                 row.model_version,
                 row.batch_id,
                 row.delta_sha256,
+                row.retry_rung,
             ),
         )
         return _rowid(cursor)
@@ -696,7 +705,8 @@ def _rowid(cursor: sqlite3.Cursor) -> int:
 
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
     (seq, event_id, topic, partition, offset, status, reason, payload, received_at) = row[:9]
-    (applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256) = row[9:]
+    (applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256) = row[9:15]
+    retry_rung = row[15]
     return JournalEntry(
         seq=seq,
         event_id=event_id,
@@ -713,4 +723,5 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         model_version=model_version,
         batch_id=batch_id,
         delta_sha256=delta_sha256,
+        retry_rung=retry_rung,
     )

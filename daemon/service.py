@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.admin import AdminServer, ControlInbox
-from daemon.applier import BatchOutcome, EditApplier, TransientRetry, to_request
+from daemon.applier import BatchOutcome, EditApplier, Rung, TransientRetry, rung_spec, to_request
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError, JournalMismatchError, ReplayMismatchError
+from daemon.errors import ConfigError, HistoryError, JournalMismatchError, ReplayMismatchError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
@@ -40,7 +40,7 @@ from daemon.versions import (
     editable_weight_names,
 )
 from editing.editors import Editor, get_editor
-from editing.editors.base import EditResult
+from editing.editors.base import EditError, EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
@@ -99,6 +99,45 @@ def build_editor(settings: Settings) -> Editor:
     if settings.safeguards.wraps(settings.editor.method):
         editor = GuardedEditor(editor, SafeguardConfig(**settings.safeguards.to_config()))
     return editor
+
+
+def build_ladder(settings: Settings, editor: Editor) -> list[Rung]:
+    """The retry ladder's rungs (``editor.retry_ladder``), each with its own editor.
+
+    An ``editor`` that keeps a memory of past edits (NSE, the safeguards) would miss the edits
+    a rung applies, so for it the default ladder is empty.
+
+    Raises:
+        ConfigError: a rung's editor keeps a memory of past edits (replay cannot rebuild it per
+            rung yet), or a ladder is configured for an ``editor`` that keeps one.
+    """
+    if editor.keeps_edit_memory and settings.editor.retry_ladder is None:
+        return []
+    ladder = settings.editor.ladder()
+    if ladder and editor.keeps_edit_memory:
+        message = (
+            f"the {editor.name} editor keeps a memory of past edits that would miss the edits "
+            "a rung applies; set editor.retry_ladder: [] for it"
+        )
+        raise ConfigError([("editor.retry_ladder", message)])
+    rungs = []
+    for index, rung in enumerate(ladder, start=1):
+        method, options = settings.editor.rung_options(rung)
+        where = f"editor.retry_ladder[{index - 1}]"
+        try:
+            rung_editor = get_editor(method, **options)
+        except (EditError, TypeError, ValueError) as exc:
+            raise ConfigError([(where, f"{method}: {exc}")]) from exc
+        if rung_editor.keeps_edit_memory or settings.safeguards.wraps(method):
+            message = (
+                f"{method}: an editor that keeps a memory of past edits (NSE, or one the "
+                "safeguards wrap) cannot be a retry rung yet"
+            )
+            raise ConfigError([(where, message)])
+        shown = " ".join(f"{k}={v}" for k, v in sorted(rung.options.items()))
+        label = f"rung {index} ({method}{' ' + shown if shown else ''})"
+        rungs.append(Rung(index, rung_spec(method, options), rung_editor, label))
+    return rungs
 
 
 def editor_checkpoint(editor: Editor) -> Path | None:
@@ -162,7 +201,9 @@ def replay_journal(
 ) -> ReplayReport:
     """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``.
 
-    Each unit's weight change is checked against the journal (``verify_replayed``). With
+    Each unit is re-applied with the editor that applied it (the configured one, or the retry
+    rung the journal names) and its weight change is checked against the journal
+    (``verify_replayed``); a rung the ladder no longer has raises ``RetryLadderChangedError``. With
     ``rehash`` (a revert recomputes later edits on weights that never held the reverted one),
     the new hashes are recorded instead.
     """
@@ -170,12 +211,12 @@ def replay_journal(
     entries = journal.applied_events(after_seq)
     units = 0
     for batch_id, group in replay_units(entries):
-        unit = applier.replay(batch_id, [e.event for e in group])
+        unit = applier.replay(batch_id, [e.event for e in group], group[0].retry_rung)
         if rehash:
             if group[0].batch_id is not None:
                 journal.set_delta_sha256(group[0].batch_id, unit.result.delta_sha256())
         else:
-            verify_replayed(applier.editor, group, unit.result)
+            verify_replayed(applier.editor_of(unit), group, unit.result)
         units += 1
     report = ReplayReport(units, len(entries), time.perf_counter() - started)
     log.info(
@@ -231,6 +272,8 @@ class Daemon:
             self.editor,
             rebuild=self._rebuild_from_journal,
             retry=TransientRetry.from_settings(settings.editor),
+            ladder=build_ladder(settings, self.editor),
+            subset_rounds=settings.editor.subset_rounds,
         )
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path, exclusive=True)

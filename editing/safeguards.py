@@ -148,6 +148,7 @@ class GuardedEditor(Editor):
     # original run accumulated, and later deltas differ in their last bits. Replay checks this
     # editor's deltas against the journaled norms with a tolerance instead of the exact hash.
     replay_bit_exact: ClassVar[bool] = False
+    keeps_edit_memory: ClassVar[bool] = True  # originals and the keys of past edits
 
     def __init__(
         self,

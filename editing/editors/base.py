@@ -63,6 +63,9 @@ class Editor(ABC):
     needs_training: ClassVar[bool] = False
     replay_bit_exact: ClassVar[bool] = True
     """Replaying the same requests on the same weights gives bit-identical deltas."""
+    keeps_edit_memory: ClassVar[bool] = False
+    """The editor's deltas depend on state beyond the weights (original weights, a memory of
+    past edits' keys) that the daemon must set up and rebuild for it."""
 
     @abstractmethod
     def compute_deltas(

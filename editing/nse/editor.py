@@ -42,6 +42,7 @@ class NSEEditor(Editor):
     name = "nse"
     supports_batch = True
     needs_training = False
+    keeps_edit_memory = True
 
     def __init__(
         self,

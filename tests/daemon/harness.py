@@ -36,11 +36,17 @@ def save_editable_tiny_model(folder: Path) -> Path:
 
 
 def config_file(tmp_path: Path, editor_options: Mapping[str, object] | None = None) -> Path:
-    """The daemon's YAML: FT-L with ``editor_options`` (default ``FT_OPTIONS``)."""
+    """The daemon's YAML: FT-L with ``editor_options`` (default ``FT_OPTIONS``), no retry ladder.
+
+    Without rungs an edit that does not take alone fails, and every unit replays with the one
+    configured editor, as these tests' ladder-less ``EditApplier`` replays expect; the ladder
+    has its own tests (``tests/daemon/test_applier.py``).
+    """
     options = dict(FT_OPTIONS if editor_options is None else editor_options)
     path = tmp_path / "factkeeper.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"editor": {"method": "ft", "options": options}}))
+    editor = {"method": "ft", "options": options, "retry_ladder": []}
+    path.write_text(yaml.safe_dump({"editor": editor}))
     return path
 
 

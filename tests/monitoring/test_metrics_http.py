@@ -30,6 +30,8 @@ DESIGN_METRICS = {
     "factkeeper_snapshot_failures_total",
     "factkeeper_snapshot_consecutive_failures",
     "factkeeper_snapshot_last_success_timestamp_seconds",
+    # issue 15: where edits took on the retry ladder
+    "factkeeper_edits_by_rung_total",
 }
 
 
