@@ -58,6 +58,12 @@ class NSEConfig:
     """Weight of the KL term on the "{subject} is a" prompt."""
     early_stop_loss: float = 0.05
     """The value optimisation stops once the total loss is below this."""
+    v_optimiser: str = "adam"
+    """``adam``: the reference's Adam on δ (lr ``v_lr``). ``normalised``: each step moves δ by
+    ``v_step``·||h_init|| against the gradient's direction, so a few steps reach a target that
+    Adam needs ~20 for (the untrained form of EMSEdit's multi-step value change)."""
+    v_step: float = 0.25
+    """Step of the ``normalised`` optimiser, as a share of ||h_init||."""
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
     """Prefix templates ("{}" = the prompt); the key is ½·plain + ½·mean over prefixes."""
     value_prefixes: int = 5
@@ -78,6 +84,8 @@ class NSEConfig:
             (self.max_iterations >= 2, "max_iterations must be >= 2 (one editing pass)"),
             (self.v_num_grad_steps >= 1, "v_num_grad_steps must be >= 1"),
             (self.v_lr > 0, "v_lr must be > 0"),
+            (self.v_optimiser in ("adam", "normalised"), "v_optimiser must be adam or normalised"),
+            (self.v_step > 0, "v_step must be > 0"),
             (self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0"),
             (all(p.count("{}") == 1 for p in self.prefixes), 'each prefix needs one "{}"'),
             (0 <= self.value_prefixes <= len(self.prefixes), "value_prefixes > len(prefixes)"),

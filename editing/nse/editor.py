@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,16 +52,23 @@ class NSEEditor(Editor):
         stats: KeyStatistics | None = None,
         state: EditState | None = None,
         paths: Paths | None = None,
+        **overrides: Any,
     ) -> None:
         """
         Args:
             config: hyperparameters; None picks the preset for the model's name at first use.
+            overrides: ``NSEConfig`` fields to change in ``config`` or the preset (method specs
+                such as ``nse:v_num_grad_steps=4`` and the daemon's ``editor.options``).
             stats: source of C0; None builds one on ``paths`` with the default corpus.
             state: original weights and past-edit memory, e.g. loaded from a snapshot; None
                 snapshots the model on first use (it must hold its base weights then).
             paths: factkeeper home for the default key statistics.
         """
-        self.config = config
+        unknown = set(overrides) - set(NSEConfig.__dataclass_fields__)
+        if unknown:
+            raise EditError(f"unknown NSE option(s): {', '.join(sorted(unknown))}")
+        self.overrides = overrides
+        self.config = config.replace(**overrides) if config is not None else None
         self.stats = stats
         self.state = state
         self._paths = paths
@@ -73,7 +81,7 @@ class NSEEditor(Editor):
 
     def config_for(self, lm: LoadedModel) -> NSEConfig:
         if self.config is None:
-            self.config = preset_for(lm.name)
+            self.config = preset_for(lm.name).replace(**self.overrides)
         n_layers = lm.adapter.num_layers(lm.model)
         if self.config.layers[-1] >= n_layers:
             raise EditError(f"NSE layers {self.config.layers} exceed the model's {n_layers}")

@@ -174,9 +174,10 @@ def compute_targets(
     """Optimise each request's δ at the z layer so the model says its ``target_new`` (spec 2.4).
 
     Loss per request = mean over its prompts of the target's mean NLL + kl_factor·KL(p ‖ p_init)
-    on the KL prompt + v_weight_decay·||δ|| / ||h_init||². Adam on δ only; ||δ|| clamped to
-    clamp_norm_factor·||h_init||. The requests run as one batch: the summed loss gives each δ the
-    gradient of its own loss (rows never mix) and Adam is element-wise, so the result is each
+    on the KL prompt + v_weight_decay·||δ|| / ||h_init||². Adam on δ only (or the normalised
+    steps of ``config.v_optimiser``); ||δ|| clamped to clamp_norm_factor·||h_init||. The
+    requests run as one batch: the summed loss gives each δ the gradient of its own loss (rows
+    never mix) and both optimisers act per element or per request, so the result is each
     request's own optimisation; a request stops on its own loss and leaves the batch. Blocks up
     to the z layer do not depend on δ: their output is computed once. Run it on the ORIGINAL
     weights (weights rewinding); the weights are untouched.
@@ -194,7 +195,7 @@ def compute_targets(
     ].float()  # (n, d)
     head = lm.model.get_output_embeddings()
     delta = torch.zeros(len(problems), block_width(lm), device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=config.v_lr)
+    optimiser = torch.optim.Adam([delta], lr=config.v_lr) if config.v_optimiser == "adam" else None
     kl_init: torch.Tensor | None = None
     results: dict[int, TargetValue] = {}
     active = list(range(len(problems)))
@@ -245,10 +246,13 @@ def compute_targets(
             still = [k for k, i in enumerate(active) if i not in results]
             if not still:
                 break
-            optimiser.zero_grad()
+            delta.grad = None
             losses[torch.tensor(still)].sum().backward()
-            optimiser.step()
             active = [active[k] for k in still]
+            if optimiser is not None:
+                optimiser.step()
+            else:
+                _normalised_step_(delta, h_init, active, config.v_step)
             with torch.no_grad():
                 idx = torch.tensor(active)
                 limit = config.clamp_norm_factor * h_init[idx].norm(dim=1)  # (n_active,)
@@ -267,6 +271,18 @@ def compute_targets(
             float(value.h_init.norm()),
         )
     return [results[i] for i in range(len(requests))]
+
+
+@torch.no_grad()
+def _normalised_step_(
+    delta: torch.Tensor, h_init: torch.Tensor, rows: list[int], step: float
+) -> None:
+    """δ_i -= step·||h_init_i||·g_i/||g_i|| for the listed requests (their gradients in .grad)."""
+    assert delta.grad is not None
+    idx = torch.tensor(rows)
+    grad = delta.grad[idx]  # (n_active, d)
+    scale = step * h_init[idx].norm(dim=1) / grad.norm(dim=1).clamp_min(1e-12)  # (n_active,)
+    delta[idx] -= scale[:, None] * grad
 
 
 class _UpperModel:

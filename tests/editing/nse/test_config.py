@@ -28,6 +28,8 @@ def test_yaml_roundtrip(tmp_path: Path) -> None:
         {"max_iterations": 1},
         {"prefixes": ["no placeholder"]},
         {"value_prefixes": 9},
+        {"v_optimiser": "sgd"},
+        {"v_step": 0.0},
         {"unknown_knob": 1},
     ],
 )

@@ -11,6 +11,7 @@ import torch
 
 from editing.edit_state import EditState, EditStateError
 from editing.editors import EDITORS, get_editor
+from editing.editors.base import EditError
 from editing.generation import greedy_generate
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel
@@ -198,3 +199,26 @@ def test_batched_targets_are_each_requests_own_optimisation(trained_lm: LoadedMo
         assert abs(value.nll - alone.nll) < 1e-4
     assert any(v.steps > 0 for v in together)
     assert not torch.allclose(together[0].z, together[1].z)
+
+
+def test_method_spec_options_override_the_preset(trained_lm: LoadedModel) -> None:
+    editor = get_editor("nse:v_optimiser=normalised:v_num_grad_steps=4")
+    config = editor.config_for(trained_lm)
+    assert (config.v_optimiser, config.v_num_grad_steps) == ("normalised", 4)
+    assert config.lam == PRESETS["tiny"].lam
+    with pytest.raises(EditError, match="unknown NSE option"):
+        get_editor("nse:no_such_knob=1")
+
+
+def test_normalised_steps_reach_the_target_in_few_steps(trained_lm: LoadedModel) -> None:
+    from editing.nse.keys import compute_targets
+
+    config = PRESETS["tiny"].replace(v_optimiser="normalised", v_num_grad_steps=6, v_step=0.5)
+    start = PRESETS["tiny"].replace(v_num_grad_steps=1)
+    (before,) = compute_targets(trained_lm, [EDIT], config.z_layer, start)
+    (value,) = compute_targets(trained_lm, [EDIT], config.z_layer, config)
+    assert 0 < value.steps <= 5
+    assert value.nll < 0.5 * before.nll
+    assert float((value.z - value.h_init).norm()) <= config.clamp_norm_factor * float(
+        value.h_init.norm()
+    ) * (1 + 1e-5)
