@@ -41,9 +41,9 @@ from editing.datasets import load_dataset
 from editing.hooks import capture_inputs
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel, load_model
-from editing.nse.keys import encode_prompt
 from editing.paths import Paths
 from editing.requests import EditRequest
+from editing.subject import encode_prompt
 
 RESULTS = Path(__file__).resolve().parent / "results" / "key-overlap.json"
 

@@ -31,16 +31,9 @@ from editing.models import LoadedModel
 from editing.nse.config import NSEConfig
 from editing.requests import EditRequest, continuation
 from editing.residual import can_resume, forward_from_layer
+from editing.subject import encode_prompt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncodedText:
-    """One tokenised text and the position of its subject's last token."""
-
-    ids: list[int]
-    subject_index: int
 
 
 @dataclass(frozen=True)
@@ -52,28 +45,6 @@ class TargetValue:
     loss: float  # final total loss
     nll: float  # final mean target NLL
     steps: int  # gradient steps taken
-
-
-def encode_with_subject(
-    lm: LoadedModel, text: str, subject_start: int, subject_end: int
-) -> EncodedText:
-    """Tokenise ``text``; find the last token overlapping ``text[subject_start:subject_end]``."""
-    enc = lm.tokenizer(text, return_offsets_mapping=True)
-    index = -1
-    for i, (start, end) in enumerate(enc.offset_mapping):
-        if end > start and start < subject_end and end > subject_start:
-            index = i
-    if index < 0:
-        raise EditError(f"subject {text[subject_start:subject_end]!r} has no token in {text!r}")
-    return EncodedText(list(enc.input_ids), index)
-
-
-def encode_prompt(lm: LoadedModel, template: str, prompt: str, subject: str) -> EncodedText:
-    """``template`` with the prompt in place of "{}", and the subject's last token in it."""
-    head = template.split("{}")[0]
-    text = template.replace("{}", prompt)
-    offset = len(head) + prompt.find(subject)
-    return encode_with_subject(lm, text, offset, offset + len(subject))
 
 
 def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
