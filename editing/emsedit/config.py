@@ -18,6 +18,7 @@ from editing.configfile import ConfigError, dataclass_from_mapping, read_yaml_ma
 Role = Literal["gate", "up", "down"]
 Mode = Literal["sequential", "batch"]
 Locality = Literal["norm", "kl"]
+KeyPosition = Literal["answer", "subject"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class EMSEditConfig:
 
     modules: tuple[ModuleGroup, ...] = (ModuleGroup("up", (20, 21, 22, 23, 24, 25)),)
     """Edited MLP matrices. Default for SmolLM2 chosen by the sweep in ``README.md``."""
+    key_position: KeyPosition = "answer"
+    """Where the edited matrices' keys and value gradients are read: ``answer``, every answer
+    token (the reference); ``subject``, the subject's last token in the prompt (the
+    locate-then-edit site: on SmolLM2's down_proj L3-7 unrelated edits' keys overlap 0.06 there
+    against 0.48 at up_proj L20-25's last token, ``bench/results/key-overlap.json``)."""
     steps: int = 2
     """K: editing steps per batch (MSBP). The paper's ablation picks 2."""
     mode: Mode = "sequential"
@@ -111,6 +117,7 @@ class EMSEditConfig:
             (self.hypernet_batch_size >= 1, "hypernet_batch_size must be >= 1"),
             (self.mode in ("sequential", "batch"), "mode must be sequential or batch"),
             (self.locality in ("norm", "kl"), "locality must be norm or kl"),
+            (self.key_position in ("answer", "subject"), "key_position must be answer or subject"),
             (bool(self.modules), "modules must name at least one module group"),
         ]
         for ok, message in checks:

@@ -10,6 +10,7 @@ the start, and the returned total deltas reproduce the last step's weights when 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,14 @@ from torch import nn
 from editing.adapters import ArchitectureAdapter, MlpRole
 from editing.editors.base import EditError, Editor
 from editing.emsedit.checkpoint import check_matches, default_checkpoint, load_editor
-from editing.emsedit.config import EMSEditConfig
+from editing.emsedit.config import EMSEditConfig, ModuleGroup
 from editing.emsedit.keys import capture_keys_and_grads
 from editing.emsedit.nets import HyperNetGroup
 from editing.emsedit.shift import predict_shift
 from editing.hooks import frozen_parameters
 from editing.models import LoadedModel
 from editing.requests import EditRequest, continuation
+from editing.subject import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,19 @@ def resolve_modules(lm: LoadedModel, config: EMSEditConfig) -> list[EditedModule
     if len({m.name for m in resolved}) != len(resolved):
         raise EditError("the config names a module twice")
     return resolved
+
+
+def parse_modules(spec: str) -> tuple[ModuleGroup, ...]:
+    """``down3-7`` or ``up20-25+down3-7`` -> module groups (an option value of a method spec)."""
+    groups = []
+    for part in spec.split("+"):
+        match = re.fullmatch(r"(gate|up|down)(\d+)(?:-(\d+))?", part.strip())
+        if match is None:
+            raise EditError(f"modules {spec!r}: each group is ROLE FIRST-LAST, e.g. down3-7")
+        first = int(match.group(2))
+        last = int(match.group(3) or first)
+        groups.append(ModuleGroup(match.group(1), tuple(range(first, last + 1))))  # type: ignore[arg-type]
+    return tuple(groups)
 
 
 def build_group(modules: Sequence[EditedModule], config: EMSEditConfig) -> HyperNetGroup:
@@ -171,6 +186,15 @@ def edit_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
     return [(r.prompt, continuation(r.target_new)) for r in requests]
 
 
+def key_positions(
+    lm: LoadedModel, config: EMSEditConfig, requests: Sequence[EditRequest]
+) -> list[int] | None:
+    """Per request, the position keys are read at; None: every answer token."""
+    if config.key_position == "answer":
+        return None
+    return [encode_prompt(lm, "{}", r.prompt, r.subject).subject_index for r in requests]
+
+
 def run_steps_(
     lm: LoadedModel,
     group: HyperNetGroup,
@@ -181,14 +205,25 @@ def run_steps_(
     steps: int,
     update_normalizer: bool,
     device: torch.device,
+    positions: Sequence[int] | None = None,
 ) -> list[StepRecord]:
-    """Apply ``steps`` editing steps to the model through ``state`` (weights stay changed)."""
+    """Apply ``steps`` editing steps to the model through ``state`` (weights stay changed).
+
+    ``positions``: ``key_positions`` of the requests behind ``pairs``.
+    """
     modules = {m.name: dict(lm.model.named_modules())[m.name] for m in state.modules}
     records = []
     for step in range(steps):
         net_index = step if config.mode == "sequential" else 0
         cache = capture_keys_and_grads(
-            lm.model, modules, lm.tokenizer, pairs, config.lm_batch_size, device, config.grad_rows
+            lm.model,
+            modules,
+            lm.tokenizer,
+            pairs,
+            config.lm_batch_size,
+            device,
+            config.grad_rows,
+            positions,
         )
         if update_normalizer:
             for name, (keys, grads) in cache.items():
@@ -215,6 +250,12 @@ class EMSEditEditor(Editor):
         steps: editing steps per batch; None = the trained value (``--steps 1`` is the
             MALMEN-like ablation).
         device: where the hypernetwork runs (the LM stays where it is).
+        untrained: no checkpoint: identity hypernetworks with step size ``lr_init`` (a step is
+            the gradient direction aggregated by the ridge solve), for comparing edit sites
+            before training for one, e.g. ``emsedit:untrained=true:modules=down3-7:
+            key_position=subject``.
+        overrides: ``EMSEditConfig`` fields for an untrained editor; ``modules`` as
+            ``ROLE FIRST-LAST`` groups joined by ``+`` (``down3-7``, ``up20-25+down3-7``).
     """
 
     name: ClassVar[str] = "emsedit"
@@ -227,6 +268,8 @@ class EMSEditEditor(Editor):
         *,
         steps: int | None = None,
         device: str | torch.device = "cpu",
+        untrained: bool = False,
+        **overrides: Any,
     ) -> None:
         self.device = torch.device(device)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -236,6 +279,23 @@ class EMSEditEditor(Editor):
         self.modules: list[EditedModule] | None = None
         self.checkpoint_meta: dict[str, Any] | None = None
         self._resolved_for: int | None = None  # id of the model the modules were resolved on
+        if overrides and not untrained:
+            raise EditError(
+                f"EMSEdit options {sorted(overrides)} need untrained=true: a trained checkpoint "
+                "fixes its own configuration"
+            )
+        if untrained:
+            if self.checkpoint is not None:
+                raise EditError("untrained=true and a checkpoint exclude each other")
+            values = dict(overrides)
+            if "modules" in values:
+                values["modules"] = parse_modules(str(values["modules"]))
+            if steps is not None:
+                values.setdefault("steps", steps)
+            try:
+                self.config = EMSEditConfig().replace(**values)
+            except TypeError as exc:
+                raise EditError(f"unknown EMSEdit option: {exc}") from None
         if self.checkpoint is not None:
             self._load(self.checkpoint)
 
@@ -308,6 +368,7 @@ class EMSEditEditor(Editor):
                     steps=self.steps,
                     update_normalizer=self.config.update_normalizer_at_edit,
                     device=lm.device,
+                    positions=key_positions(lm, self.config, requests),
                 )
             return state.stored_deltas()
         finally:

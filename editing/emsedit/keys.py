@@ -126,11 +126,14 @@ def capture_keys_and_grads(
     lm_batch_size: int,
     device: torch.device,
     grad_rows: int,
+    positions: Sequence[int] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """K (n_tok, d_in) and G (n_tok, d_out) per module for the (prompt, answer) pairs.
 
-    Micro-batches of ``lm_batch_size`` rows (memory only: the loss is ``request_loss``, so G of a
-    row does not depend on the micro-batch). Rows are float32 on ``device``.
+    Read at every answer token, or with ``positions`` at that one position of each pair's row
+    (the subject's last token). Micro-batches of ``lm_batch_size`` rows (memory only: the loss is
+    ``request_loss``, so G of a row does not depend on the micro-batch). Rows are float32 on
+    ``device``.
     """
     keys: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     grads: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
@@ -138,6 +141,11 @@ def capture_keys_and_grads(
     for start in range(0, len(pairs), lm_batch_size):
         batch = tokenize_pairs(tokenizer, pairs[start : start + lm_batch_size], device)
         answer = batch.labels != IGNORE  # (B, T)
+        read = answer
+        if positions is not None:
+            read = torch.zeros_like(answer)
+            chunk = positions[start : start + lm_batch_size]
+            read[torch.arange(len(chunk)), torch.tensor(chunk)] = True
         with (
             grad_enabled_on(weights),
             capture_inputs(modules) as inputs,
@@ -147,6 +155,6 @@ def capture_keys_and_grads(
             out_grads = torch.autograd.grad(loss, [outputs[n] for n in modules])
         for name, grad in zip(modules, out_grads, strict=True):
             key = inputs[name]  # (B, T, d_in)
-            keys[name].append(key[answer].float())  # (n_tok, d_in)
-            grads[name].append(grad[answer].float())  # (n_tok, d_out)
+            keys[name].append(key[read].float())  # (n_tok, d_in)
+            grads[name].append(grad[read].float())  # (n_tok, d_out)
     return {n: (torch.cat(keys[n]), torch.cat(grads[n])) for n in modules}

@@ -39,6 +39,7 @@ from editing.emsedit.editor import (
     WeightState,
     build_group,
     edit_pairs,
+    key_positions,
     resolve_modules,
     run_steps_,
 )
@@ -220,6 +221,7 @@ def train_turn(
             steps=config.steps,
             update_normalizer=True,
             device=lm.device,
+            positions=key_positions(lm, config, requests),
         )
         reg = config.reg_coef**2 if config.reg_applied_twice else config.reg_coef
         gamma, gen, loc = meta_grads(lm, config, state, modules, requests, base, reg)
@@ -233,7 +235,15 @@ def train_turn(
     for _ in range(config.steps):
         state.reset_()
         records = run_steps_(
-            lm, group, config, state, pairs, steps=1, update_normalizer=True, device=lm.device
+            lm,
+            group,
+            config,
+            state,
+            pairs,
+            steps=1,
+            update_normalizer=True,
+            device=lm.device,
+            positions=key_positions(lm, config, requests),
         )
         gamma, gen, loc = meta_grads(lm, config, state, modules, requests, base, config.reg_coef)
         state.reset_()

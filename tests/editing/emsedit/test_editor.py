@@ -124,3 +124,41 @@ def test_a_request_gets_the_same_value_gradients_alone_as_inside_a_batch_of_20()
     alone, together = rows_of_first(requests[:1]), rows_of_first(requests)
     for name in alone:
         assert torch.allclose(alone[name], together[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_subject_keys_are_the_inputs_at_the_subjects_last_token():
+    from editing.emsedit.editor import edit_pairs, key_positions, resolve_modules
+    from editing.emsedit.keys import capture_keys_and_grads
+    from editing.hooks import capture_inputs
+
+    lm = tiny_loaded("llama")
+    config = tiny_config(key_position="subject")
+    requests = make_requests()[:3]
+    modules = {m.name: dict(lm.model.named_modules())[m.name] for m in resolve_modules(lm, config)}
+    positions = key_positions(lm, config, requests)
+    cache = capture_keys_and_grads(
+        lm.model, modules, lm.tokenizer, edit_pairs(requests), 2, lm.device, 20, positions
+    )
+    for request, position, row in zip(requests, positions, range(3), strict=True):
+        prefix = lm.tokenizer.decode(lm.tokenizer(request.prompt).input_ids[: position + 1])
+        assert prefix.endswith(request.subject)
+        ids = lm.tokenizer(request.prompt, return_tensors="pt").input_ids
+        with torch.no_grad(), capture_inputs(modules) as inputs:
+            lm.model(ids)
+        for name, (keys, grads) in cache.items():
+            assert keys.shape[0] == len(requests) and grads.shape[0] == len(requests)
+            assert torch.allclose(keys[row], inputs[name][0, position].float(), atol=1e-5)
+
+
+def test_an_untrained_editor_from_a_method_spec_edits_the_named_site():
+    lm = tiny_loaded("llama")
+    requests = make_requests()[:2]
+    editor = get_editor("emsedit:untrained=true:modules=down1-2:key_position=subject:lr_init=0.01")
+    assert editor.config.key_position == "subject"
+    deltas = editor.compute_deltas(lm, requests)
+    names = {lm.adapter.weight_name(lm.adapter.roles()[-1], layer) for layer in (1, 2)}
+    assert set(deltas) == names and all(d.abs().sum() > 0 for d in deltas.values())
+    with pytest.raises(EditError, match="untrained=true"):
+        EMSEditEditor(modules="down1-2")
+    with pytest.raises(EditError, match="ROLE FIRST-LAST"):
+        EMSEditEditor(untrained=True, modules="mlp1-2")
