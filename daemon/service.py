@@ -290,7 +290,7 @@ class Daemon:
         )
         # The unedited values, for rebuilding after an editor failure when versioning is off.
         self._base = self.versions.base if self.versions is not None else base_weights(self.lm)
-        if isinstance(self.editor, GuardedEditor):
+        if self.editor.keeps_edit_memory:
             self.editor.set_originals(self._base.get)
             if editor is None:  # an editor passed in brings its own statistics
                 self.editor.set_statistics(key_statistics(settings, self.paths))
@@ -358,12 +358,12 @@ class Daemon:
         self._snapshot_backoff = SnapshotBackoff(s.retry_initial_s, s.retry_max_s)
 
     def _prepare_statistics(self) -> None:
-        """Compute the safeguards' key statistics now, in one corpus pass, before ready.
+        """Compute the editor's key statistics (safeguards, NSE) now, in one pass, before ready.
 
         Lazily, the first edit after a fresh start paid one full corpus pass per edited layer
         (about 9 minutes for SmolLM2) while ``/readyz`` said ready.
         """
-        if not isinstance(self.editor, GuardedEditor):
+        if not self.editor.keeps_edit_memory:
             self.readiness.set("key_statistics", True)
             return
         started = time.perf_counter()
@@ -422,9 +422,9 @@ class Daemon:
         )
 
     def _editor_holds(self, event_ids: Sequence[str]) -> None:
-        """The weights were just set to hold exactly ``event_ids``: the safeguards' memory of
+        """The weights were just set to hold exactly ``event_ids``: the editor's memory of
         earlier edits' keys must say the same before anything is replayed on top."""
-        if not isinstance(self.editor, GuardedEditor):
+        if not self.editor.keeps_edit_memory:
             return
         entries = (self.journal.get(i) for i in event_ids)
         held = [to_request(e.event) for e in entries if e is not None and e.event is not None]

@@ -27,14 +27,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from editing.adapters import MlpRole
-from editing.editors.base import EditError, Editor, EditResult, restore, write_deltas
+from editing.editors.base import (
+    EditError,
+    Editor,
+    EditResult,
+    OriginalWeights,
+    restore,
+    write_deltas,
+)
 from editing.emsedit.keys import IGNORE, tokenize_pairs
 from editing.hooks import capture_inputs, frozen_parameters
 from editing.keyspace import mask_delta, select_neurons, solve_masked_update
@@ -101,7 +108,6 @@ class SafeguardConfig:
         return cls(**{**flags, **overrides})
 
 
-OriginalWeights = Callable[[str], torch.Tensor]
 """Parameter name -> its original (base) value, as stored in the state dict."""
 
 

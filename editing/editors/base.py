@@ -11,15 +11,21 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from editing.errors import FactkeeperError
 from editing.models import LoadedModel
 from editing.requests import EditRequest
+
+if TYPE_CHECKING:
+    from editing.keystats import KeyStatistics, ProgressCallback
+
+OriginalWeights = Callable[[str], torch.Tensor]
+"""State-dict key -> that parameter's base (unedited) value, in the stored orientation."""
 
 
 class EditError(FactkeeperError):
@@ -87,6 +93,29 @@ class Editor(ABC):
     def undo(self, lm: LoadedModel, result: EditResult) -> None:
         """Restore the weights ``result`` changed to their exact previous values."""
         restore(lm.model, result.previous)
+
+    # -- the state of editors that keep a memory (``keeps_edit_memory``); no-ops otherwise --
+
+    def set_originals(self, originals: OriginalWeights) -> None:
+        """Where the base values come from, so the editor never mistakes edited weights (after a
+        restart or a version load) for the originals; the daemon passes its base weights."""
+        return None
+
+    def set_statistics(self, stats: KeyStatistics) -> None:
+        """Where the key statistics (C0) come from (the daemon's home and corpus)."""
+        return None
+
+    def prepare_statistics(
+        self, lm: LoadedModel, on_progress: ProgressCallback | None = None
+    ) -> int:
+        """Compute or load every key statistic the edits will need, before the first edit, on
+        the base weights; returns how many matrices need one."""
+        return 0
+
+    def reset_memory(self, lm: LoadedModel, held: Sequence[EditRequest]) -> None:
+        """The weights were just set to hold exactly ``held`` (a version load, a rollback): make
+        the memory of past edits say the same before anything is applied on top."""
+        return None
 
 
 def write_deltas(

@@ -5,9 +5,8 @@ Given the batch's targets Z (from the original weights), the round measures the 
 and spreads their residual over the edited layers, lowest first: layer i takes 1/(m − i) of what
 is left, solved on the units that carry the top-p key mass with λ·C0 + M in the normal
 equations, and written at once so the next layer's keys see it. With ``max_iterations`` = 3 there
-are at most two such passes. Finally the keys of all requests (edited or not) are read on the
-edited model for the past-edit memory. The model is restored before returning; the result holds
-the total delta per layer.
+are at most two such passes. The model is restored before returning; the result holds the total
+delta per layer (the editor reads the keys for the past-edit memory).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ class RoundResult:
     """What one round computed, before anything is written for good."""
 
     deltas: dict[int, torch.Tensor]  # layer -> (out, in) float32 total update
-    memory_keys: dict[int, torch.Tensor]  # layer -> (d_ff, n) keys on the edited model
+    memory_keys: dict[int, torch.Tensor]  # layer -> (d_ff, n), filled by the editor
     residual_before: torch.Tensor  # (n,) ||z − h|| before the round
     residual_after: torch.Tensor  # (n,) after the last pass
     edited: torch.Tensor  # (n,) bool: was in an editing pass
@@ -121,14 +120,13 @@ def run_round(
                 totals[layer] += delta.float()
                 neurons_used[f"{passes}.{layer}"] = int(neurons.numel())
                 _write(views[layer], start[layer], totals[layer])
-        memory_keys, _ = keys_and_hidden(lm, requests, layers, z_layer, config)
     finally:
         with torch.no_grad():
             for layer, view in views.items():
                 view.copy_(start[layer])
     return RoundResult(
         deltas=totals,
-        memory_keys=memory_keys,
+        memory_keys={},
         residual_before=before,
         residual_after=residual,
         edited=edited,

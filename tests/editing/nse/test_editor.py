@@ -222,3 +222,42 @@ def test_normalised_steps_reach_the_target_in_few_steps(trained_lm: LoadedModel)
     assert float((value.z - value.h_init).norm()) <= config.clamp_norm_factor * float(
         value.h_init.norm()
     ) * (1 + 1e-5)
+
+
+def test_originals_come_from_the_source_the_daemon_gives(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    base = _weights(trained_lm)
+    _editor(small_stats).apply(trained_lm, [EDIT])  # the model now holds an edit
+    editor = _editor(small_stats)
+    editor.set_originals(lambda name: base[name])
+    state = editor.state_for(trained_lm)
+    for layer in PRESETS["tiny"].layers:
+        name = trained_lm.adapter.weight_name(trained_lm.adapter.roles()[-1], layer)
+        assert torch.equal(state.originals[layer], trained_lm.adapter.to_stored(base[name]))
+        assert not torch.equal(state.originals[layer], trained_lm.model.state_dict()[name])
+    trained_lm.model.load_state_dict(base)
+
+
+def test_reset_memory_rebuilds_the_memory_of_exactly_the_held_edits(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    base = _weights(trained_lm)
+    running = _editor(small_stats)
+    running.set_originals(lambda name: base[name])
+    running.apply(trained_lm, [EDIT])
+    running.apply(trained_lm, [SECOND])
+    assert running.state is not None and running.state.edits_seen == 2
+    rebuilt = _editor(small_stats)
+    rebuilt.set_originals(lambda name: base[name])
+    rebuilt.reset_memory(trained_lm, [EDIT, SECOND])
+    first_only = _editor(small_stats)
+    first_only.set_originals(lambda name: base[name])
+    first_only.reset_memory(trained_lm, [EDIT])
+    assert rebuilt.state is not None and first_only.state is not None
+    assert rebuilt.state.edits_seen == 2
+    for layer, memory in running.state.memory.items():
+        assert memory.abs().sum() > 0
+        assert torch.allclose(rebuilt.state.memory[layer], memory, rtol=1e-6, atol=1e-9)
+        assert not torch.allclose(first_only.state.memory[layer], memory, rtol=1e-3)
+    trained_lm.model.load_state_dict(base)
