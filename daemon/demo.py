@@ -3,9 +3,10 @@
 Starts the local broker, loads SmolLM2, asks a few CounterFact questions, streams real CounterFact
 corrections through the daemon (validate, edit, post-check, journal, commit), asks again, and
 prints throughput and the journal summary, lists the MLflow versions the daemon registered (each
-audited and gated on the way), rolls back to the first one through the control topic, and writes
-the HTML/PNG report. Each run uses its own topic, journal and MLflow store under
-``FACTKEEPER_HOME/demo/<run>/`` so it can be repeated; each step prints one line on stdout.
+audited and gated on the way), rolls back through the control topic to the oldest earlier
+version that passed its audit, and writes the HTML/PNG report. Each run uses its own topic,
+journal and MLflow store under ``FACTKEEPER_HOME/demo/<run>/`` so it can be repeated; each step
+prints one line on stdout.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def run_demo(
 
             target = _rollback_target(versions)
             if target is None:
-                print("[7/7] no earlier version to roll back to")
+                print("[7/7] no earlier version that passed its audit to roll back to")
             else:
                 rollback = Rollback(command="rollback", version=int(target))
                 send(settings.kafka, [encode_control(rollback)], settings.kafka.topics.control)
@@ -182,9 +183,17 @@ def _audit_line(audit: dict) -> str:
 
 
 def _rollback_target(versions: list) -> str | None:
-    """The oldest version holding edits: returning to it visibly changes the served answers.
+    """The oldest earlier version that holds edits and passed its audit: returning to it
+    visibly changes the served answers and serves a version the gate accepted.
 
-    An operator may pick a version whose audit failed (its edits come back from quarantine).
+    None when no such version exists other than the one in production (a version whose audit
+    failed is never the demo's target; an operator may still pick one by hand).
     """
-    with_edits = [v for v in versions if int(v.tags.get("edits", "0")) > 0]
-    return with_edits[-1].version if len(with_edits) > 1 else None
+    passing = [
+        v
+        for v in versions
+        if int(v.tags.get("edits", "0")) > 0
+        and v.tags.get("audit_passed") == "true"
+        and "production" not in v.aliases
+    ]
+    return passing[-1].version if passing else None
