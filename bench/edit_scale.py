@@ -15,8 +15,6 @@ Writes ``bench/results/edit-scale.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import editing.emsedit.keys as keys_module
-from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
+from editing.bench import RunRecord, seed_everything
 from editing.datasets import load_dataset
 from editing.emsedit.editor import EMSEditEditor, edit_pairs
 from editing.hooks import frozen_parameters
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    loadavg_start = list(os.getloadavg())
+    record = RunRecord.start("bench/edit_scale.py", argv)
     lm = load_model("smollm2")
     requests = load_dataset("counterfact", "val", limit=20 * args.batches)
     editor = EMSEditEditor()
@@ -92,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         keys_module.request_loss = original_loss
     out = {
-        "command": " ".join(["python", "bench/edit_scale.py", *(argv or sys.argv[1:])]),
         "measure": "||K_e dW^T|| alone / inside its batch of 20, summed over edited modules",
         "n_requests": len(ratios[SCALINGS[0]]),
         "per_scaling": {
@@ -105,13 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             for s, r in ratios.items()
         },
         "checkpoint": str(editor.checkpoint),
-        "git_rev": git_revision(),
-        "machine": machine_info(),
-        "started_at": utc_now_iso(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": list(os.getloadavg()),
     }
-    RESULTS.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+    record.write(RESULTS, out)
     print(f"{'scaling':<18} {'median':>7} {'min':>7} {'max':>7}  (alone / in batch of 20)")
     for s, row in out["per_scaling"].items():
         print(f"{s:<18} {row['median']:7.2f} {row['min']:7.2f} {row['max']:7.2f}")

@@ -25,8 +25,6 @@ Writes ``bench/results/key-overlap.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from editing.adapters import MlpRole
-from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
+from editing.bench import RunRecord, seed_everything
 from editing.datasets import load_dataset
 from editing.hooks import capture_inputs
 from editing.keystats import KeyStatistics
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    loadavg_start = list(os.getloadavg())
+    record = RunRecord.start("bench/key_overlap.py", argv)
     lm = load_model("smollm2")
     requests = [
         r
@@ -176,17 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         report.append(row)
 
     out = {
-        "command": " ".join(["python", "bench/key_overlap.py", *(argv or sys.argv[1:])]),
         "dataset": "counterfact val",
         "n_requests": len(requests),
         "sites": report,
-        "git_rev": git_revision(),
-        "machine": machine_info(),
-        "started_at": utc_now_iso(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": list(os.getloadavg()),
     }
-    RESULTS.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+    record.write(RESULTS, out)
     print(f"{'site':<42} {'metric':<12} {'unrel':>6} {'p95':>6} {'neigh':>6} {'gen':>6}")
     for row in report:
         for metric in ("raw", "c0_whitened"):

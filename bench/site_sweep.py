@@ -16,15 +16,13 @@ Writes ``bench/results/site-sweep.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
+from editing.bench import RunRecord, seed_everything
 from editing.checks import DECODE_SLACK_TOKENS, Judge
 from editing.datasets import load_dataset
 from editing.editors import get_editor
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    loadavg_start = list(os.getloadavg())
+    record = RunRecord.start("bench/site_sweep.py", argv)
     lm = load_model("smollm2")
     requests = [r for r in load_dataset("counterfact", "val", limit=args.edits) if r.locality]
     judge = Judge(lm)
@@ -85,17 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     out = {
-        "command": " ".join(["python", "bench/site_sweep.py", *(argv or sys.argv[1:])]),
         "dataset": "counterfact val",
         "n_edits": len(requests),
         "rows": rows,
-        "git_rev": git_revision(),
-        "machine": machine_info(),
-        "started_at": utc_now_iso(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": list(os.getloadavg()),
     }
-    RESULTS.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+    record.write(RESULTS, out)
     return 0
 
 

@@ -13,15 +13,13 @@ Writes ``bench/results/value-steps.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
+from editing.bench import RunRecord, seed_everything
 from editing.datasets import load_dataset
 from editing.models import load_model
 from editing.nse import PRESETS
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    loadavg_start = list(os.getloadavg())
+    record = RunRecord.start("bench/value_steps.py", argv)
     lm = load_model("smollm2")
     requests = load_dataset("counterfact", "val", limit=args.requests)
     rows = []
@@ -69,17 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     out = {
-        "command": " ".join(["python", "bench/value_steps.py", *(argv or sys.argv[1:])]),
         "dataset": "counterfact val",
         "n_requests": len(requests),
         "rows": rows,
-        "git_rev": git_revision(),
-        "machine": machine_info(),
-        "started_at": utc_now_iso(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": list(os.getloadavg()),
     }
-    RESULTS.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+    record.write(RESULTS, out)
     return 0
 
 

@@ -498,6 +498,40 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """The provenance every benchmark JSON carries, taken when the run starts (the revision and
+    load then are what the figures belong to) and completed when it is written."""
+
+    command: str
+    git_rev: str | None
+    started_at: str
+    loadavg_start: list[float]
+
+    @classmethod
+    def start(cls, script: str, argv: Sequence[str] | None) -> RunRecord:
+        args = list(argv) if argv is not None else sys.argv[1:]
+        return cls(
+            " ".join(["python", script, *args]),
+            git_revision(),
+            utc_now_iso(),
+            list(os.getloadavg()),
+        )
+
+    def write(self, path: Path, results: dict[str, Any]) -> None:
+        """``results`` with this record, the machine and the load at the end, as JSON."""
+        out = {
+            "command": self.command,
+            **results,
+            "git_rev": self.git_rev,
+            "machine": machine_info(),
+            "started_at": self.started_at,
+            "loadavg_start": self.loadavg_start,
+            "loadavg_end": list(os.getloadavg()),
+        }
+        path.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+
+
 def utc_now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 

@@ -148,3 +148,19 @@ def test_counterfact_rome_reports_the_unseen_cases_apart(tmp_path):
     assert none["summary"]["ns"] is not None and none["summary"]["ps"] is not None
     assert none["summary"]["neighbourhood_kept"] == 1.0
     assert none["summary_by_subset"]["not_in_mend_train"]["n_edits"] == 1
+
+
+def test_a_run_record_writes_its_provenance_beside_the_results(tmp_path):
+    import json
+
+    from editing.bench import RunRecord
+
+    record = RunRecord.start("bench/example.py", ["--threads", "1"])
+    path = tmp_path / "out.json"
+    record.write(path, {"rows": [1, 2]})
+    written = json.loads(path.read_text())
+    assert written["command"] == "python bench/example.py --threads 1"
+    assert written["rows"] == [1, 2]
+    assert written["git_rev"] == record.git_rev and written["started_at"] == record.started_at
+    assert len(written["loadavg_start"]) == 3 and len(written["loadavg_end"]) == 3
+    assert written["machine"]["cores"] >= 1
