@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.factkeeper-setup
 KAFKA_LIBS := deploy/kafka/target/libs/.resolved
 
-.PHONY: setup system-deps deploy-tools demo test lint clean
+.PHONY: setup system-deps deploy-tools demo test test-fast lint clean
 
 setup: $(STAMP) $(KAFKA_LIBS)
 
@@ -48,6 +48,13 @@ deploy-tools:
 
 test: setup system-deps deploy-tools
 	$(VENV)/bin/python -m pytest
+
+# The tests that need no broker (Java, Maven), no SmolLM2, no slow wheel or benchmark run and
+# none of the tools above, for a quick check while working; `make test` stays the CI command.
+FAST_MARKERS := not kafka and not smollm2 and not slow and not tools
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "$(FAST_MARKERS)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

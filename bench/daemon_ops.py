@@ -488,7 +488,6 @@ def run_daemon_task(task: DaemonTask) -> dict[str, Any]:
             "snapshots": settings.snapshots.model_dump(mode="json", exclude={"tracking_uri"}),
             "audit": settings.audit.model_dump(mode="json"),
             "editor": settings.editor.model_dump(mode="json"),
-            "kafka_max_poll_records": settings.kafka.max_poll_records,
             "model": settings.model.model_dump(mode="json"),
             "journal_synchronous": "FULL (WAL, fsync per batch)",
         },

@@ -133,6 +133,10 @@ class KafkaTopics(_Section):
         return self
 
 
+#: A ``kafka`` key that used to exist and is now accepted, ignored and warned about.
+DEPRECATED_KAFKA_KEY = "max_poll_records"
+
+
 class KafkaSettings(_Section):
     """Connection and consumer settings (kafka-python 3.x; auto-commit is always off)."""
 
@@ -155,8 +159,6 @@ class KafkaSettings(_Section):
     ssl_cafile: UserPath | None = None
     ssl_certfile: UserPath | None = None
     ssl_keyfile: UserPath | None = None
-    max_poll_records: int = Field(default=8, ge=1, le=500)
-    """Records per poll; small, because each one costs an edit of a second or more."""
     max_poll_interval_ms: int = Field(default=900_000, ge=10_000)
     """Longest gap between polls before the group evicts us: worst batch + snapshot + audit."""
     session_timeout_ms: int = Field(default=45_000, ge=6_000, le=1_800_000)
@@ -168,6 +170,23 @@ class KafkaSettings(_Section):
     """Partitions of a topic the daemon creates (one writer consumes them all)."""
     topic_replication_factor: int = Field(default=1, ge=1, le=32)
     """Replication factor of a topic the daemon creates (3 on a production cluster)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_max_poll_records(cls, data: Any) -> Any:
+        """Accept the removed ``max_poll_records`` with a warning, so old files still load.
+
+        It never had an effect: every poll passes ``max_records`` (what ``batching.max_size``
+        leaves room for), which overrides the consumer's setting.
+        """
+        if isinstance(data, dict) and DEPRECATED_KAFKA_KEY in data:
+            log.warning(
+                "kafka.%s is deprecated and ignored (batching.max_size bounds each poll); "
+                "remove it from the settings file or the environment",
+                DEPRECATED_KAFKA_KEY,
+            )
+            data = {k: v for k, v in data.items() if k != DEPRECATED_KAFKA_KEY}
+        return data
 
     @model_validator(mode="after")
     def _security(self) -> KafkaSettings:

@@ -548,7 +548,7 @@ class FactConsumer:
 
         The correction partitions are not paused meanwhile: kafka-python never fetched a
         partition again that was sought while paused and then resumed, so every correction
-        after a control record read during the catch-up stalled (bench/reliability.py
+        after a control record read during the catch-up stalled (tests/reliability/long_run.py
         ``control-redelivered``, tests/reliability/test_redelivery.py).
         """
         if not self._control_catch_up:

@@ -21,13 +21,13 @@ from daemon.control import Rollback, encode_control
 from daemon.kafka_clients import ensure_topics
 from daemon.operations import audit_reports_dir, version_rows, write_daemon_report
 from daemon.produce import events_from_requests, send
+from daemon.report import load_audits
 from daemon.service import Daemon
 from editing.checks import Judge
 from editing.datasets import load_dataset
 from editing.generation import greedy_generate
 from editing.models import load_model
 from editing.paths import Paths
-from monitoring.report import load_audits
 
 SHOWN = 4  # facts whose answers are printed before and after
 

@@ -34,7 +34,7 @@ class ConfigError(DaemonError):
     """The settings file or ``FACTKEEPER_*`` variables are invalid.
 
     Args:
-        problems: ``(field path, message)`` pairs, e.g. ``("kafka.max_poll_records", "...")``;
+        problems: ``(field path, message)`` pairs, e.g. ``("kafka.session_timeout_ms", "...")``;
             every invalid field is listed, not only the first.
         source: what was being read (a file path or "environment"), named in the message.
     """

@@ -80,7 +80,6 @@ def build_consumer(kafka: KafkaSettings) -> KafkaConsumer:
         group_instance_id=kafka.group_instance_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_poll_records=kafka.max_poll_records,
         max_poll_interval_ms=kafka.max_poll_interval_ms,
         session_timeout_ms=kafka.session_timeout_ms,
         **security_options(kafka),

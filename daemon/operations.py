@@ -21,10 +21,10 @@ from daemon.control import ControlCommand, encode_control
 from daemon.errors import DaemonError
 from daemon.journal import Journal
 from daemon.registry import ModelRegistry, VersionInfo, audit_label
+from daemon.report import ReportFiles
 from daemon.snapshots import FolderBaseWeights, load_into, read_snapshot, tensors_hash
 from editing.models import load_model
 from editing.paths import Paths
-from monitoring.report import ReportFiles
 
 AUDIT_TAGS = (
     "audit_retention_exact_match",
@@ -173,7 +173,7 @@ def export_version(settings: Settings, version: str, out_dir: Path, paths: Paths
 
 def write_daemon_report(settings: Settings, output: Path, png: Path | None = None) -> ReportFiles:
     """The one-page report from the registry, the audit reports and the journal."""
-    from monitoring.report import load_audits, write_report
+    from daemon.report import load_audits, write_report
 
     warnings = []
     try:

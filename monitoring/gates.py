@@ -12,11 +12,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from daemon.config import AuditSettings
     from monitoring.audits import AuditResult
+
+
+class ThresholdSettings(Protocol):
+    """The four figures ``GateThresholds.from_settings`` reads, e.g. the daemon's ``audit``
+    settings section; a protocol so that monitoring does not import the daemon's config."""
+
+    @property
+    def retention_floor(self) -> float: ...
+    @property
+    def locality_floor(self) -> float: ...
+    @property
+    def max_drop(self) -> float: ...
+    @property
+    def max_perplexity_drift(self) -> float: ...
+
 
 # Ratios are means over finitely many items; a drop of exactly ``max_drop`` must pass even when
 # the subtraction lands a few ulps above it (0.95 - 0.90 = 0.05000000000000004).
@@ -46,8 +60,8 @@ class GateThresholds:
             raise ValueError(f"GateThresholds.max_perplexity_drift must be >= 0, got {drift}")
 
     @classmethod
-    def from_settings(cls, settings: AuditSettings) -> GateThresholds:
-        """The thresholds of the daemon's ``audit`` settings section."""
+    def from_settings(cls, settings: ThresholdSettings) -> GateThresholds:
+        """The thresholds of a settings object, such as the daemon's ``audit`` section."""
         return cls(
             retention_floor=settings.retention_floor,
             locality_floor=settings.locality_floor,

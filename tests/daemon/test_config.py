@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +64,13 @@ def test_packaged_default_yaml_is_configs_default_yaml() -> None:
 def test_env_overrides_yaml_overrides_defaults(tmp_path: Path, env: dict[str, str]) -> None:
     path = write(
         tmp_path,
-        "kafka:\n  group_id: from-yaml\n  max_poll_records: 4\n"
+        "kafka:\n  group_id: from-yaml\n  session_timeout_ms: 30000\n"
         "  topics:\n    corrections: yaml-in\n    dlq: yaml-dlq\n",
     )
     env |= {"FACTKEEPER_KAFKA__GROUP_ID": "from-env", "FACTKEEPER_KAFKA__TOPICS__DLQ": "env-dlq"}
     settings = load_settings(path, env=env)
     assert settings.kafka.group_id == "from-env"
-    assert settings.kafka.max_poll_records == 4
+    assert settings.kafka.session_timeout_ms == 30000
     assert settings.kafka.topics.corrections == "yaml-in"
     assert settings.kafka.topics.dlq == "env-dlq"
     assert settings.kafka.topics.control == "factkeeper.control"
@@ -101,14 +102,14 @@ def test_empty_env_value_resets_a_field_to_null(tmp_path: Path, env: dict[str, s
 def test_invalid_values_name_every_field(tmp_path: Path, env: dict[str, str]) -> None:
     path = write(
         tmp_path,
-        "kafka:\n  max_poll_records: 0\n  security_protocol: TLS\n"
+        "kafka:\n  session_timeout_ms: 10\n  security_protocol: TLS\n"
         "metrics:\n  port: 70000\neditor:\n  method: memit\naudit:\n  retention_floor: 1.5\n",
     )
     env["FACTKEEPER_BATCHING__MAX_SIZE"] = "lots"
     with pytest.raises(ConfigError) as caught:
         load_settings(path, env=env)
     assert problem_paths(caught.value) == {
-        "kafka.max_poll_records",
+        "kafka.session_timeout_ms",
         "kafka.security_protocol",
         "metrics.port",
         "editor.method",
@@ -127,6 +128,25 @@ def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str
         load_settings(path, env=env)
     assert problem_paths(caught.value) == {"kafka.grop_id", "extras", "model.flavour"}
     assert "FACTKEEPER_MODEL__FLAVOUR" in str(caught.value)
+
+
+def test_removed_max_poll_records_is_accepted_with_a_warning(
+    tmp_path: Path, env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """It never had an effect; files and environments that still set it keep loading."""
+    path = write(tmp_path, "kafka:\n  group_id: old-file\n  max_poll_records: 8\n")
+    with caplog.at_level(logging.WARNING, logger="daemon.config"):
+        settings = load_settings(path, env=env)
+    assert settings.kafka.group_id == "old-file"
+    assert settings == load_settings(None, env=env | {"FACTKEEPER_KAFKA__GROUP_ID": "old-file"})
+    assert not hasattr(settings.kafka, "max_poll_records")
+    assert "kafka.max_poll_records is deprecated and ignored" in caplog.text
+
+    caplog.clear()
+    env["FACTKEEPER_KAFKA__MAX_POLL_RECORDS"] = "500"
+    with caplog.at_level(logging.WARNING, logger="daemon.config"):
+        load_settings(None, env=env)
+    assert "kafka.max_poll_records is deprecated and ignored" in caplog.text
 
 
 def test_env_name_with_single_underscore_is_reported(env: dict[str, str]) -> None:

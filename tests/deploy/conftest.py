@@ -151,6 +151,14 @@ class Tools:
             pytest.fail(f"kubeconform gave no JSON report (rc {proc.returncode}):\n{proc.stderr}")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that use the ``tools`` fixture, so that ``make test-fast`` leaves them out."""
+    here = Path(__file__).parent
+    for item in items:
+        if "tools" in getattr(item, "fixturenames", ()) and here in item.path.parents:
+            item.add_marker(pytest.mark.tools)
+
+
 @pytest.fixture(scope="session")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
     """helm, helmfile and kubeconform, built by deploy/tools/install-tools.sh if missing."""

@@ -14,6 +14,7 @@ from monitoring.metrics import FactkeeperMetrics
 RULES = Path(__file__).resolve().parents[2] / "monitoring" / "alerts.yaml"
 
 
+@pytest.mark.tools
 def test_promtool_accepts_the_rules():
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -1,1 +1,1 @@
-"""Issue 9's fault and load scenarios; ``bench/reliability.py`` runs their long versions."""
+"""Issue 9's fault and load scenarios; ``long_run.py`` here runs their long versions."""

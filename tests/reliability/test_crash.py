@@ -7,7 +7,7 @@ import pytest
 from tests.reliability.crash import CrashConfig, run_crash
 from tests.reliability.observe import offsets_ahead
 
-#: The short version run in CI; ``bench/reliability.py`` runs 1 000 events and 10 kills.
+#: The short version run in CI; ``tests/reliability/long_run.py`` runs 1 000 events and 10 kills.
 SHORT = CrashConfig(events=150, kills=3, seed=0)
 
 

@@ -19,7 +19,7 @@ from daemon.events import encode_event, parse_event
 from tests.reliability.fuzz import FuzzConfig, run_fuzz
 from tests.reliability.malformed import KINDS, fuzz_stream, malformed, valid_event
 
-#: The short version run in CI; ``bench/reliability.py`` runs 1 000 malformed records.
+#: The short version run in CI; ``tests/reliability/long_run.py`` runs 1 000 malformed records.
 SHORT = FuzzConfig(malformed=200, valid=50, seed=0)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.reliability.outage import OutageConfig, run_outage
 
-#: The short version run in CI; ``bench/reliability.py`` runs a 30 s outage.
+#: The short version run in CI; ``tests/reliability/long_run.py`` runs a 30 s outage.
 SHORT = OutageConfig(events=60, outage_s=10.0, stop_after=15)
 
 

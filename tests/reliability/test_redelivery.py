@@ -1,4 +1,4 @@
-"""The redelivery scenarios of bench/reliability.py at short sizes, on the session broker."""
+"""The redelivery scenarios of ``long_run.py`` at short sizes, on the session broker."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 from tests.reliability.observe import ProcSample
 from tests.reliability.soak import SoakConfig, SoakResult, _judge, run_soak
 
-#: The short version run in CI; ``bench/reliability.py`` drains 10 000 events.
+#: The short version run in CI; ``tests/reliability/long_run.py`` drains 10 000 events.
 SHORT = SoakConfig(events=1000)
 
 

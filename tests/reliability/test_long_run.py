@@ -1,27 +1,24 @@
-"""``bench/reliability.py``: its long sizes, its ``--only`` parsing, and how it merges results.
+"""``long_run.py``: its long sizes, its ``--only`` parsing, and how it merges results.
 
-The scenarios themselves are tested at short sizes beside this file; the bench adds only the
+The scenarios themselves are tested at short sizes beside this file; the long run adds only the
 long sizes and the bookkeeping, which is what these (broker-free) tests check.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+from tests.reliability import long_run
 
 
 @pytest.fixture
-def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The script as a module (bench/ is not a package)."""
-    monkeypatch.syspath_prepend(str(BENCH_DIR))
-    return importlib.import_module("reliability")
+def bench() -> ModuleType:
+    """The script as a module."""
+    return long_run
 
 
 def test_long_sizes_are_the_issue_9_sizes(bench):
@@ -51,9 +48,9 @@ def test_only_takes_a_subset_in_order_and_refuses_unknown_names(bench):
 
 def test_results_merge_by_scenario_and_carry_their_invocation(bench, tmp_path):
     out = tmp_path / "reliability.json"
-    first = {"command": "python bench/reliability.py", "git_revision": "a"}
+    first = {"command": "python tests/reliability/long_run.py", "git_revision": "a"}
     bench.write_results(out, first, {"crash": {"passed": True}, "soak": {"passed": False}})
-    second = {"command": "python bench/reliability.py --only soak", "git_revision": "b"}
+    second = {"command": "python tests/reliability/long_run.py --only soak", "git_revision": "b"}
     bench.write_results(out, second, {"soak": {"passed": True}})
 
     data = json.loads(out.read_text())

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
+from daemon import report
 from daemon.registry import VersionInfo
-from editing.errors import FactkeeperError
-from monitoring import report
-from monitoring.report import (
+from daemon.report import (
     AuditHistory,
     ReportError,
     audit_series,
@@ -25,6 +24,7 @@ from monitoring.report import (
     parse_audit,
     write_report,
 )
+from editing.errors import FactkeeperError
 from monitoring.report_plots import locality_figure, retention_figure
 
 NOW = datetime(2026, 11, 23, 18, 0, tzinfo=UTC)

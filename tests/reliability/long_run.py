@@ -1,8 +1,9 @@
 """Issue 9's fault and load scenarios at their long sizes, with every figure in one JSON file.
 
-The scenarios are the ones ``tests/reliability/`` runs at short sizes in CI (one implementation,
-imported from there); this script only picks the long sizes, provides a broker and the tiny
-model, and records the run:
+The scenarios are the ones this folder runs at short sizes in CI (one implementation, beside
+this file); this script only picks the long sizes, provides a broker and the tiny model, and
+records the run. It lives in the test tree, not in ``bench/``, because it drives the test
+harness, and ``bench/`` imports only the shipped packages (issue 19):
 
 * **crash**: 1 000 events, 10 kill -9s at seeded points, restarts; weights vs an uninterrupted
   run (bit-exact and max abs diff), exactly-once in the journal, committed <= journaled + 1;
@@ -25,8 +26,9 @@ without losing the others) with the exact command, git revision, machine (cores,
 average at start and end, timestamps, and each scenario's config, figures and verdict; a table
 goes to stdout, logs to stderr. Exit status 1 if any scenario failed.
 
-Usage: ``python bench/reliability.py [--only crash,outage,fuzz,soak,topics_late,mlflow_down,
-control-redelivered,topic-recreated] [--seed 0]`` (``--scenarios`` is the same as ``--only``).
+Usage: ``python tests/reliability/long_run.py [--only crash,outage,fuzz,soak,topics_late,
+mlflow_down,control-redelivered,topic-recreated] [--seed 0]`` (``--scenarios`` is the same as
+``--only``).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-# bench/ is not a package and the scenarios live in the test tree: put the repository first.
-REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path: put the repository there instead.
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
