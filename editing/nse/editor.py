@@ -63,11 +63,14 @@ class NSEEditor(Editor):
         stats: KeyStatistics | None = None,
         state: EditState | None = None,
         paths: Paths | None = None,
+        stats_tokens: int | None = None,
         **overrides: Any,
     ) -> None:
         """
         Args:
             config: hyperparameters; None picks the preset for the model's name at first use.
+            stats_tokens: corpus tokens of the C0 built when ``stats`` is None (default: the
+                ``KeyStatistics`` default, 65 536), e.g. ``nse:stats_tokens=262144``.
             overrides: ``NSEConfig`` fields to change in ``config`` or the preset (method specs
                 such as ``nse:v_num_grad_steps=4`` and the daemon's ``editor.options``).
             stats: source of C0; None builds one on ``paths`` with the default corpus.
@@ -83,6 +86,7 @@ class NSEEditor(Editor):
         self.stats = stats
         self.state = state
         self._paths = paths
+        self._stats_tokens = stats_tokens
         self._originals: OriginalWeights | None = None
 
     # --- setup --------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ class NSEEditor(Editor):
     ) -> int:
         """C0 of every edited layer now, in one corpus pass (``lm`` holds the base weights)."""
         if self.stats is None:
-            self.stats = KeyStatistics(self._paths or Paths.from_env())
+            self.stats = self._default_stats()
         targets = self.edited_matrices(lm)
         self.stats.prepare(lm, targets, on_progress=on_progress)
         return len(targets)
@@ -148,9 +152,15 @@ class NSEEditor(Editor):
                 keys, _ = keys_and_hidden(lm, chunk, config.layers, config.z_layer, config)
                 state.add_keys_(keys)
 
+    def _default_stats(self) -> KeyStatistics:
+        paths = self._paths or Paths.from_env()
+        if self._stats_tokens is None:
+            return KeyStatistics(paths)
+        return KeyStatistics(paths, max_tokens=self._stats_tokens)
+
     def c0(self, lm: LoadedModel) -> dict[int, torch.Tensor]:
         if self.stats is None:
-            self.stats = KeyStatistics(self._paths or Paths.from_env())
+            self.stats = self._default_stats()
         moments = self.stats.moments(lm, self.config_for(lm).layers, MlpRole.DOWN)
         return {layer: m.c0 for layer, m in moments.items()}
 

@@ -261,3 +261,11 @@ def test_reset_memory_rebuilds_the_memory_of_exactly_the_held_edits(
         assert torch.allclose(rebuilt.state.memory[layer], memory, rtol=1e-6, atol=1e-9)
         assert not torch.allclose(first_only.state.memory[layer], memory, rtol=1e-3)
     trained_lm.model.load_state_dict(base)
+
+
+def test_stats_tokens_sizes_the_default_key_statistics(tmp_path: Path) -> None:
+    from editing.paths import Paths
+
+    editor = get_editor("nse:stats_tokens=8192", paths=Paths(tmp_path))
+    assert editor._default_stats().max_tokens == 8192
+    assert NSEEditor(paths=Paths(tmp_path))._default_stats().max_tokens == 65_536
