@@ -42,7 +42,6 @@ from monitoring.audits import (
     AuditFact,
     Auditor,
     AuditReport,
-    AuditResult,
     Baseline,
     load_probe_set,
     load_text_sample,
@@ -102,12 +101,12 @@ class AuditRunner:
         self.thresholds = GateThresholds.from_settings(settings.audit)
         self.last_good = self._last_good_result()
 
-    def _last_good_result(self) -> AuditResult | None:
+    def _last_good_result(self) -> AuditReport | None:
         """The newest passing audit of the version ``production`` points to, if any."""
         production = self.versions.production() if self.versions else None
         for report in reversed(read_reports(self.reports_dir)):
             if report.gate_passed and report.version == production:
-                return report.result
+                return report
         return None
 
     def last_started_at(self) -> datetime | None:
@@ -147,13 +146,12 @@ class AuditRunner:
                 self._back_to_base()
             action, rolled_back_to = "rolled_back", production
         seconds = time.perf_counter() - started
-        report = AuditReport.build(
+        report = result.judged(
             version=version,
             previous_good_version=production,
             started_at=started_at,
             seconds=seconds,
             trigger=trigger,
-            result=result,
             decision=decision,
             thresholds=self.thresholds,
             action=action,
@@ -189,7 +187,7 @@ class AuditRunner:
         self,
         applied: list[JournalEntry],
         production: str | None,
-        result: AuditResult,
+        result: AuditReport,
         decision: GateDecision,
         producer: KafkaProducer | None,
     ) -> tuple[str, ...]:
@@ -252,7 +250,7 @@ class AuditRunner:
         self.metrics.edits_applied.set(0)
 
     def _record(
-        self, version: str | None, result: AuditResult, decision: GateDecision, seconds: float
+        self, version: str | None, result: AuditReport, decision: GateDecision, seconds: float
     ) -> None:
         m = self.metrics
         m.audit_duration.observe(seconds)

@@ -34,7 +34,7 @@ import random
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -278,79 +278,6 @@ class PerplexityFigures:
     """``current / base - 1``."""
 
 
-@dataclass(frozen=True)
-class AuditResult:
-    """What one audit measured on the current weights."""
-
-    started_at: str  # ISO-8601, UTC
-    seconds: float
-    edits_total: int
-    edits_audited: int
-    sampled: bool
-    retention: RetentionFigures
-    generalisation: GeneralisationFigures
-    locality: LocalityFigures
-    perplexity: PerplexityFigures
-    failing_event_ids: tuple[str, ...]
-    """Audited facts that no longer hold, oldest first, at most ``FAILING_IDS_CAP``."""
-    failing_total: int
-    timings: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per phase (``teacher_forced_seconds``, ``generation_seconds``), the audit's
-    ``cpu_seconds``, and how many pairs were scored and prompts decoded."""
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        ci = data["retention"]["ci95"]
-        data["retention"]["ci95"] = list(ci) if ci is not None else None
-        data["failing_event_ids"] = list(self.failing_event_ids)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AuditResult:
-        retention = dict(data["retention"])
-        ci = retention["ci95"]
-        retention["ci95"] = (float(ci[0]), float(ci[1])) if ci is not None else None
-        return cls(
-            started_at=str(data["started_at"]),
-            seconds=float(data["seconds"]),
-            edits_total=int(data["edits_total"]),
-            edits_audited=int(data["edits_audited"]),
-            sampled=bool(data["sampled"]),
-            retention=RetentionFigures(**retention),
-            generalisation=GeneralisationFigures(**data["generalisation"]),
-            locality=LocalityFigures(**data["locality"]),
-            perplexity=PerplexityFigures(**data["perplexity"]),
-            failing_event_ids=tuple(data["failing_event_ids"]),
-            failing_total=int(data["failing_total"]),
-            timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
-        )
-
-    def metrics(self) -> dict[str, float]:
-        """Flat figures for MLflow (``audit_retention_exact_match``, ...); None ones left out."""
-        ci = self.retention.ci95
-        values: dict[str, float | int | bool | None] = {
-            "audit_edits_total": self.edits_total,
-            "audit_edits_audited": self.edits_audited,
-            "audit_sampled": self.sampled,
-            "audit_retention_exact_match": self.retention.exact_match,
-            "audit_retention_token_accuracy": self.retention.token_accuracy,
-            "audit_retention_ci95_low": ci[0] if ci else None,
-            "audit_retention_ci95_high": ci[1] if ci else None,
-            "audit_retention_failing": self.failing_total,
-            "audit_generalisation_exact_match": self.generalisation.exact_match,
-            "audit_generalisation_n": self.generalisation.n,
-            "audit_locality_agreement": self.locality.agreement,
-            "audit_locality_gold_accuracy": self.locality.gold_accuracy,
-            "audit_locality_n": self.locality.n,
-            "audit_perplexity_base": self.perplexity.base,
-            "audit_perplexity_current": self.perplexity.current,
-            "audit_perplexity_drift": self.perplexity.drift,
-            "audit_seconds": self.seconds,
-        }
-        values.update({f"audit_{name}": value for name, value in self.timings.items()})
-        return {k: float(v) for k, v in values.items() if v is not None}
-
-
 # --- the base model's figures ------------------------------------------------------------------
 
 
@@ -584,7 +511,7 @@ class Auditor:
             )
 
     @torch.no_grad()
-    def run(self, facts: Sequence[AuditFact], *, resume_layer: int = 0) -> AuditResult:
+    def run(self, facts: Sequence[AuditFact], *, resume_layer: int = 0) -> AuditReport:
         """Audit the current weights.
 
         Args:
@@ -593,7 +520,7 @@ class Auditor:
                 block, ``ModelState.from_touched(...).resume_layer``); 0 runs every block.
 
         Returns:
-            The figures; the model is not changed.
+            The figures, not yet judged by the gate; the model is not changed.
         """
         started_at = datetime.now(UTC).isoformat(timespec="seconds")
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -628,7 +555,7 @@ class Auditor:
         failing = [f.event_id for f, ok in zip(chosen, held, strict=True) if not ok]
         generalised = [verdicts[pair].ok for pair in rephrased]
         current, _ = perplexity([forced[p] for p in self._text_pairs])
-        result = AuditResult(
+        result = AuditReport(
             started_at=started_at,
             seconds=time.perf_counter() - started,
             edits_total=len(facts),
@@ -689,13 +616,16 @@ class Auditor:
 
 @dataclass(frozen=True)
 class AuditReport:
-    """The JSON written for every audit (schema ``factkeeper-audit/v1``)."""
+    """One audit: what it measured and, once judged, the gate's decision and what was done.
 
-    version: str | None
-    previous_good_version: str | None
-    started_at: str
+    ``Auditor.run`` fills in the figures; ``judged`` adds the verdict, and only a judged report
+    is written (schema ``factkeeper-audit/v1``). The file keeps neither ``timings`` nor
+    ``failing_total``: a report read back has no timings, and its failing count is the number of
+    ids it lists.
+    """
+
+    started_at: str  # ISO-8601, UTC
     seconds: float
-    trigger: Trigger
     edits_total: int
     edits_audited: int
     sampled: bool
@@ -703,24 +633,34 @@ class AuditReport:
     generalisation: GeneralisationFigures
     locality: LocalityFigures
     perplexity: PerplexityFigures
-    gate: GateDecision
-    thresholds: GateThresholds
+    failing_event_ids: tuple[str, ...]
+    """Audited facts that no longer hold, oldest first, at most ``FAILING_IDS_CAP``."""
+    failing_total: int
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+    """Wall seconds per phase (``teacher_forced_seconds``, ``generation_seconds``), the audit's
+    ``cpu_seconds``, and how many pairs were scored and prompts decoded. Not compared: how long
+    the audit took is not what it found, and the report file does not keep them."""
+    trigger: Trigger | None = None
+    """What started the audit; None until judged, like ``gate`` and ``thresholds``."""
+    version: str | None = None
+    previous_good_version: str | None = None
+    gate: GateDecision | None = None
+    thresholds: GateThresholds | None = None
     action: Action = "none"
     rolled_back_to: str | None = None
     quarantined_event_ids: tuple[str, ...] = ()
-    failing_event_ids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.trigger not in TRIGGERS:
+        if self.trigger is not None and self.trigger not in TRIGGERS:
             raise AuditReportError(f"trigger {self.trigger!r} is not one of {', '.join(TRIGGERS)}")
         if self.action not in ACTIONS:
             raise AuditReportError(f"action {self.action!r} is not one of {', '.join(ACTIONS)}")
+        if len({self.trigger is None, self.gate is None, self.thresholds is None}) > 1:
+            raise AuditReportError("a judged audit report needs its trigger, gate and thresholds")
 
-    @classmethod
-    def build(
-        cls,
+    def judged(
+        self,
         *,
-        result: AuditResult,
         decision: GateDecision,
         thresholds: GateThresholds,
         trigger: Trigger,
@@ -732,62 +672,64 @@ class AuditReport:
         started_at: datetime | None = None,
         seconds: float | None = None,
     ) -> AuditReport:
-        """The report of one audit and what the daemon did about it.
+        """This audit with the gate's decision and what the daemon did about it.
 
         Args:
             started_at, seconds: of the whole audit step (snapshot, audit, promotion or
                 rollback); default: the measurement's own.
         """
-        return cls(
+        return replace(
+            self,
             version=version,
             previous_good_version=previous_good_version,
             started_at=(
                 started_at.astimezone(UTC).isoformat(timespec="seconds")
                 if started_at is not None
-                else result.started_at
+                else self.started_at
             ),
-            seconds=seconds if seconds is not None else result.seconds,
+            seconds=seconds if seconds is not None else self.seconds,
             trigger=trigger,
-            edits_total=result.edits_total,
-            edits_audited=result.edits_audited,
-            sampled=result.sampled,
-            retention=result.retention,
-            generalisation=result.generalisation,
-            locality=result.locality,
-            perplexity=result.perplexity,
             gate=decision,
             thresholds=thresholds,
             action=action,
             rolled_back_to=rolled_back_to,
             quarantined_event_ids=tuple(quarantined_event_ids),
-            failing_event_ids=result.failing_event_ids,
         )
 
     @property
     def gate_passed(self) -> bool:
-        return self.gate.passed
+        """Whether the gate judged this audit and let it pass."""
+        return self.gate is not None and self.gate.passed
 
-    @property
-    def result(self) -> AuditResult:
-        """The figures as an ``AuditResult``: ``evaluate_gate``'s ``previous`` after a restart.
-
-        A report has no timings, and its failing count is the number of ids it lists.
-        """
-        return AuditResult(
-            started_at=self.started_at,
-            seconds=self.seconds,
-            edits_total=self.edits_total,
-            edits_audited=self.edits_audited,
-            sampled=self.sampled,
-            retention=self.retention,
-            generalisation=self.generalisation,
-            locality=self.locality,
-            perplexity=self.perplexity,
-            failing_event_ids=self.failing_event_ids,
-            failing_total=len(self.failing_event_ids),
-        )
+    def metrics(self) -> dict[str, float]:
+        """Flat figures for MLflow (``audit_retention_exact_match``, ...); None ones left out."""
+        ci = self.retention.ci95
+        values: dict[str, float | int | bool | None] = {
+            "audit_edits_total": self.edits_total,
+            "audit_edits_audited": self.edits_audited,
+            "audit_sampled": self.sampled,
+            "audit_retention_exact_match": self.retention.exact_match,
+            "audit_retention_token_accuracy": self.retention.token_accuracy,
+            "audit_retention_ci95_low": ci[0] if ci else None,
+            "audit_retention_ci95_high": ci[1] if ci else None,
+            "audit_retention_failing": self.failing_total,
+            "audit_generalisation_exact_match": self.generalisation.exact_match,
+            "audit_generalisation_n": self.generalisation.n,
+            "audit_locality_agreement": self.locality.agreement,
+            "audit_locality_gold_accuracy": self.locality.gold_accuracy,
+            "audit_locality_n": self.locality.n,
+            "audit_perplexity_base": self.perplexity.base,
+            "audit_perplexity_current": self.perplexity.current,
+            "audit_perplexity_drift": self.perplexity.drift,
+            "audit_seconds": self.seconds,
+        }
+        values.update({f"audit_{name}": value for name, value in self.timings.items()})
+        return {k: float(v) for k, v in values.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``factkeeper-audit/v1`` object; only a judged report has one."""
+        if self.gate is None or self.thresholds is None:
+            raise AuditReportError("an audit report is written once the gate has judged it")
         ci = self.retention.ci95
         return {
             "schema": REPORT_SCHEMA,
@@ -867,6 +809,7 @@ class AuditReport:
                 rolled_back_to=_optional_str(data["rolled_back_to"]),
                 quarantined_event_ids=tuple(str(x) for x in data["quarantined_event_ids"]),
                 failing_event_ids=tuple(str(x) for x in data["failing_event_ids"]),
+                failing_total=len(data["failing_event_ids"]),
             )
         except (TypeError, ValueError, IndexError) as exc:
             raise AuditReportError(f"malformed audit report: {exc}") from None
@@ -981,7 +924,6 @@ __all__ = [
     "AuditFact",
     "AuditReport",
     "AuditReportError",
-    "AuditResult",
     "Auditor",
     "Baseline",
     "GeneralisationFigures",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from monitoring.audits import AuditResult
+    from monitoring.audits import AuditReport
 
 
 class ThresholdSettings(Protocol):
@@ -86,7 +86,7 @@ class GateDecision:
 
 
 def evaluate_gate(
-    result: AuditResult, thresholds: GateThresholds, previous: AuditResult | None
+    result: AuditReport, thresholds: GateThresholds, previous: AuditReport | None
 ) -> GateDecision:
     """Judge one audit against the thresholds and the last audit that passed.
 

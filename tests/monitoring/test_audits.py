@@ -9,6 +9,7 @@ import json
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -32,7 +33,6 @@ from monitoring.audits import (
     Auditor,
     AuditReport,
     AuditReportError,
-    AuditResult,
     Baseline,
     GeneralisationFigures,
     LocalityFigures,
@@ -415,8 +415,8 @@ EXAMPLE_REPORT = """
 """
 
 
-def _result(**changes: object) -> AuditResult:
-    base = AuditResult(
+def _result(**changes: object) -> AuditReport:
+    base = AuditReport(
         started_at="2026-11-23T15:00:00+00:00",
         seconds=12.3,
         edits_total=250,
@@ -430,12 +430,11 @@ def _result(**changes: object) -> AuditResult:
         failing_total=2,
         timings={"teacher_forced_seconds": 10.0},
     )
-    return AuditResult(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+    return AuditReport(**{**base.__dict__, **changes})  # type: ignore[arg-type]
 
 
-def _report(result: AuditResult, version: str | None = "3") -> AuditReport:
-    return AuditReport.build(
-        result=result,
+def _report(result: AuditReport, version: str | None = "3") -> AuditReport:
+    return result.judged(
         decision=GateDecision(False, ("retention fell",)),
         thresholds=GateThresholds(),
         trigger="timer",
@@ -481,7 +480,11 @@ def test_every_schedule_trigger_can_be_reported() -> None:
 
 def test_report_round_trips_and_rejects_other_shapes() -> None:
     report = _report(_result(generalisation=GeneralisationFigures(0.4, 120)), version=None)
-    assert AuditReport.from_json(report.to_json()) == report
+    back = AuditReport.from_json(report.to_json())
+    assert back == report
+    assert back.timings == {} and back.failing_total == len(report.failing_event_ids)
+    with pytest.raises(AuditReportError, match="trigger, gate and thresholds"):
+        replace(report, gate=None)
     data = json.loads(report.to_json())
     with pytest.raises(AuditReportError, match="unknown keys"):
         AuditReport.from_dict({**data, "extra": 1})
@@ -516,9 +519,11 @@ def test_reports_are_written_atomically_under_their_time_and_read_oldest_first(
         read_reports(tmp_path)
 
 
-def test_result_round_trips_and_flattens_for_mlflow() -> None:
+def test_an_unjudged_audit_flattens_for_mlflow_but_is_not_written() -> None:
     result = _result()
-    assert AuditResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    assert result.gate is None and not result.gate_passed
+    with pytest.raises(AuditReportError, match="judged"):
+        result.to_dict()
     metrics = result.metrics()
     assert metrics["audit_retention_exact_match"] == 0.91
     assert metrics["audit_retention_ci95_low"] == 0.87
@@ -528,13 +533,13 @@ def test_result_round_trips_and_flattens_for_mlflow() -> None:
     assert "audit_generalisation_exact_match" not in metrics  # None is left out
     assert all(isinstance(v, float) for v in metrics.values())
     report = _report(result)
-    assert report.result.retention == result.retention and not report.gate_passed
+    assert report.retention == result.retention and not report.gate_passed
+    assert report.timings == result.timings and report.metrics() == metrics
 
 
 def test_a_report_can_carry_the_whole_audit_step_time() -> None:
     started = datetime(2026, 11, 23, 16, 0, 5, 123456, tzinfo=timezone(timedelta(hours=1)))
-    report = AuditReport.build(
-        result=_result(),
+    report = _result().judged(
         decision=GateDecision(True),
         thresholds=GateThresholds(),
         trigger="requested",

@@ -8,7 +8,7 @@ import pytest
 
 from daemon.config import AuditSettings
 from monitoring.audits import (
-    AuditResult,
+    AuditReport,
     GeneralisationFigures,
     LocalityFigures,
     PerplexityFigures,
@@ -22,8 +22,8 @@ def _result(
     locality: float = 0.98,
     generalisation: float | None = 0.6,
     drift: float = 0.02,
-) -> AuditResult:
-    return AuditResult(
+) -> AuditReport:
+    return AuditReport(
         started_at="2026-11-23T15:00:00+00:00",
         seconds=1.0,
         edits_total=200,
