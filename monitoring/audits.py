@@ -25,13 +25,10 @@ the ``factkeeper-audit/v1`` shape that the report renderer reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -43,10 +40,11 @@ from typing import Any, Literal, cast, get_args
 import torch
 
 from editing.checks import DECODE_SLACK_TOKENS, BaseAnswers, Judge, forced_map
-from editing.errors import FactkeeperError
 from editing.models import LoadedModel
 from editing.perplexity import TextSampleError, perplexity, read_text_lines, text_pairs
 from editing.scoring import Pair, TeacherForcedScorer
+from monitoring.errors import AuditError, AuditReportError, ProbeSetError
+from monitoring.files import sha256_json, write_atomic
 from monitoring.gates import GateDecision, GateThresholds
 
 log = logging.getLogger(__name__)
@@ -69,18 +67,6 @@ TEXT_BUDGET_CHARS = 4000
 """The text sample is small by design (about 1,000 tokens): its first lines, each cut at a space
 (``editing.perplexity``), until ``TEXT_BUDGET_CHARS`` characters. Base and current perplexity are
 measured on the same tokens, so the drift needs no more, and every audit pays for each token."""
-
-
-class AuditError(FactkeeperError):
-    """An audit cannot run or its inputs do not belong together."""
-
-
-class ProbeSetError(AuditError):
-    """A probe file is missing or malformed; the message names the line."""
-
-
-class AuditReportError(AuditError):
-    """An audit report file is not in the ``factkeeper-audit/v1`` shape."""
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -186,11 +172,11 @@ def load_text_sample(path: Path | None, probes: Sequence[Probe]) -> list[str]:
 
 
 def probe_set_hash(probes: Sequence[Probe]) -> str:
-    return _sha256_json([[p.prompt, p.answer] for p in probes])
+    return sha256_json([[p.prompt, p.answer] for p in probes])
 
 
 def text_sample_hash(lines: Sequence[str]) -> str:
-    return _sha256_json(list(lines))
+    return sha256_json(list(lines))
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -362,7 +348,7 @@ class Baseline:
         cache miss computes from whatever weights the model holds.
         """
         probes_hash, text_hash = probe_set_hash(probes), text_sample_hash(text)
-        path = folder / f"baseline-{_sha256_json([lm.base_hash, probes_hash, text_hash])[:24]}.json"
+        path = folder / f"baseline-{sha256_json([lm.base_hash, probes_hash, text_hash])[:24]}.json"
         cached = cls._read(path)
         if cached is not None and (cached.base_hash, cached.probes_hash, cached.text_hash) == (
             lm.base_hash,
@@ -372,7 +358,7 @@ class Baseline:
             log.info("audit baseline loaded from %s", path)
             return cached
         baseline = cls.compute(lm, probes, text, batch_size=batch_size, batch_tokens=batch_tokens)
-        _write_atomic(path, json.dumps(baseline.to_dict(), indent=1, ensure_ascii=False))
+        write_atomic(path, json.dumps(baseline.to_dict(), indent=1, ensure_ascii=False))
         return baseline
 
     def to_dict(self) -> dict[str, Any]:
@@ -850,7 +836,7 @@ def write_report(folder: Path, report: AuditReport) -> Path:
     while path.exists():
         n += 1
         path = folder / f"{stem}-{n}.json"
-    _write_atomic(path, report.to_json() + "\n")
+    write_atomic(path, report.to_json() + "\n")
     return path
 
 
@@ -882,25 +868,6 @@ def _mean(values: Any) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _expect_keys(value: Any, keys: set[str], where: str) -> None:
     if not isinstance(value, dict):
         raise AuditReportError(f"{where}: expected an object")
@@ -920,17 +887,14 @@ def _optional_float(value: Any) -> float | None:
 
 
 __all__ = [
-    "AuditError",
     "AuditFact",
     "AuditReport",
-    "AuditReportError",
     "Auditor",
     "Baseline",
     "GeneralisationFigures",
     "LocalityFigures",
     "PerplexityFigures",
     "Probe",
-    "ProbeSetError",
     "RetentionFigures",
     "load_probe_set",
     "load_text_sample",

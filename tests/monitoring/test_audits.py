@@ -28,17 +28,14 @@ from monitoring.audits import (
     REPORT_SCHEMA,
     TEXT_BUDGET_CHARS,
     TRIGGERS,
-    AuditError,
     AuditFact,
     Auditor,
     AuditReport,
-    AuditReportError,
     Baseline,
     GeneralisationFigures,
     LocalityFigures,
     PerplexityFigures,
     Probe,
-    ProbeSetError,
     RetentionFigures,
     bundled_probe_path,
     load_probe_set,
@@ -48,6 +45,7 @@ from monitoring.audits import (
     wilson_interval,
     write_report,
 )
+from monitoring.errors import AuditError, AuditReportError, ProbeSetError
 from monitoring.gates import GateDecision, GateThresholds
 
 pytestmark = pytest.mark.timeout(120)
