@@ -38,7 +38,7 @@ from editing.metrics import EvalConfig, Evaluator, ModelState
 from editing.models import load_model
 from editing.perplexity import read_text_file
 from editing.requests import LocalityProbe
-from monitoring.audits import load_probe_set
+from monitoring.probes.load import load_probe_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

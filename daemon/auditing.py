@@ -43,13 +43,12 @@ from monitoring.audits import (
     Auditor,
     AuditReport,
     Baseline,
-    load_probe_set,
-    load_text_sample,
     read_reports,
 )
 from monitoring.audits import write_report as write_audit_report
 from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
 from monitoring.metrics import FactkeeperMetrics
+from monitoring.probes.load import load_probe_set, load_text_sample
 
 log = logging.getLogger(__name__)
 

@@ -294,7 +294,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     from editing.bench import run_bench
     from editing.bench_report import render_table
     from editing.requests import LocalityProbe
-    from monitoring.audits import bundled_probe_path, load_probe_set
+    from monitoring.probes.load import bundled_probe_path, load_probe_set
 
     probe_file = ns.probe_set or bundled_probe_path()
     unrelated = [LocalityProbe(p.prompt, p.answer, "unrelated") for p in load_probe_set(probe_file)]

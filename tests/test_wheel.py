@@ -124,7 +124,7 @@ def test_runtime_data_comes_from_the_installed_package(installed: Installed) -> 
         from daemon.config import default_config_text, load_settings
         from editing.emsedit.checkpoint import default_checkpoint, load_editor
         from editing.keystats import DEFAULT_CORPUS, file_sha256
-        from monitoring.audits import bundled_probe_path, load_probe_set
+        from monitoring.probes.load import bundled_probe_path, load_probe_set
 
         checkpoint = default_checkpoint("smollm2")
         editor = load_editor(checkpoint)

@@ -1,1 +1,2 @@
-"""The bundled locality probe set (data) and the script that selected it (``build``)."""
+"""The audit's fixed inputs: the bundled locality probe set (data), the script that selected it
+(``build``) and the readers of probe sets and text samples (``load``)."""

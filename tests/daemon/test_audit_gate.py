@@ -26,7 +26,7 @@ from editing.editors.base import Editor, write_deltas
 from editing.models import LoadedModel
 from editing.paths import Paths
 from editing.requests import EditRequest
-from monitoring.audits import bundled_probe_path
+from monitoring.probes.load import bundled_probe_path
 from tests.daemon.harness import config_file, create_topics, env_for, produce
 
 pytestmark = pytest.mark.kafka

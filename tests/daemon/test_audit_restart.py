@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from monitoring.audits import bundled_probe_path
+from monitoring.probes.load import bundled_probe_path
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import create_topics, daemon_from_env, env_for, fact, produce
 

@@ -26,7 +26,6 @@ from editing.tiny import tiny_loaded
 from monitoring.audits import (
     FAILING_IDS_CAP,
     REPORT_SCHEMA,
-    TEXT_BUDGET_CHARS,
     TRIGGERS,
     AuditFact,
     Auditor,
@@ -35,11 +34,7 @@ from monitoring.audits import (
     GeneralisationFigures,
     LocalityFigures,
     PerplexityFigures,
-    Probe,
     RetentionFigures,
-    bundled_probe_path,
-    load_probe_set,
-    load_text_sample,
     read_reports,
     stratified_sample,
     wilson_interval,
@@ -47,6 +42,13 @@ from monitoring.audits import (
 )
 from monitoring.errors import AuditError, AuditReportError, ProbeSetError
 from monitoring.gates import GateDecision, GateThresholds
+from monitoring.probes.load import (
+    TEXT_BUDGET_CHARS,
+    Probe,
+    bundled_probe_path,
+    load_probe_set,
+    load_text_sample,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
