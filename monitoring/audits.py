@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +44,13 @@ from monitoring.errors import AuditError, AuditReportError
 from monitoring.files import sha256_json, write_atomic
 from monitoring.gates import GateDecision, GateThresholds
 from monitoring.probes.load import Probe, load_text_sample, probe_set_hash, text_sample_hash
+from monitoring.statistics import (
+    GeneralisationFigures,
+    LocalityFigures,
+    PerplexityFigures,
+    RetentionFigures,
+    stratified_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +62,6 @@ Action = Literal["promoted", "rolled_back", "warned", "none"]
 TRIGGERS: tuple[str, ...] = get_args(Trigger)
 ACTIONS: tuple[str, ...] = get_args(Action)
 
-Z95 = 1.959963984540054  # two-sided 95 % standard normal quantile
-AGE_STRATA = 10
-"""A sampled audit splits the facts, oldest to newest, into this many strata of equal size."""
 FAILING_IDS_CAP = 100
 """At most this many ids of facts that no longer hold are listed (all are counted)."""
 
@@ -79,91 +81,6 @@ class AuditFact:
     def __post_init__(self) -> None:
         if not self.prompt.strip() or not self.target.strip():
             raise ValueError(f"{self.event_id}: an audited fact needs a prompt and a target")
-
-
-# --- statistics --------------------------------------------------------------------------------
-
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: sensible at 0 and 1, unlike the normal one."""
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes}/{n}")
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def stratified_sample(n: int, cap: int, seed: int, strata: int = AGE_STRATA) -> list[int]:
-    """Indices of the facts to audit, sorted; all of them when ``n <= cap``.
-
-    Facts are listed oldest first, so contiguous strata are age bands: each gets a share of
-    ``cap`` proportional to its size (largest remainder), drawn with ``random.Random(seed)``,
-    and early edits stay represented however many later ones arrive.
-    """
-    if cap < 1:
-        raise ValueError("cap must be >= 1")
-    if n <= cap:
-        return list(range(n))
-    k = min(strata, cap)
-    bounds = [n * i // k for i in range(k + 1)]
-    sizes = [bounds[i + 1] - bounds[i] for i in range(k)]
-    exact = [size * cap / n for size in sizes]
-    quotas = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(k), key=lambda i: (quotas[i] - exact[i], i))
-    for i in by_remainder[: cap - sum(quotas)]:
-        quotas[i] += 1
-    rng = random.Random(seed)
-    chosen: list[int] = []
-    for i in range(k):
-        chosen += rng.sample(range(bounds[i], bounds[i + 1]), quotas[i])
-    return sorted(chosen)
-
-
-# --- results -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetentionFigures:
-    """Do the applied edits still hold (the audited ones, when sampled)?"""
-
-    exact_match: float | None
-    """Share of audited facts whose greedy answer still passes; None with no facts."""
-    token_accuracy: float | None
-    """Mean teacher-forced token accuracy of the targets."""
-    ci95: tuple[float, float] | None
-    """Wilson 95 % interval of ``exact_match`` over the audited facts."""
-
-
-@dataclass(frozen=True)
-class GeneralisationFigures:
-    """Do the edits carry over to their rephrases?"""
-
-    exact_match: float | None
-    """Share of rephrase prompts answered with the target; None when no fact has rephrases."""
-    n: int
-
-
-@dataclass(frozen=True)
-class LocalityFigures:
-    """Does the rest of the model still answer as the base model did?"""
-
-    agreement: float
-    """Share of probes whose greedy answer equals the base model's."""
-    gold_accuracy: float
-    """Share of probes whose greedy answer passes the judge for the probe's answer."""
-    n: int
-
-
-@dataclass(frozen=True)
-class PerplexityFigures:
-    """Has the model's language modelling drifted from the base model's?"""
-
-    base: float
-    current: float
-    drift: float
-    """``current / base - 1``."""
 
 
 # --- the base model's figures ------------------------------------------------------------------
@@ -430,12 +347,7 @@ class Auditor:
         judged = judge.judge(all_checks, resume_layer=resume_layer, forced=forced)
         verdicts = {c: v for c, v in zip(all_checks, judged, strict=True)}
         kept, _ = judge.unchanged(self._base_answers, resume_layer=resume_layer, forced=forced)
-        n = len(self.probes)
-        locality = LocalityFigures(
-            agreement=sum(kept) / n,
-            gold_accuracy=sum(verdicts[c].ok for c in self._gold_checks) / n,
-            n=n,
-        )
+        locality = LocalityFigures.of(kept, [verdicts[c].ok for c in self._gold_checks])
         decoded = judge.decoded - decoded_before
         generation = time.perf_counter() - t0
 
@@ -449,20 +361,12 @@ class Auditor:
             edits_total=len(facts),
             edits_audited=len(chosen),
             sampled=len(chosen) < len(facts),
-            retention=RetentionFigures(
-                exact_match=_mean(held),
-                token_accuracy=_mean(
-                    verdicts[(f.prompt, f.target)].scored.token_accuracy for f in chosen
-                ),
-                ci95=wilson_interval(sum(held), len(held)) if held else None,
+            retention=RetentionFigures.of(
+                held, (verdicts[(f.prompt, f.target)].scored.token_accuracy for f in chosen)
             ),
-            generalisation=GeneralisationFigures(_mean(generalised), len(generalised)),
+            generalisation=GeneralisationFigures.of(generalised),
             locality=locality,
-            perplexity=PerplexityFigures(
-                base=self.baseline.perplexity,
-                current=current,
-                drift=current / self.baseline.perplexity - 1.0,
-            ),
+            perplexity=PerplexityFigures.of(self.baseline.perplexity, current),
             failing_event_ids=tuple(failing[:FAILING_IDS_CAP]),
             failing_total=len(failing),
             timings={
@@ -765,11 +669,6 @@ def read_reports(folder: Path) -> list[AuditReport]:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _mean(values: Any) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
 def _expect_keys(value: Any, keys: set[str], where: str) -> None:
     if not isinstance(value, dict):
         raise AuditReportError(f"{where}: expected an object")
@@ -793,12 +692,6 @@ __all__ = [
     "AuditReport",
     "Auditor",
     "Baseline",
-    "GeneralisationFigures",
-    "LocalityFigures",
-    "PerplexityFigures",
-    "RetentionFigures",
     "read_reports",
-    "stratified_sample",
-    "wilson_interval",
     "write_report",
 ]

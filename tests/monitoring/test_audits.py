@@ -31,13 +31,7 @@ from monitoring.audits import (
     Auditor,
     AuditReport,
     Baseline,
-    GeneralisationFigures,
-    LocalityFigures,
-    PerplexityFigures,
-    RetentionFigures,
     read_reports,
-    stratified_sample,
-    wilson_interval,
     write_report,
 )
 from monitoring.errors import AuditError, AuditReportError, ProbeSetError
@@ -48,6 +42,14 @@ from monitoring.probes.load import (
     bundled_probe_path,
     load_probe_set,
     load_text_sample,
+)
+from monitoring.statistics import (
+    GeneralisationFigures,
+    LocalityFigures,
+    PerplexityFigures,
+    RetentionFigures,
+    stratified_sample,
+    wilson_interval,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -250,6 +252,18 @@ def test_wilson_interval_matches_published_values() -> None:
     assert wilson_interval(91, 100) == pytest.approx((0.8377, 0.9519), abs=1e-4)
     with pytest.raises(ValueError):
         wilson_interval(3, 0)
+
+
+def test_figures_are_shares_of_outcomes_and_none_where_nothing_was_checked() -> None:
+    retention = RetentionFigures.of([True, True, False, True], [1.0, 0.5, 0.0, 1.0])
+    assert (retention.exact_match, retention.token_accuracy) == (0.75, 0.625)
+    assert retention.ci95 == wilson_interval(3, 4)
+    assert RetentionFigures.of([], []) == RetentionFigures(None, None, None)
+    assert GeneralisationFigures.of([]) == GeneralisationFigures(None, 0)
+    assert LocalityFigures.of([True, False], [True, True]) == LocalityFigures(0.5, 1.0, 2)
+    with pytest.raises(ValueError, match="per probe"):
+        LocalityFigures.of([True], [True, False])
+    assert PerplexityFigures.of(10.0, 12.5) == PerplexityFigures(10.0, 12.5, 0.25)
 
 
 # --- locality and perplexity -------------------------------------------------------------------

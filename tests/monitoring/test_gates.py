@@ -7,14 +7,14 @@ from dataclasses import replace
 import pytest
 
 from daemon.config import AuditSettings
-from monitoring.audits import (
-    AuditReport,
+from monitoring.audits import AuditReport
+from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
+from monitoring.statistics import (
     GeneralisationFigures,
     LocalityFigures,
     PerplexityFigures,
     RetentionFigures,
 )
-from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
 
 
 def _result(
