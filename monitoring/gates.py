@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from monitoring.audits import AuditReport
+    from monitoring.audit_report import AuditReport
 
 
 class ThresholdSettings(Protocol):

@@ -23,16 +23,18 @@ from editing.models import LoadedModel
 from editing.perplexity import LINE_CHARS
 from editing.requests import continuation
 from editing.tiny import tiny_loaded
-from monitoring.audits import (
-    FAILING_IDS_CAP,
+from monitoring.audit_report import (
     REPORT_SCHEMA,
     TRIGGERS,
-    AuditFact,
-    Auditor,
     AuditReport,
-    Baseline,
     read_reports,
     write_report,
+)
+from monitoring.audits import (
+    FAILING_IDS_CAP,
+    AuditFact,
+    Auditor,
+    Baseline,
 )
 from monitoring.errors import AuditError, AuditReportError, ProbeSetError
 from monitoring.gates import GateDecision, GateThresholds

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from daemon.config import AuditSettings
-from monitoring.audits import AuditReport
+from monitoring.audit_report import AuditReport
 from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
 from monitoring.statistics import (
     GeneralisationFigures,
