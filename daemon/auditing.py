@@ -40,7 +40,8 @@ from editing.metrics import ModelState
 from editing.models import LoadedModel
 from monitoring.audit_report import AuditReport, read_reports
 from monitoring.audit_report import write_report as write_audit_report
-from monitoring.audits import AuditFact, Auditor, Baseline
+from monitoring.audits import AuditFact, Auditor
+from monitoring.baseline import Baseline
 from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
 from monitoring.metrics import FactkeeperMetrics
 from monitoring.probes.load import load_probe_set, load_text_sample

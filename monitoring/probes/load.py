@@ -1,7 +1,7 @@
 """What an audit measures the model on: the locality probe set and the perplexity text sample.
 
-Both are fixed inputs: the audit's baseline (``Baseline``) is computed on them once and keyed by
-their hashes, so an audit compares like with like. The bundled probe set next to this module
+Both are fixed inputs: the baseline (``monitoring.baseline``) is computed on them once and keyed
+by their hashes, so an audit compares like with like. The bundled probe set next to this module
 was selected by ``monitoring.probes.build`` (see the README here); ``audit.probe_set`` and
 ``audit.text_sample`` in the daemon settings replace it and the default text.
 """

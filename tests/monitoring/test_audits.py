@@ -30,12 +30,8 @@ from monitoring.audit_report import (
     read_reports,
     write_report,
 )
-from monitoring.audits import (
-    FAILING_IDS_CAP,
-    AuditFact,
-    Auditor,
-    Baseline,
-)
+from monitoring.audits import FAILING_IDS_CAP, AuditFact, Auditor
+from monitoring.baseline import Baseline
 from monitoring.errors import AuditError, AuditReportError, ProbeSetError
 from monitoring.gates import GateDecision, GateThresholds
 from monitoring.probes.load import (
