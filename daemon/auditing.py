@@ -5,7 +5,7 @@ The schedule (``daemon.audit_schedule``) only says an audit is due; the consumer
 
 1. snapshots the current weights (the version being judged becomes ``candidate``);
 2. audits retention of the applied edits (newest correction per prompt), generalisation on their
-   rephrases, locality on the probe set and perplexity drift (``monitoring.audits``);
+   rephrases, locality on the probe set and perplexity drift (``monitoring.auditor``);
 3. gates the figures against the floors and the last good audit (``monitoring.gates``);
 4. pass: ``production`` moves to the version. Fail: the edits since ``production`` are sent to
    the quarantine topic with the audit figures, marked ``quarantined`` in the journal, and the
@@ -40,7 +40,7 @@ from editing.metrics import ModelState
 from editing.models import LoadedModel
 from monitoring.audit_report import AuditReport, read_reports
 from monitoring.audit_report import write_report as write_audit_report
-from monitoring.audits import AuditFact, Auditor
+from monitoring.auditor import AuditFact, Auditor
 from monitoring.baseline import Baseline
 from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
 from monitoring.metrics import FactkeeperMetrics

@@ -53,7 +53,7 @@ class AuditReport:
     locality: LocalityFigures
     perplexity: PerplexityFigures
     failing_event_ids: tuple[str, ...]
-    """Audited facts that no longer hold, oldest first, at most ``FAILING_IDS_CAP``."""
+    """Audited facts that no longer hold, oldest first, at most ``auditor.FAILING_IDS_CAP``."""
     failing_total: int
     timings: dict[str, float] = field(default_factory=dict, compare=False)
     """Wall seconds per phase (``teacher_forced_seconds``, ``generation_seconds``), the audit's

@@ -30,7 +30,7 @@ from monitoring.audit_report import (
     read_reports,
     write_report,
 )
-from monitoring.audits import FAILING_IDS_CAP, AuditFact, Auditor
+from monitoring.auditor import FAILING_IDS_CAP, AuditFact, Auditor
 from monitoring.baseline import Baseline
 from monitoring.errors import AuditError, AuditReportError, ProbeSetError
 from monitoring.gates import GateDecision, GateThresholds

@@ -1,14 +1,14 @@
-"""Audits: do the applied edits still hold, and does everything else still behave like the base?
+"""The auditor: do the applied edits still hold, and does everything else behave like the base?
 
 An edit is checked when it is applied, but later edits can undo earlier ones and slowly damage
 unrelated knowledge. An audit measures, on the current weights:
 
 * retention: each applied fact's greedy answer passes the judge (``editing.checks``), plus the
   teacher-forced token accuracy of its target; every fact up to ``sample_cap``, beyond it a seeded
-  sample stratified by edit age, with a 95 % Wilson interval;
+  sample stratified by edit age, with a 95 % Wilson interval (``monitoring.statistics``);
 * generalisation: the same exact match on the facts' rephrases (by default the first of each);
-* locality: the share of a fixed probe set whose greedy answer is still the base model's, and
-  the share that still passes against the probe's gold answer;
+* locality: the share of a fixed probe set (``monitoring.probes``) whose greedy answer is still
+  the base model's, and the share that still passes against the probe's gold answer;
 * perplexity on a small text sample, against the base model's.
 
 Everything runs through one batched teacher-forced pass (``editing.scoring``), which the judge
@@ -18,9 +18,8 @@ model reproduces exactly when every argmax agrees. Only the undecided rest is de
 caller says which blocks still hold the base weights, the pass resumes above them from cached
 residuals.
 
-The base figures (``Baseline``) come from the base weights once and are cached as JSON, keyed by
-the base weights, the probe set and the text sample. Reports (``AuditReport``) are JSON files in
-the ``factkeeper-audit/v1`` shape that the report renderer reads.
+The base figures come from ``monitoring.baseline``; the result is an unjudged ``AuditReport``
+(``monitoring.audit_report``), which the daemon judges with the gate and writes.
 """
 
 from __future__ import annotations
