@@ -1,50 +1,33 @@
-"""Audits on tiny random models: the fast teacher-forced path against the plain definition
+"""The auditor on tiny random models: the fast teacher-forced path against the plain definition
 (greedy decoding + ``answer_matches``), locality and perplexity before and after damage, the
-age-stratified sample, the baseline cache, and the report JSON shape."""
+age-stratified sample on a real audit, and the baseline cache."""
 
 from __future__ import annotations
 
 import functools
 import json
 import random
-import re
 from collections.abc import Iterator
-from dataclasses import replace
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import torch
 
-from daemon.audit_schedule import SCHEDULE_TRIGGERS
 from editing.checks import DECODE_SLACK_TOKENS, answer_matches
 from editing.generation import greedy_generate
 from editing.models import LoadedModel
-from editing.perplexity import LINE_CHARS
 from editing.requests import continuation
 from editing.tiny import tiny_loaded
-from monitoring.audit_report import (
-    REPORT_SCHEMA,
-    TRIGGERS,
-    AuditReport,
-    read_reports,
-    write_report,
-)
 from monitoring.auditor import FAILING_IDS_CAP, AuditFact, Auditor
 from monitoring.baseline import Baseline
-from monitoring.errors import AuditError, AuditReportError, ProbeSetError
-from monitoring.gates import GateDecision, GateThresholds
+from monitoring.errors import AuditError
 from monitoring.probes.load import (
-    TEXT_BUDGET_CHARS,
     Probe,
-    bundled_probe_path,
-    load_probe_set,
     load_text_sample,
 )
 from monitoring.statistics import (
     GeneralisationFigures,
     LocalityFigures,
-    PerplexityFigures,
     RetentionFigures,
     stratified_sample,
     wilson_interval,
@@ -230,40 +213,6 @@ def test_beyond_the_cap_a_stratified_sample_is_audited_with_an_interval() -> Non
     assert (low, high) == pytest.approx(wilson_interval(20 - len(expected_failing), 20))
 
 
-def test_stratified_sample_covers_every_age_band_and_is_seeded() -> None:
-    picks = stratified_sample(1000, 100, seed=0)
-    assert len(picks) == len(set(picks)) == 100 and picks == sorted(picks)
-    assert [sum(lo <= i < lo + 100 for i in picks) for lo in range(0, 1000, 100)] == [10] * 10
-    assert stratified_sample(1000, 100, seed=0) == picks
-    assert stratified_sample(1000, 100, seed=1) != picks
-    uneven = stratified_sample(23, 7, seed=0)
-    assert len(set(uneven)) == 7 and all(0 <= i < 23 for i in uneven)
-    assert stratified_sample(5, 10, seed=0) == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError):
-        stratified_sample(5, 0, seed=0)
-
-
-def test_wilson_interval_matches_published_values() -> None:
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert wilson_interval(91, 100) == pytest.approx((0.8377, 0.9519), abs=1e-4)
-    with pytest.raises(ValueError):
-        wilson_interval(3, 0)
-
-
-def test_figures_are_shares_of_outcomes_and_none_where_nothing_was_checked() -> None:
-    retention = RetentionFigures.of([True, True, False, True], [1.0, 0.5, 0.0, 1.0])
-    assert (retention.exact_match, retention.token_accuracy) == (0.75, 0.625)
-    assert retention.ci95 == wilson_interval(3, 4)
-    assert RetentionFigures.of([], []) == RetentionFigures(None, None, None)
-    assert GeneralisationFigures.of([]) == GeneralisationFigures(None, 0)
-    assert LocalityFigures.of([True, False], [True, True]) == LocalityFigures(0.5, 1.0, 2)
-    with pytest.raises(ValueError, match="per probe"):
-        LocalityFigures.of([True], [True, False])
-    assert PerplexityFigures.of(10.0, 12.5) == PerplexityFigures(10.0, 12.5, 0.25)
-
-
 # --- locality and perplexity -------------------------------------------------------------------
 
 
@@ -355,211 +304,3 @@ def test_auditor_refuses_a_baseline_of_other_probes_text_or_weights() -> None:
     other = tiny_loaded("llama", seed=1)
     with pytest.raises(AuditError, match="other base weights"):
         Auditor(other, probes, baseline, sample_cap=10)
-
-
-# --- probe set and text sample -----------------------------------------------------------------
-
-
-def test_bundled_probe_set_loads() -> None:
-    probes = load_probe_set(None)
-    assert 250 <= len(probes) <= 350
-    assert len({p.prompt for p in probes}) == len(probes)
-    assert all(p.prompt.strip() and p.answer.strip() for p in probes)
-    assert load_probe_set(bundled_probe_path()) == probes
-
-
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ("{not json", "line 3: not valid JSON"),
-        ('["a", "b"]', "line 3: expected an object"),
-        ('{"prompt": "Q"}', "line 3: expected an object with exactly"),
-        ('{"prompt": "Q", "answer": "A", "x": 1}', "line 3: expected an object with exactly"),
-        ('{"prompt": "Q", "answer": "  "}', "line 3: prompt and answer must be non-empty"),
-        ('{"prompt": "P", "answer": "B"}', "line 3: prompt already given on line 1"),
-    ],
-)
-def test_malformed_probe_files_name_the_line(tmp_path: Path, line: str, message: str) -> None:
-    path = tmp_path / "probes.jsonl"
-    path.write_text('{"prompt": "P", "answer": "A"}\n\n' + line + "\n")
-    with pytest.raises(ProbeSetError, match=re.escape(message)):
-        load_probe_set(path)
-
-
-def test_missing_or_empty_probe_files_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ProbeSetError, match="does not exist"):
-        load_probe_set(tmp_path / "absent.jsonl")
-    (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(ProbeSetError, match="holds no probes"):
-        load_probe_set(tmp_path / "empty.jsonl")
-
-
-def test_text_sample_defaults_to_probe_statements_and_skips_one_word_lines(
-    tmp_path: Path,
-) -> None:
-    probes = [Probe("The capital of France is", "Paris")]
-    assert load_text_sample(None, probes) == ["The capital of France is Paris"]
-    path = tmp_path / "text.txt"
-    path.write_text("\n  Hello   world  \nsingle\n" + ("x " * 400 + "\n") * 100)
-    lines = load_text_sample(path, probes)
-    assert lines[0] == "Hello world"
-    assert all(len(line) <= LINE_CHARS for line in lines)
-    assert TEXT_BUDGET_CHARS <= sum(map(len, lines)) < TEXT_BUDGET_CHARS + LINE_CHARS
-    (tmp_path / "words.txt").write_text("one\ntwo\n")
-    with pytest.raises(AuditError, match="no line of two or more words"):
-        load_text_sample(tmp_path / "words.txt", probes)
-
-
-# --- results and reports -----------------------------------------------------------------------
-
-EXAMPLE_REPORT = """
-{"schema": "factkeeper-audit/v1", "version": "3", "previous_good_version": "2",
- "started_at": "2026-11-23T15:00:00+00:00", "seconds": 12.3, "trigger": "edits",
- "edits_total": 250, "edits_audited": 250, "sampled": false,
- "retention": {"exact_match": 0.91, "token_accuracy": 0.95, "ci95": [0.87, 0.94]},
- "generalisation": {"exact_match": 0.4, "n": 120},
- "locality": {"agreement": 0.97, "gold_accuracy": 0.95, "n": 300},
- "perplexity": {"base": 12.1, "current": 12.4, "drift": 0.025},
- "gate": {"passed": true, "reasons": [], "thresholds": {"retention_floor": 0.8,
-   "locality_floor": 0.9, "max_drop": 0.05, "max_perplexity_drift": 0.1}},
- "action": "promoted", "rolled_back_to": null, "quarantined_event_ids": [],
- "failing_event_ids": []}
-"""
-
-
-def _result(**changes: object) -> AuditReport:
-    base = AuditReport(
-        started_at="2026-11-23T15:00:00+00:00",
-        seconds=12.3,
-        edits_total=250,
-        edits_audited=250,
-        sampled=False,
-        retention=RetentionFigures(0.91, 0.95, (0.87, 0.94)),
-        generalisation=GeneralisationFigures(None, 0),
-        locality=LocalityFigures(0.97, 0.95, 300),
-        perplexity=PerplexityFigures(12.1, 12.4, 0.025),
-        failing_event_ids=("e1", "e7"),
-        failing_total=2,
-        timings={"teacher_forced_seconds": 10.0},
-    )
-    return AuditReport(**{**base.__dict__, **changes})  # type: ignore[arg-type]
-
-
-def _report(result: AuditReport, version: str | None = "3") -> AuditReport:
-    return result.judged(
-        decision=GateDecision(False, ("retention fell",)),
-        thresholds=GateThresholds(),
-        trigger="timer",
-        version=version,
-        previous_good_version="2",
-        action="rolled_back",
-        rolled_back_to="2",
-        quarantined_event_ids=["e7"],
-    )
-
-
-def _shape(value: object) -> object:
-    """Keys and JSON types, recursively: what the renderer relies on."""
-    if isinstance(value, dict):
-        return {k: _shape(v) for k, v in value.items()}
-    return type(value).__name__
-
-
-def test_report_json_has_exactly_the_agreed_shape() -> None:
-    example = json.loads(EXAMPLE_REPORT)
-    data = json.loads(_report(_result()).to_json())
-    assert list(data) == list(example)
-    for key in ("retention", "generalisation", "locality", "perplexity", "gate"):
-        assert list(data[key]) == list(example[key])
-    assert list(data["gate"]["thresholds"]) == list(example["gate"]["thresholds"])
-    assert data["schema"] == REPORT_SCHEMA
-    assert data["generalisation"] == {"exact_match": None, "n": 0}
-    assert data["retention"]["ci95"] == [0.87, 0.94]
-    assert (data["trigger"], data["action"], data["rolled_back_to"]) == (
-        "timer",
-        "rolled_back",
-        "2",
-    )
-    assert data["quarantined_event_ids"] == ["e7"] and data["failing_event_ids"] == ["e1", "e7"]
-    parsed = AuditReport.from_dict(example)
-    assert _shape(parsed.to_dict()) == _shape(example)
-    assert parsed.to_dict() == example
-
-
-def test_every_schedule_trigger_can_be_reported() -> None:
-    assert set(SCHEDULE_TRIGGERS) < set(TRIGGERS)
-
-
-def test_report_round_trips_and_rejects_other_shapes() -> None:
-    report = _report(_result(generalisation=GeneralisationFigures(0.4, 120)), version=None)
-    back = AuditReport.from_json(report.to_json())
-    assert back == report
-    assert back.timings == {} and back.failing_total == len(report.failing_event_ids)
-    with pytest.raises(AuditReportError, match="trigger, gate and thresholds"):
-        replace(report, gate=None)
-    data = json.loads(report.to_json())
-    with pytest.raises(AuditReportError, match="unknown keys"):
-        AuditReport.from_dict({**data, "extra": 1})
-    with pytest.raises(AuditReportError, match="missing keys"):
-        AuditReport.from_dict({k: v for k, v in data.items() if k != "action"})
-    with pytest.raises(AuditReportError, match="locality"):
-        AuditReport.from_dict({**data, "locality": {"agreement": 1.0}})
-    with pytest.raises(AuditReportError, match="schema"):
-        AuditReport.from_dict({**data, "schema": "factkeeper-audit/v0"})
-    with pytest.raises(AuditReportError, match="trigger"):
-        AuditReport.from_dict({**data, "trigger": "cron"})
-    with pytest.raises(AuditReportError, match="not valid JSON"):
-        AuditReport.from_json("{")
-
-
-def test_reports_are_written_atomically_under_their_time_and_read_oldest_first(
-    tmp_path: Path,
-) -> None:
-    late = _report(_result(started_at="2026-11-23T16:30:05+01:00"), version="4")
-    early = _report(_result(started_at="2026-11-23T15:00:00+00:00"), version=None)
-    first = write_report(tmp_path, late)
-    second = write_report(tmp_path, early)
-    again = write_report(tmp_path, early)
-    assert first.name == "audit-20261123T153005-v4.json"
-    assert second.name == "audit-20261123T150000-vnone.json"
-    assert again.name == "audit-20261123T150000-vnone-1.json"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert read_reports(tmp_path) == [early, early, late]
-    assert read_reports(tmp_path / "absent") == []
-    (tmp_path / "audit-20990101T000000-v9.json").write_text("{}")
-    with pytest.raises(AuditReportError, match="audit-20990101T000000-v9.json"):
-        read_reports(tmp_path)
-
-
-def test_an_unjudged_audit_flattens_for_mlflow_but_is_not_written() -> None:
-    result = _result()
-    assert result.gate is None and not result.gate_passed
-    with pytest.raises(AuditReportError, match="judged"):
-        result.to_dict()
-    metrics = result.metrics()
-    assert metrics["audit_retention_exact_match"] == 0.91
-    assert metrics["audit_retention_ci95_low"] == 0.87
-    assert metrics["audit_locality_agreement"] == 0.97
-    assert metrics["audit_perplexity_drift"] == 0.025
-    assert metrics["audit_teacher_forced_seconds"] == 10.0
-    assert "audit_generalisation_exact_match" not in metrics  # None is left out
-    assert all(isinstance(v, float) for v in metrics.values())
-    report = _report(result)
-    assert report.retention == result.retention and not report.gate_passed
-    assert report.timings == result.timings and report.metrics() == metrics
-
-
-def test_a_report_can_carry_the_whole_audit_step_time() -> None:
-    started = datetime(2026, 11, 23, 16, 0, 5, 123456, tzinfo=timezone(timedelta(hours=1)))
-    report = _result().judged(
-        decision=GateDecision(True),
-        thresholds=GateThresholds(),
-        trigger="requested",
-        version="5",
-        previous_good_version="5",
-        action="promoted",
-        started_at=started,
-        seconds=40.5,
-    )
-    assert (report.started_at, report.seconds) == ("2026-11-23T15:00:05+00:00", 40.5)
-    assert report.gate_passed
