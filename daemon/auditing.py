@@ -38,8 +38,7 @@ from daemon.snapshots import edited_tensors
 from daemon.versions import VersionKeeper
 from editing.metrics import ModelState
 from editing.models import LoadedModel
-from monitoring.audit_report import AuditReport, read_reports
-from monitoring.audit_report import write_report as write_audit_report
+from monitoring.audit_report import AuditReport, read_audit_reports, write_audit_report
 from monitoring.auditor import AuditFact, Auditor
 from monitoring.baseline import Baseline
 from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
@@ -99,14 +98,14 @@ class AuditRunner:
     def _last_good_result(self) -> AuditReport | None:
         """The newest passing audit of the version ``production`` points to, if any."""
         production = self.versions.production() if self.versions else None
-        for report in reversed(read_reports(self.reports_dir)):
+        for report in reversed(read_audit_reports(self.reports_dir)):
             if report.gate_passed and report.version == production:
                 return report
         return None
 
     def last_started_at(self) -> datetime | None:
         """When the newest audit on record started (None: no audit ever ran)."""
-        reports = read_reports(self.reports_dir)
+        reports = read_audit_reports(self.reports_dir)
         return datetime.fromisoformat(reports[-1].started_at) if reports else None
 
     def run(self, trigger: str, producer: KafkaProducer | None) -> AuditReport:

@@ -173,7 +173,7 @@ def export_version(settings: Settings, version: str, out_dir: Path, paths: Paths
 
 def write_daemon_report(settings: Settings, output: Path, png: Path | None = None) -> ReportFiles:
     """The one-page report from the registry, the audit reports and the journal."""
-    from daemon.report import load_audits, write_report
+    from daemon.report import load_audits, write_html_report
 
     warnings = []
     try:
@@ -185,7 +185,7 @@ def write_daemon_report(settings: Settings, output: Path, png: Path | None = Non
     if settings.journal.path.exists():
         with Journal.open(settings.journal.path, create=False) as journal:
             counts = dict(journal.counts_by_status())
-    return write_report(
+    return write_html_report(
         output,
         versions=versions,
         audits=load_audits(audit_reports_dir(settings)),

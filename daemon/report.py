@@ -61,7 +61,7 @@ class AuditFormatError(ReportError):
 
 @dataclass(frozen=True)
 class ReportFiles:
-    """What ``write_report`` wrote."""
+    """What ``write_html_report`` wrote."""
 
     html: Path
     png: Path | None
@@ -74,7 +74,7 @@ class ReportFiles:
 class AuditHistory(list[dict[str, Any]]):
     """``load_audits``' result: the audit dicts, oldest first, and the files it skipped.
 
-    It is a plain list so it goes straight into ``write_report(audits=...)``, which lists
+    It is a plain list so it goes straight into ``write_html_report(audits=...)``, which lists
     ``skipped`` among the page's warnings; the folder lets the page say where it looked.
     """
 
@@ -258,7 +258,7 @@ def audit_series(points: Sequence[AuditPoint]) -> AuditSeries:
 # -- the page -------------------------------------------------------------------------------------
 
 
-def write_report(
+def write_html_report(
     output: Path,
     *,
     versions: Sequence[VersionInfo],

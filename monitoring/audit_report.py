@@ -257,7 +257,7 @@ _NESTED_KEYS = {
 }
 
 
-def write_report(folder: Path, report: AuditReport) -> Path:
+def write_audit_report(folder: Path, report: AuditReport) -> Path:
     """Write ``audit-<UTC yyyymmddTHHMMSS>-v<version>.json`` atomically; returns its path.
 
     The time is the audit's start; a second report with the same name gets ``-1``, ``-2``, ...
@@ -273,7 +273,7 @@ def write_report(folder: Path, report: AuditReport) -> Path:
     return path
 
 
-def read_reports(folder: Path) -> list[AuditReport]:
+def read_audit_reports(folder: Path) -> list[AuditReport]:
     """Every report in ``folder``, oldest first; an absent folder has none.
 
     Raises:
@@ -318,6 +318,6 @@ __all__ = [
     "Action",
     "AuditReport",
     "Trigger",
-    "read_reports",
-    "write_report",
+    "read_audit_reports",
+    "write_audit_report",
 ]

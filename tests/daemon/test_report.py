@@ -22,7 +22,7 @@ from daemon.report import (
     audit_series,
     load_audits,
     parse_audit,
-    write_report,
+    write_html_report,
 )
 from editing.errors import FactkeeperError
 from monitoring.report_plots import locality_figure, retention_figure
@@ -181,7 +181,7 @@ def _render(tmp_path: Path, **kwargs: Any) -> tuple[report.ReportFiles, str]:
         "generated_at": NOW,
     }
     args.update(kwargs)
-    files = write_report(tmp_path / "report.html", **args)
+    files = write_html_report(tmp_path / "report.html", **args)
     return files, files.html.read_text(encoding="utf-8")
 
 
@@ -453,7 +453,7 @@ def test_bad_arguments_raise_typed_errors(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(ReportError, match="cannot write the report") as caught:
-        write_report(
+        write_html_report(
             blocker / "report.html",
             versions=[],
             audits=AuditHistory(),

@@ -14,8 +14,8 @@ from monitoring.audit_report import (
     REPORT_SCHEMA,
     TRIGGERS,
     AuditReport,
-    read_reports,
-    write_report,
+    read_audit_reports,
+    write_audit_report,
 )
 from monitoring.errors import AuditReportError
 from monitoring.gates import GateDecision, GateThresholds
@@ -131,18 +131,18 @@ def test_reports_are_written_atomically_under_their_time_and_read_oldest_first(
 ) -> None:
     late = _report(_result(started_at="2026-11-23T16:30:05+01:00"), version="4")
     early = _report(_result(started_at="2026-11-23T15:00:00+00:00"), version=None)
-    first = write_report(tmp_path, late)
-    second = write_report(tmp_path, early)
-    again = write_report(tmp_path, early)
+    first = write_audit_report(tmp_path, late)
+    second = write_audit_report(tmp_path, early)
+    again = write_audit_report(tmp_path, early)
     assert first.name == "audit-20261123T153005-v4.json"
     assert second.name == "audit-20261123T150000-vnone.json"
     assert again.name == "audit-20261123T150000-vnone-1.json"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert read_reports(tmp_path) == [early, early, late]
-    assert read_reports(tmp_path / "absent") == []
+    assert read_audit_reports(tmp_path) == [early, early, late]
+    assert read_audit_reports(tmp_path / "absent") == []
     (tmp_path / "audit-20990101T000000-v9.json").write_text("{}")
     with pytest.raises(AuditReportError, match="audit-20990101T000000-v9.json"):
-        read_reports(tmp_path)
+        read_audit_reports(tmp_path)
 
 
 def test_an_unjudged_audit_flattens_for_mlflow_but_is_not_written() -> None:
