@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.errors import ConfigError
+from daemon.errors import SettingsError
 from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
 
 log = logging.getLogger(__name__)
@@ -593,7 +593,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
     that starts with a section name (``FACTKEEPER_KAFKA_GROUP_ID``) is rejected as a typo.
 
     Raises:
-        ConfigError: listing every invalid field as ``path.to.field: message``. Rules across
+        SettingsError: listing every invalid field as ``path.to.field: message``. Rules across
             fields of a section (SASL needs credentials) are checked once its fields are valid.
     """
     env = os.environ if env is None else env
@@ -610,7 +610,7 @@ def load_settings(path: Path | None, env: Mapping[str, str] | None = None) -> Se
         return Settings.model_validate(data, context={"paths": paths})
     except ValidationError as exc:
         # ``from None``: the chained pydantic error could echo an input value (a password).
-        raise ConfigError(_problems(exc, origins), source=source) from None
+        raise SettingsError(_problems(exc, origins), source=source) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -618,24 +618,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         hint = "copy configs/default.yaml there (`factkeeper config default` prints it)"
-        raise ConfigError([("", f"{path} does not exist; {hint} and edit it")]) from None
+        raise SettingsError([("", f"{path} does not exist; {hint} and edit it")]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([("", f"cannot read {path}: {exc}")]) from None
+        raise SettingsError([("", f"cannot read {path}: {exc}")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([("", f"not valid YAML: {exc.problem}{where}")], str(path)) from None
+        raise SettingsError([("", f"not valid YAML: {exc.problem}{where}")], str(path)) from None
     except yaml.YAMLError:
-        raise ConfigError([("", "not valid YAML")], str(path)) from None
+        raise SettingsError([("", "not valid YAML")], str(path)) from None
     if data is None:
-        raise ConfigError(
+        raise SettingsError(
             [("", "the file is empty (or only comments); start from configs/default.yaml")],
             str(path),
         )
     if not isinstance(data, dict):
-        raise ConfigError(
+        raise SettingsError(
             [("", f"the top level must be a mapping of sections ({', '.join(SECTIONS)})")],
             str(path),
         )
@@ -673,7 +673,7 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
         node[keys[-1]] = env[name] if env[name] != "" else None
         origins[keys] = name
     if problems:
-        raise ConfigError(problems, source="environment")
+        raise SettingsError(problems, source="environment")
     return overrides, origins
 
 

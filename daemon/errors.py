@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from editing.configfile import ConfigError
 from editing.errors import FactkeeperError
 
 #: Why a payload was rejected; stable strings, used as DLQ headers and metric labels.
@@ -30,8 +31,11 @@ class DaemonError(FactkeeperError):
     """Base class of every error the daemon raises on purpose."""
 
 
-class ConfigError(DaemonError):
-    """The settings file or ``FACTKEEPER_*`` variables are invalid.
+class SettingsError(DaemonError, ConfigError):
+    """The daemon's settings file or ``FACTKEEPER_*`` variables are invalid.
+
+    A ``ConfigError`` (``editing.configfile``), as an invalid algorithm config is, so one
+    ``except ConfigError`` catches both; this one lists every problem with its field path.
 
     Args:
         problems: ``(field path, message)`` pairs, e.g. ``("kafka.session_timeout_ms", "...")``;

@@ -27,7 +27,7 @@ from daemon.applier import BatchOutcome, EditApplier, Rung, TransientRetry, rung
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import ConfigError, HistoryError, JournalMismatchError, ReplayMismatchError
+from daemon.errors import HistoryError, JournalMismatchError, ReplayMismatchError, SettingsError
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
@@ -108,7 +108,7 @@ def build_ladder(settings: Settings, editor: Editor) -> list[Rung]:
     a rung applies, so for it the default ladder is empty.
 
     Raises:
-        ConfigError: a rung's editor keeps a memory of past edits (replay cannot rebuild it per
+        SettingsError: a rung's editor keeps a memory of past edits (replay cannot rebuild it per
             rung yet), or a ladder is configured for an ``editor`` that keeps one.
     """
     if editor.keeps_edit_memory and settings.editor.retry_ladder is None:
@@ -119,7 +119,7 @@ def build_ladder(settings: Settings, editor: Editor) -> list[Rung]:
             f"the {editor.name} editor keeps a memory of past edits that would miss the edits "
             "a rung applies; set editor.retry_ladder: [] for it"
         )
-        raise ConfigError([("editor.retry_ladder", message)])
+        raise SettingsError([("editor.retry_ladder", message)])
     rungs = []
     for index, rung in enumerate(ladder, start=1):
         method, options = settings.editor.rung_options(rung)
@@ -127,13 +127,13 @@ def build_ladder(settings: Settings, editor: Editor) -> list[Rung]:
         try:
             rung_editor = get_editor(method, **options)
         except (EditError, TypeError, ValueError) as exc:
-            raise ConfigError([(where, f"{method}: {exc}")]) from exc
+            raise SettingsError([(where, f"{method}: {exc}")]) from exc
         if rung_editor.keeps_edit_memory or settings.safeguards.wraps(method):
             message = (
                 f"{method}: an editor that keeps a memory of past edits (NSE, or one the "
                 "safeguards wrap) cannot be a retry rung yet"
             )
-            raise ConfigError([(where, message)])
+            raise SettingsError([(where, message)])
         shown = " ".join(f"{k}={v}" for k, v in sorted(rung.options.items()))
         label = f"rung {index} ({method}{' ' + shown if shown else ''})"
         rungs.append(Rung(index, rung_spec(method, options), rung_editor, label))

@@ -20,7 +20,11 @@ T = TypeVar("T")
 
 
 class ConfigError(FactkeeperError):
-    """A config file could not be read, or a value is unknown or out of range."""
+    """A config file could not be read, or a value is unknown or out of range.
+
+    The one error for an invalid configuration: an algorithm's config raises it here, the
+    daemon's settings raise its subclass ``SettingsError``, which lists every problem.
+    """
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from daemon import cli
+from daemon.errors import SettingsError
+from editing.configfile import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,6 +38,16 @@ def test_typed_errors_become_a_message_and_exit_2(capsys, tmp_path):
     assert code == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "factkeeper ask:" in err and "no hub downloads" in err
+
+
+def test_invalid_settings_are_a_config_error_and_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka:\n  session_timeout_ms: -1\n")
+    assert cli.main(["config", "show", "--config", str(bad)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"factkeeper config: invalid configuration in {bad}:" in err
+    assert "  kafka.session_timeout_ms: " in err
+    assert issubclass(SettingsError, ConfigError)  # one concept: an invalid configuration
 
 
 def test_unknown_command_is_rejected():

@@ -29,7 +29,7 @@ from daemon.control_auth import (
     sign_control,
     verify_control,
 )
-from daemon.errors import ConfigError
+from daemon.errors import SettingsError
 
 TOKEN = "admin-token-0123456789abcdef"
 WRONG = "wrong-token-fedcba9876543210"
@@ -289,7 +289,7 @@ def test_server_needs_a_token_and_a_free_port(inbox: ControlInbox) -> None:
 
 def test_admin_settings_defaults_and_from_settings(inbox: ControlInbox, tmp_path) -> None:
     env = {"FACTKEEPER_HOME": str(tmp_path), "FACTKEEPER_ADMIN__PORT": "0"}
-    with pytest.raises(ConfigError, match="admin.port"):
+    with pytest.raises(SettingsError, match="admin.port"):
         load_settings(None, env=env)  # 0 is not a port to configure
     settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path)})
     assert (settings.admin.host, settings.admin.port) == ("127.0.0.1", 9109)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from daemon.applier import EditApplier, Rung, rung_spec
 from daemon.config import Settings, load_settings
 from daemon.consumer import FactConsumer, _Pending
-from daemon.errors import ConfigError, RetryLadderChangedError
+from daemon.errors import RetryLadderChangedError, SettingsError
 from daemon.events import FactCorrection, parse_event
 from daemon.journal import Journal
 from daemon.service import build_ladder, replay_journal
@@ -235,7 +235,7 @@ def test_editors_with_a_memory_of_past_edits_cannot_be_rungs(tmp_path):
     config = tmp_path / "nse-rung.yaml"
     config.write_text("editor:\n  retry_ladder: [{method: nse}]\n")
     settings = load_settings(config, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
-    with pytest.raises(ConfigError, match=r"retry_ladder\[0\]: nse: an editor that keeps"):
+    with pytest.raises(SettingsError, match=r"retry_ladder\[0\]: nse: an editor that keeps"):
         build_ladder(settings, get_editor("ft"))
 
 

@@ -103,7 +103,7 @@ def test_warn_keeps_the_edits_and_production(
 
 
 def test_on_failure_accepts_only_known_actions(tmp_path: Path) -> None:
-    from daemon.errors import ConfigError
+    from daemon.errors import SettingsError
 
-    with pytest.raises(ConfigError, match="audit.on_failure"):
+    with pytest.raises(SettingsError, match="audit.on_failure"):
         load_settings(None, env={"FACTKEEPER_AUDIT__ON_FAILURE": "ignore"})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Settings, default_config_text, load_settings
-from daemon.errors import ConfigError
+from daemon.errors import SettingsError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def problem_paths(exc: ConfigError) -> set[str]:
+def problem_paths(exc: SettingsError) -> set[str]:
     return {path for path, _ in exc.problems}
 
 
@@ -106,7 +106,7 @@ def test_invalid_values_name_every_field(tmp_path: Path, env: dict[str, str]) ->
         "metrics:\n  port: 70000\neditor:\n  method: memit\naudit:\n  retention_floor: 1.5\n",
     )
     env["FACTKEEPER_BATCHING__MAX_SIZE"] = "lots"
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(SettingsError) as caught:
         load_settings(path, env=env)
     assert problem_paths(caught.value) == {
         "kafka.session_timeout_ms",
@@ -124,7 +124,7 @@ def test_invalid_values_name_every_field(tmp_path: Path, env: dict[str, str]) ->
 def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str, str]) -> None:
     path = write(tmp_path, "kafka:\n  grop_id: typo\nextras:\n  a: 1\n")
     env["FACTKEEPER_MODEL__FLAVOUR"] = "vanilla"
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(SettingsError) as caught:
         load_settings(path, env=env)
     assert problem_paths(caught.value) == {"kafka.grop_id", "extras", "model.flavour"}
     assert "FACTKEEPER_MODEL__FLAVOUR" in str(caught.value)
@@ -151,19 +151,19 @@ def test_removed_max_poll_records_is_accepted_with_a_warning(
 
 def test_env_name_with_single_underscore_is_reported(env: dict[str, str]) -> None:
     env["FACTKEEPER_KAFKA_GROUP_ID"] = "lost"
-    with pytest.raises(ConfigError, match="did you mean FACTKEEPER_KAFKA__GROUP_ID"):
+    with pytest.raises(SettingsError, match="did you mean FACTKEEPER_KAFKA__GROUP_ID"):
         load_settings(None, env=env)
 
 
 def test_conflicting_env_names_are_reported(env: dict[str, str]) -> None:
     env |= {"FACTKEEPER_KAFKA__TOPICS": "x", "FACTKEEPER_KAFKA__TOPICS__DLQ": "y"}
-    with pytest.raises(ConfigError, match="conflicts with"):
+    with pytest.raises(SettingsError, match="conflicts with"):
         load_settings(None, env=env)
 
 
 def test_sasl_needs_mechanism_username_and_password(env: dict[str, str]) -> None:
     env["FACTKEEPER_KAFKA__SECURITY_PROTOCOL"] = "SASL_SSL"
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(SettingsError) as caught:
         load_settings(None, env=env)
     assert problem_paths(caught.value) == {
         "kafka.sasl_mechanism",
@@ -186,24 +186,24 @@ def test_sasl_settings_are_accepted_when_complete(env: dict[str, str]) -> None:
 
 def test_credentials_without_sasl_or_tls_are_rejected(tmp_path: Path, env: dict[str, str]) -> None:
     path = write(tmp_path, "kafka:\n  sasl_username: u\n  ssl_cafile: /etc/ca.pem\n")
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(SettingsError) as caught:
         load_settings(path, env=env)
     assert problem_paths(caught.value) == {"kafka.sasl_username", "kafka.ssl_cafile"}
 
 
 def test_admin_endpoint_needs_a_long_token(env: dict[str, str]) -> None:
     env["FACTKEEPER_ADMIN__ENABLED"] = "true"
-    with pytest.raises(ConfigError, match="admin.token: required"):
+    with pytest.raises(SettingsError, match="admin.token: required"):
         load_settings(None, env=env)
     env["FACTKEEPER_ADMIN__TOKEN"] = "tok-3x9q"
-    with pytest.raises(ConfigError, match="at least 16") as caught:
+    with pytest.raises(SettingsError, match="at least 16") as caught:
         load_settings(None, env=env)
     assert "tok-3x9q" not in str(caught.value)
 
 
 def test_tracking_uri_must_not_carry_a_password(env: dict[str, str]) -> None:
     env["FACTKEEPER_SNAPSHOTS__TRACKING_URI"] = f"https://ml:{SECRET}@mlflow.internal"
-    with pytest.raises(ConfigError, match="snapshots.tracking_uri") as caught:
+    with pytest.raises(SettingsError, match="snapshots.tracking_uri") as caught:
         load_settings(None, env=env)
     assert SECRET not in str(caught.value)
 
@@ -235,7 +235,7 @@ def test_unset_secrets_stay_null_when_redacted(env: dict[str, str]) -> None:
 
 def test_invalid_secret_is_not_echoed(tmp_path: Path, env: dict[str, str]) -> None:
     path = write(tmp_path, f"kafka:\n  sasl_password: [{SECRET}]\n")
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(SettingsError) as caught:
         load_settings(path, env=env)
     assert "kafka.sasl_password" in problem_paths(caught.value)
     assert SECRET not in str(caught.value)
@@ -253,12 +253,12 @@ def test_invalid_secret_is_not_echoed(tmp_path: Path, env: dict[str, str]) -> No
 def test_unusable_files_give_clear_errors(
     tmp_path: Path, env: dict[str, str], text: str, expected: str
 ) -> None:
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(SettingsError, match=expected):
         load_settings(write(tmp_path, text), env=env)
 
 
 def test_missing_file_names_the_file(tmp_path: Path, env: dict[str, str]) -> None:
-    with pytest.raises(ConfigError, match="does not exist; copy configs/default.yaml"):
+    with pytest.raises(SettingsError, match="does not exist; copy configs/default.yaml"):
         load_settings(tmp_path / "nope.yaml", env=env)
 
 
@@ -279,7 +279,7 @@ def test_config_and_schema_modules_do_not_import_torch() -> None:
 def test_control_key_must_not_reuse_the_admin_token(env: dict[str, str]) -> None:
     secret = "same-secret-0123456789abcdef"
     reused = {**env, "FACTKEEPER_ADMIN__TOKEN": secret, "FACTKEEPER_CONTROL__KEYS__K1": secret}
-    with pytest.raises(ConfigError, match="separate secrets"):
+    with pytest.raises(SettingsError, match="separate secrets"):
         load_settings(None, env=reused)
     settings = load_settings(None, env={**reused, "FACTKEEPER_CONTROL__KEYS__K1": secret + "x"})
     assert settings.redacted_dict()["control"]["keys"] == {"k1": "***"}
@@ -294,7 +294,7 @@ def test_audits_with_snapshots_off_are_refused_at_load(env: dict[str, str]) -> N
         "FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN": "false",
     }
     # A failed gate would have no version to roll back to: refuse, and say what to change.
-    with pytest.raises(ConfigError, match="could neither roll back nor quarantine") as raised:
+    with pytest.raises(SettingsError, match="could neither roll back nor quarantine") as raised:
         load_settings(None, env={**snapshots_off, "FACTKEEPER_AUDIT__EVERY_MINUTES": "0"})
     assert "snapshots.on_shutdown: true" in str(raised.value)
     # Either section on its own is fine.
