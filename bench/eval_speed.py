@@ -34,7 +34,7 @@ from editing.bench import (
 )
 from editing.datasets import DATASETS, default_data_dir, load_dataset
 from editing.editors import EditError, get_editor
-from editing.metrics import EvalConfig, Evaluator, ModelState
+from editing.evaluation import EvalConfig, Evaluator, ModelState
 from editing.models import load_model
 from editing.perplexity import read_text_file
 from editing.requests import LocalityProbe

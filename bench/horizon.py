@@ -37,7 +37,7 @@ from editing.bench import (
 )
 from editing.datasets import load_dataset
 from editing.editors import EditError, get_editor
-from editing.metrics import EvalConfig, Evaluator, ModelState, mean
+from editing.evaluation import EvalConfig, Evaluator, ModelState, mean
 from editing.models import load_model
 
 log = logging.getLogger("bench.horizon")

@@ -36,7 +36,7 @@ from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.snapshots import edited_tensors
 from daemon.versions import VersionKeeper
-from editing.metrics import ModelState
+from editing.evaluation import ModelState
 from editing.models import LoadedModel
 from monitoring.audit_report import AuditReport, read_audit_reports, write_audit_report
 from monitoring.auditor import AuditFact, Auditor

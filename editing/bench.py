@@ -7,7 +7,7 @@ per method: restore the base weights, apply the stream in batches, and after eve
 retention (efficacy of all edits so far) and locality on a fixed probe sample; after the last turn
 run every metric over all edits (the papers' protocol). Results go to
 ``<out>/<dataset>-<n_edits>.json`` (stable keys, read by other tools) with a PNG of the curves;
-each method's ``summary`` holds the yardstick (``editing.metrics.SUMMARY_KEYS``).
+each method's ``summary`` holds the yardstick (``editing.evaluation.SUMMARY_KEYS``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from editing.datasets import DATASETS, DatasetName, default_data_dir, load_dataset
 from editing.editors import EDITORS, EditError, Editor, get_editor, parse_method
 from editing.errors import FactkeeperError
-from editing.metrics import EvalConfig, Evaluator, ModelState, mean, summarise
+from editing.evaluation import EvalConfig, Evaluator, ModelState, mean, summarise
 from editing.models import LoadedModel, load_model
 from editing.perplexity import read_text_file
 from editing.requests import LocalityProbe

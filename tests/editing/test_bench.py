@@ -8,7 +8,7 @@ import pytest
 from daemon.cli import COMMANDS
 from editing.bench import BenchConfig, BenchError, run_bench
 from editing.bench_report import render_table, results_markdown
-from editing.metrics import SUMMARY_KEYS, EvalConfig
+from editing.evaluation import SUMMARY_KEYS, EvalConfig
 from editing.requests import LocalityProbe
 from editing.tiny import tiny_loaded
 

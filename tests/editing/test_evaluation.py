@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from editing.metrics import SUMMARY_KEYS, EvalConfig, Evaluator, ModelState, ngram_entropy, prefers
+from editing.evaluation import (
+    SUMMARY_KEYS,
+    EvalConfig,
+    Evaluator,
+    ModelState,
+    ngram_entropy,
+    prefers,
+)
 from editing.requests import EditRequest, LocalityProbe
 from editing.scoring import Scored, TeacherForcedScorer
 from editing.tiny import tiny_loaded

@@ -1,4 +1,4 @@
-"""Edit-quality metrics: the yardstick every editor is judged by.
+"""Evaluating edits: the yardstick every editor is judged by.
 
 One ``Evaluator`` per request stream and model. It runs the pre-edit (base) model once over every
 prompt the metrics need and keeps those results: the base greedy answers define what "kept"
