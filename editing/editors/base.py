@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from editing.errors import FactkeeperError
+from editing.errors import EditError
 from editing.models import LoadedModel
 from editing.requests import EditRequest
 
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 OriginalWeights = Callable[[str], torch.Tensor]
 """State-dict key -> that parameter's base (unedited) value, in the stored orientation."""
-
-
-class EditError(FactkeeperError):
-    """An edit could not be computed or applied; the model is unchanged."""
 
 
 @dataclass
