@@ -39,11 +39,11 @@ from daemon.versions import (
     base_weights,
     editable_weight_names,
 )
-from editing.editors import Editor, get_editor
-from editing.editors.base import EditError, EditResult
+from editing.editors.base import EditError, Editor, EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
+from editing.registry import get_editor
 from editing.safeguards import GuardedEditor, SafeguardConfig
 from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics

@@ -10,8 +10,8 @@ import torch
 from daemon.applier import to_request
 from daemon.config import load_settings
 from daemon.service import Daemon, build_editor
-from editing.editors import get_editor
 from editing.paths import Paths
+from editing.registry import get_editor
 from editing.safeguards import GuardedEditor, SafeguardConfig
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.editors import EditError, get_editor, parse_method
+from editing.editors.base import EditError
 from editing.emsedit.editor import EMSEditEditor
 from editing.keystats import KeyStatistics
+from editing.registry import get_editor, parse_method
 from editing.safeguards import GuardedEditor, SafeguardConfig
 from editing.tiny import tiny_loaded
 from tests.editing.conftest import small_key_statistics
