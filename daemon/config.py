@@ -34,6 +34,7 @@ from pydantic import (
 
 from daemon.errors import ConfigError
 from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
+from editing.registry import EDITORS
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ ENV_NESTING = "__"
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
-#: Editor names; extend this Literal when an editor joins the registry in ``editing/editors``.
-EditorName = Literal["emsedit", "nse", "ft", "none"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -89,6 +88,12 @@ def _check_device(value: str) -> str:
     return value
 
 
+def _check_editor(name: str) -> str:
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; known: {', '.join(sorted(EDITORS))}")
+    return name
+
+
 def _paths(info: ValidationInfo) -> Paths:
     """The ``Paths`` that ``load_settings`` derived from its env, else from the process env."""
     context = info.context or {}
@@ -101,6 +106,8 @@ Server = Annotated[str, AfterValidator(_check_server)]
 Topic = Annotated[str, AfterValidator(_check_topic)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
+#: An editing method: a name in ``editing.registry.EDITORS`` (checked without importing torch).
+EditorName = Annotated[str, AfterValidator(_check_editor)]
 
 
 class _Section(BaseModel):

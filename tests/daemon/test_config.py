@@ -12,6 +12,7 @@ import pytest
 
 from daemon.config import Settings, default_config_text, load_settings
 from daemon.errors import ConfigError
+from editing.registry import EDITORS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -119,6 +120,27 @@ def test_invalid_values_name_every_field(tmp_path: Path, env: dict[str, str]) ->
     message = str(caught.value)
     assert str(path) in message
     assert "batching.max_size: " in message and "(from FACTKEEPER_BATCHING__MAX_SIZE)" in message
+
+
+def test_editor_names_are_the_registry_names(tmp_path: Path, env: dict[str, str]) -> None:
+    """Every method the registry has is accepted, anything else is refused with the list."""
+    for name in EDITORS:
+        method = load_settings(None, env={**env, "FACTKEEPER_EDITOR__METHOD": name}).editor.method
+        assert method == name
+    path = write(
+        tmp_path,
+        "editor:\n  method: memit\n  retry_ladder: [{method: rome}]\n"
+        "safeguards:\n  methods: [emsedit, mend]\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {
+        "editor.method",
+        "editor.retry_ladder.0.method",
+        "safeguards.methods.1",
+    }
+    known = ", ".join(sorted(EDITORS))
+    assert f"editor.method: unknown editor 'memit'; known: {known}" in str(caught.value)
 
 
 def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str, str]) -> None:
