@@ -94,6 +94,16 @@ def _check_editor(name: str) -> str:
     return name
 
 
+def _unknown_options(method: str, options: Mapping[str, object]) -> list[tuple[str, str]]:
+    """``(key, message)`` per option that ``method``'s editor does not take. The editor's class
+    is imported (with torch: seconds) only when there are options to check."""
+    if not options:
+        return []
+    known = EDITORS[method].option_names()
+    message = f"not an option of {method} (its options: {', '.join(sorted(known)) or 'none'})"
+    return [(key, message) for key in sorted(options) if key not in known]
+
+
 def _paths(info: ValidationInfo) -> Paths:
     """The ``Paths`` that ``load_settings`` derived from its env, else from the process env."""
     context = info.context or {}
@@ -274,8 +284,9 @@ class EditorSettings(_Section):
     checkpoint: UserPath | None = None
     """A trained editor checkpoint (safetensors + JSON); default: the one shipped for the model."""
     options: dict[str, bool | int | float | str] = Field(default_factory=dict)
-    """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``);
-    validated by that config class when the editor is built."""
+    """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``) and its
+    other options (``Editor.option_names``): names are checked at load, values when the editor
+    is built."""
     transient_retries: int = Field(default=2, ge=0, le=10)
     """Retries of an editor call that failed with a transient error (below) before its events
     fail to the DLQ; the weights are rebuilt from the journal before each retry."""
@@ -301,6 +312,17 @@ class EditorSettings(_Section):
     for the other methods, nor for an editor that keeps a memory of past edits, which cannot
     have a ladder); ``[]``: alone with the configured editor only. Replay rebuilds an
     edit with the rung that applied it, so a rung the journal names must stay in the ladder."""
+
+    @model_validator(mode="after")
+    def _known_options(self) -> EditorSettings:
+        """A misspelt option is refused at load, before a model loads, not by the editor."""
+        problems = [(f"options.{k}", m) for k, m in _unknown_options(self.method, self.options)]
+        for index, rung in enumerate(self.retry_ladder or ()):
+            found = _unknown_options(rung.method or self.method, rung.options)
+            problems += [(f"retry_ladder.{index}.options.{k}", m) for k, m in found]
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
 
     def ladder(self) -> list[RetryRung]:
         """The rungs in force: ``retry_ladder``, or the method's default."""

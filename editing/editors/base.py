@@ -69,6 +69,13 @@ class Editor(ABC):
     """The editor's deltas depend on state beyond the weights (original weights, a memory of
     past edits' keys) that the daemon must set up and rebuild for it."""
 
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The keyword options a method spec (``ft:num_steps=40``) or the daemon's
+        ``editor.options`` may give: the fields of the editor's config and its other scalar
+        constructor options. The daemon refuses any other name when its settings load."""
+        return frozenset()
+
     @abstractmethod
     def compute_deltas(
         self, lm: LoadedModel, requests: Sequence[EditRequest]

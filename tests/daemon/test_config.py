@@ -143,6 +143,35 @@ def test_editor_names_are_the_registry_names(tmp_path: Path, env: dict[str, str]
     assert f"editor.method: unknown editor 'memit'; known: {known}" in str(caught.value)
 
 
+def test_a_misspelt_editor_option_fails_at_load_with_its_name(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    path = write(
+        tmp_path,
+        "editor:\n  method: ft\n  options: {num_steps: 3, num_stepz: 3}\n"
+        "  retry_ladder: [{options: {lrr: 0.1}}, {method: none, options: {x: 1}}]\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {
+        "editor.options.num_stepz",
+        "editor.retry_ladder.0.options.lrr",
+        "editor.retry_ladder.1.options.x",
+    }
+    message = str(caught.value)
+    ft_options = "depth, layer, lr, norm_constraint, num_steps, stop_nll"
+    assert f"editor.options.num_stepz: not an option of ft (its options: {ft_options})" in message
+    assert "not an option of none (its options: none)" in message
+
+
+def test_editor_options_beyond_the_config_fields_are_accepted(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Constructor options that are not config fields (NSE's ``stats_tokens``) are options too."""
+    path = write(tmp_path, "editor:\n  method: nse\n  options: {stats_tokens: 8192, lam: 1.0}\n")
+    assert load_settings(path, env=env).editor.options == {"stats_tokens": 8192, "lam": 1.0}
+
+
 def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str, str]) -> None:
     path = write(tmp_path, "kafka:\n  grop_id: typo\nextras:\n  a: 1\n")
     env["FACTKEEPER_MODEL__FLAVOUR"] = "vanilla"

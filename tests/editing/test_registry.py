@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,22 @@ REPO = Path(__file__).resolve().parents[2]
 def test_each_entry_is_the_editor_of_that_name(name: str) -> None:
     cls = EDITORS[name]
     assert issubclass(cls, Editor) and cls.name == name
+
+
+#: Constructor arguments that are objects, which no method spec or settings file can give.
+OBJECT_ARGUMENTS = {"self", "config", "stats", "state", "paths"}
+
+
+@pytest.mark.parametrize("name", sorted(EDITORS))
+def test_option_names_are_what_the_constructor_takes(name: str) -> None:
+    """The settings check ``editor.options`` against ``option_names``; it must list every
+    scalar constructor option, and only names the constructor takes."""
+    cls = EDITORS[name]
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    named = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    assert named - OBJECT_ARGUMENTS <= cls.option_names()
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    assert takes_any or cls.option_names() <= named
 
 
 def test_an_unknown_method_names_the_known_ones() -> None:
