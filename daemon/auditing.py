@@ -49,7 +49,7 @@ from monitoring.audits import (
     read_reports,
 )
 from monitoring.audits import write_report as write_audit_report
-from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
+from monitoring.gates import GateDecision, evaluate_gate
 from monitoring.metrics import FactkeeperMetrics
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class AuditRunner:
         self.history = history
         self.metrics = metrics
         self.reports_dir = reports_dir
-        self.thresholds = GateThresholds.from_settings(settings.audit)
+        self.thresholds = settings.audit.thresholds
         self.last_good = self._last_good_result()
 
     def _last_good_result(self) -> AuditResult | None:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,14 +27,20 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_serializer,
     model_validator,
 )
 
 from daemon.errors import ConfigError
+from editing.errors import FactkeeperError
 from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
 from editing.registry import EDITORS
+from monitoring.gates import GateThresholds
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,34 @@ class _CrossFieldError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
         super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
+
+
+def _by_field(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Build an algorithm's config object (a frozen dataclass that checks itself when built).
+
+    If that fails, each value that fails with every other field at its default is named as a
+    problem (a value of the wrong type, or one the class's own checks refuse); a rule across
+    fields, which no value breaks alone, is reported at the section.
+    """
+    try:
+        return handler(value)
+    except (ValidationError, FactkeeperError) as exc:  # the class raises its typed errors
+        if not isinstance(value, dict):
+            raise
+        failed: Exception = exc
+    problems = []
+    for key, item in value.items():
+        try:
+            handler({key: item})
+        except (ValidationError, FactkeeperError) as alone:
+            problems.append((key, _check_message(alone)))
+    raise _CrossFieldError(problems) if problems else ValueError(_check_message(failed))
+
+
+def _check_message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+    return str(exc)
 
 
 def _expand_user(path: Path) -> Path:
@@ -114,7 +148,6 @@ def _paths(info: ValidationInfo) -> Paths:
 UserPath = Annotated[Path, AfterValidator(_expand_user)]
 Server = Annotated[str, AfterValidator(_check_server)]
 Topic = Annotated[str, AfterValidator(_check_topic)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 #: An editing method: a name in ``editing.registry.EDITORS`` (checked without importing torch).
 EditorName = Annotated[str, AfterValidator(_check_editor)]
@@ -128,6 +161,40 @@ class _Section(BaseModel):
         hide_input_in_errors=True,
         validate_default=True,
     )
+
+
+class _HoldsConfig(_Section):
+    """A section that holds an algorithm's config object (a frozen dataclass) as ``config_field``.
+
+    The object's fields are written flat in the section, beside the section's own settings, and
+    ``model_dump`` writes them flat again; each is declared, defaulted and checked once, in the
+    algorithm's class, and an invalid one is named by its path in the file.
+    """
+
+    config_field: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather(cls, data: Any) -> Any:
+        config_class = cls.model_fields[cls.config_field].annotation
+        if not isinstance(data, dict) or isinstance(data.get(cls.config_field), config_class):
+            return data  # e.g. AuditSettings(thresholds=GateThresholds(...)) in Python
+        if cls.config_field in data:
+            message = "unknown setting: its fields are written in the section itself"
+            raise _CrossFieldError([(cls.config_field, message)])
+        names = config_class.__dataclass_fields__  # type: ignore[union-attr]
+        own = {k: v for k, v in data.items() if k not in names}
+        return {**own, cls.config_field: {k: v for k, v in data.items() if k in names}}
+
+    @model_serializer(mode="wrap")
+    def _spread(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in handler(self).items():
+            if key == self.config_field:
+                flat.update(value)
+            else:
+                flat[key] = value
+        return flat
 
 
 class KafkaTopics(_Section):
@@ -452,22 +519,22 @@ class SnapshotSettings(_Section):
         return self
 
 
-class AuditSettings(_Section):
+class AuditSettings(_HoldsConfig):
     """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1]).
 
     Audits need snapshots on: a failed gate rolls back to a registered version, so audits on
     with every snapshot trigger off is refused at load (``Settings``)."""
 
+    config_field = "thresholds"
+
     every_n_edits: int = Field(default=100, ge=0)
     every_minutes: float = Field(default=30.0, ge=0.0)
-    retention_floor: Fraction = 0.8
-    """Lowest acceptable share of applied edits that still hold."""
-    locality_floor: Fraction = 0.9
-    """Lowest acceptable share of locality probes that keep the base model's answer."""
-    max_drop: Fraction = 0.05
-    """Largest acceptable drop of any ratio against the previous good version."""
-    max_perplexity_drift: float = Field(default=0.1, ge=0.0)
-    """Largest acceptable relative rise of perplexity on the text sample (0.1 = +10 %)."""
+    thresholds: Annotated[GateThresholds, WrapValidator(_by_field)] = Field(
+        default_factory=GateThresholds
+    )
+    """The gate's floors and allowed changes: the fields of ``monitoring.gates.GateThresholds``
+    (``retention_floor``, ``locality_floor``, ``max_drop``, ``max_perplexity_drift``), written
+    flat in this section."""
     probe_set: UserPath | None = None
     """Locality probes (JSONL); default: the bundled set."""
     text_sample: UserPath | None = None
@@ -599,6 +666,12 @@ class Settings(_Section):
 
 
 SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)
+#: Section -> the field holding its config object, a name that the settings file never writes.
+_CONFIG_FIELDS: dict[str, str] = {
+    name: field.annotation.config_field
+    for name, field in Settings.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _HoldsConfig)
+}
 #: The commented default settings file, shipped in the package (a copy of configs/default.yaml).
 DEFAULT_CONFIG_FILE = "default.yaml"
 
@@ -723,6 +796,8 @@ def _problems(
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(str(part) for part in err["loc"])
+        if len(loc) > 1 and _CONFIG_FIELDS.get(loc[0]) == loc[1]:
+            loc = loc[:1] + loc[2:]  # a config object's fields are written flat in the file
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, _CrossFieldError):
             items = [(loc + (field,), message) for field, message in cause.problems]

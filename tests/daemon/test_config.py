@@ -13,6 +13,7 @@ import pytest
 from daemon.config import Settings, default_config_text, load_settings
 from daemon.errors import ConfigError
 from editing.registry import EDITORS
+from monitoring.gates import GateThresholds
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -89,7 +90,7 @@ def test_env_strings_are_converted_to_field_types(env: dict[str, str]) -> None:
     assert settings.kafka.bootstrap_servers == ("b1:9092", "b2:9093")
     assert settings.batching.linger_ms == 50
     assert settings.safeguards.norm_guard is False
-    assert settings.audit.max_drop == 0.02
+    assert settings.audit.thresholds.max_drop == 0.02
     assert settings.journal.path == Path("/var/lib/fk/journal.sqlite3")
 
 
@@ -170,6 +171,33 @@ def test_editor_options_beyond_the_config_fields_are_accepted(
     """Constructor options that are not config fields (NSE's ``stats_tokens``) are options too."""
     path = write(tmp_path, "editor:\n  method: nse\n  options: {stats_tokens: 8192, lam: 1.0}\n")
     assert load_settings(path, env=env).editor.options == {"stats_tokens": 8192, "lam": 1.0}
+
+
+def test_audit_holds_the_gate_thresholds_written_flat(tmp_path: Path, env: dict[str, str]) -> None:
+    """The thresholds are ``GateThresholds`` fields, declared and checked there only."""
+    assert load_settings(None, env=env).audit.thresholds == GateThresholds()
+    path = write(tmp_path, "audit:\n  every_n_edits: 7\n  max_drop: 0.02\n")
+    audit = load_settings(path, env={**env, "FACTKEEPER_AUDIT__LOCALITY_FLOOR": "0.5"}).audit
+    assert audit.every_n_edits == 7
+    assert audit.thresholds == GateThresholds(max_drop=0.02, locality_floor=0.5)
+    shown = audit.model_dump(mode="json")
+    assert "thresholds" not in shown and shown["max_drop"] == 0.02
+    assert list(shown)[:4] == [
+        "every_n_edits",
+        "every_minutes",
+        "retention_floor",
+        "locality_floor",
+    ]
+
+
+def test_a_config_object_names_each_invalid_field(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, "audit:\n  max_drop: 2\n  locality_floor: lots\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {"audit.max_drop", "audit.locality_floor"}
+    assert "audit.max_drop: GateThresholds.max_drop must be in [0, 1], got 2" in str(caught.value)
+    with pytest.raises(ConfigError, match="audit.thresholds: unknown setting"):
+        load_settings(write(tmp_path, "audit:\n  thresholds: {max_drop: 0.1}\n"), env=env)
 
 
 def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str, str]) -> None:
