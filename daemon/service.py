@@ -44,7 +44,8 @@ from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
 from editing.registry import get_editor
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 

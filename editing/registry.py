@@ -64,7 +64,8 @@ def get_editor(name: str, **options: Any) -> Editor:
     if base not in EDITORS:
         raise EditError(f"unknown editor {base!r}; known: {', '.join(sorted(EDITORS))}")
     cls = EDITORS[base]
-    from editing.safeguards import GuardedEditor, SafeguardConfig
+    from editing.safeguard_config import SafeguardConfig
+    from editing.safeguards import GuardedEditor
 
     guard_fields = set(SafeguardConfig.__dataclass_fields__) if guards else set()
     guard_options = {k: v for k, v in spec_options.items() if k in guard_fields}

@@ -12,7 +12,8 @@ from daemon.config import load_settings
 from daemon.service import Daemon, build_editor
 from editing.paths import Paths
 from editing.registry import get_editor
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (
     FT_OPTIONS,

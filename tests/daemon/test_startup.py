@@ -19,7 +19,8 @@ from editing.adapters import MlpRole
 from editing.keystats import KeyStatistics
 from editing.paths import Paths
 from editing.registry import get_editor
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (
     FT_OPTIONS,

@@ -9,7 +9,8 @@ from editing.editors.base import EditError
 from editing.emsedit.editor import EMSEditEditor
 from editing.keystats import KeyStatistics
 from editing.registry import get_editor, parse_method
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from editing.tiny import tiny_loaded
 from tests.editing.conftest import small_key_statistics
 from tests.editing.emsedit.conftest import make_requests, tiny_config

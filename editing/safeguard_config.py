@@ -1,0 +1,68 @@
+"""Which safeguards run around an editor's delta, and their thresholds (``editing.safeguards``).
+
+Kept apart from the safeguards themselves, which need torch, so that the daemon's settings can
+hold a ``SafeguardConfig`` and check it when they load, with no torch import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from editing.errors import EditError
+
+GUARDS = ("rewind", "mask", "preserve", "normguard")
+"""Names of the single safeguards, as used in method specs (``emsedit+mask``)."""
+
+
+@dataclass(frozen=True)
+class SafeguardConfig:
+    """Which safeguards run and their thresholds; the defaults are the SmolLM2 settings."""
+
+    original_weight_targets: bool = True
+    neuron_mask: bool = True
+    mask_p: float = 0.9
+    """Cumulative activation mass of the neurons kept (NSE ships 0.8; on SmolLM2's up_proj 0.8
+    left about half of EMSEdit's intended change undone, 0.9 about a third)."""
+    preserved_knowledge: bool = True
+    preserve_lambda: float = 50.0
+    """Weight of the per-token C0 in the refit, in units of edit-key tokens."""
+    preserve_ridge: float = 0.01
+    """Ridge of the refit, as a share of λ·C0's mean eigenvalue: C0 of a normalised residual
+    stream is nearly singular in a few directions, and without it the refit puts huge weights
+    there (measured: ||ΔW|| up to 1.8 ||W0|| on SmolLM2's up_proj)."""
+    remember_edits: bool = True
+    """Add each applied edit's keys to M, so later refits also keep earlier edits."""
+    norm_guard: bool = True
+    max_delta_norm: float = 0.1
+    """Largest ||ΔW||_F / ||W0||_F per matrix and batch."""
+    max_unexplained: float = 0.6
+    """Largest ||ΔW U − R|| / ||R|| the mask and refit may leave (checked by the norm guard);
+    whether an accepted edit took is the daemon's post-check."""
+    stats_tokens: int = 65_536
+    """Corpus tokens for C0 (the cache key includes it)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_p <= 1.0:
+            raise EditError(f"safeguards: mask_p must be in (0, 1], got {self.mask_p}")
+        if self.preserve_lambda < 0 or self.max_delta_norm <= 0 or self.max_unexplained <= 0:
+            raise EditError(
+                "safeguards: preserve_lambda >= 0, max_delta_norm and max_unexplained > 0"
+            )
+
+    @classmethod
+    def only(cls, guards: Sequence[str], **overrides: Any) -> SafeguardConfig:
+        """A config with exactly the named safeguards on (``GUARDS``; ``safeguards`` = all)."""
+        names = set(GUARDS) if "safeguards" in guards else set(guards)
+        unknown = names - set(GUARDS)
+        if unknown:
+            raise EditError(f"unknown safeguard {sorted(unknown)}; known: {', '.join(GUARDS)}")
+        flags = {
+            "original_weight_targets": "rewind" in names,
+            "neuron_mask": "mask" in names,
+            "preserved_knowledge": "preserve" in names,
+            "norm_guard": "normguard" in names,
+            "remember_edits": "preserve" in names,
+        }
+        return cls(**{**flags, **overrides})
