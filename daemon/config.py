@@ -40,6 +40,7 @@ from daemon.errors import ConfigError
 from editing.errors import FactkeeperError
 from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
 from editing.registry import EDITORS
+from editing.safeguard_config import SafeguardConfig
 from monitoring.gates import GateThresholds
 
 log = logging.getLogger(__name__)
@@ -405,57 +406,27 @@ class EditorSettings(_Section):
         return method, dict(rung.options)
 
 
-class SafeguardSettings(_Section):
+class SafeguardSettings(_HoldsConfig):
     """Neuron-level safeguards around any editor's delta (nse.md section 8), each switchable."""
 
-    neuron_mask: bool = True
-    """Keep the delta only on the neurons the edit's keys activate most."""
-    original_weight_targets: bool = True
-    """Compute the editor's inputs against the original weights, so drift does not compound."""
-    preserved_knowledge: bool = True
-    """Constrain the delta to leave preserved keys (C0, earlier edits) unchanged."""
-    norm_guard: bool = True
-    """Reject an update whose relative norm exceeds ``max_delta_norm``, or that the other
-    safeguards weaken by more than ``max_unexplained``."""
-    max_delta_norm: float = Field(default=0.1, gt=0.0)
-    """Largest ||dW||_F / ||W0||_F per edited matrix and batch (used when norm_guard is on)."""
-    max_unexplained: float = Field(default=0.6, gt=0.0)
-    """Largest share of the editor's intended output change the safeguards may leave undone."""
-    mask_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    """Cumulative activation mass of the neurons an edit may change."""
-    preserve_lambda: float = Field(default=50.0, ge=0.0)
-    """Weight of ordinary text's key statistics (C0) in the preserving refit."""
+    config_field = "config"
+
+    config: Annotated[SafeguardConfig, WrapValidator(_by_field)] = Field(
+        default_factory=SafeguardConfig
+    )
+    """Which safeguards run and their thresholds: the fields of
+    ``editing.safeguard_config.SafeguardConfig``, written flat in this section."""
     methods: list[EditorName] = Field(default_factory=lambda: ["emsedit"])
     """Editors the daemon wraps with the safeguards (the hypernetwork editor by default)."""
     corpus: UserPath | None = None
     """Plain text whose key statistics (C0) stand for preserved knowledge; default: the
     shared WikiText-2 validation file (``editing.keystats.DEFAULT_CORPUS``)."""
-    stats_tokens: int = Field(default=65_536, ge=4_096)
-    """Corpus tokens for C0 (cached under ``$FACTKEEPER_HOME/stats`` per model and count)."""
 
     def wraps(self, method: str) -> bool:
         """Whether the daemon guards ``method`` (at least one safeguard on and listed)."""
-        on = (
-            self.neuron_mask,
-            self.original_weight_targets,
-            self.preserved_knowledge,
-            self.norm_guard,
-        )
+        c = self.config
+        on = (c.neuron_mask, c.original_weight_targets, c.preserved_knowledge, c.norm_guard)
         return method in self.methods and any(on)
-
-    def to_config(self) -> dict[str, float | bool]:
-        """The fields of ``editing.safeguards.SafeguardConfig`` these settings give."""
-        return {
-            "original_weight_targets": self.original_weight_targets,
-            "neuron_mask": self.neuron_mask,
-            "mask_p": self.mask_p,
-            "preserved_knowledge": self.preserved_knowledge,
-            "preserve_lambda": self.preserve_lambda,
-            "norm_guard": self.norm_guard,
-            "max_delta_norm": self.max_delta_norm,
-            "max_unexplained": self.max_unexplained,
-            "stats_tokens": self.stats_tokens,
-        }
 
 
 class BatchingSettings(_Section):

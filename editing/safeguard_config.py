@@ -12,6 +12,9 @@ from typing import Any
 
 from editing.errors import EditError
 
+MIN_STATS_TOKENS = 4096
+"""The fewest corpus tokens ``KeyStatistics`` takes at its default chunking (2 x 8 x 256)."""
+
 GUARDS = ("rewind", "mask", "preserve", "normguard")
 """Names of the single safeguards, as used in method specs (``emsedit+mask``)."""
 
@@ -21,11 +24,14 @@ class SafeguardConfig:
     """Which safeguards run and their thresholds; the defaults are the SmolLM2 settings."""
 
     original_weight_targets: bool = True
+    """Compute the editor's inputs against the original weights, so drift does not compound."""
     neuron_mask: bool = True
+    """Keep the delta only on the neurons the edit's keys activate most."""
     mask_p: float = 0.9
     """Cumulative activation mass of the neurons kept (NSE ships 0.8; on SmolLM2's up_proj 0.8
     left about half of EMSEdit's intended change undone, 0.9 about a third)."""
     preserved_knowledge: bool = True
+    """Constrain the delta to leave preserved keys (C0, earlier edits) unchanged."""
     preserve_lambda: float = 50.0
     """Weight of the per-token C0 in the refit, in units of edit-key tokens."""
     preserve_ridge: float = 0.01
@@ -35,6 +41,8 @@ class SafeguardConfig:
     remember_edits: bool = True
     """Add each applied edit's keys to M, so later refits also keep earlier edits."""
     norm_guard: bool = True
+    """Refuse an update whose relative norm exceeds ``max_delta_norm``, or that the other
+    safeguards weaken by more than ``max_unexplained``."""
     max_delta_norm: float = 0.1
     """Largest ||ΔW||_F / ||W0||_F per matrix and batch."""
     max_unexplained: float = 0.6
@@ -49,6 +57,10 @@ class SafeguardConfig:
         if self.preserve_lambda < 0 or self.max_delta_norm <= 0 or self.max_unexplained <= 0:
             raise EditError(
                 "safeguards: preserve_lambda >= 0, max_delta_norm and max_unexplained > 0"
+            )
+        if self.stats_tokens < MIN_STATS_TOKENS:
+            raise EditError(
+                f"safeguards: stats_tokens must be >= {MIN_STATS_TOKENS}, got {self.stats_tokens}"
             )
 
     @classmethod

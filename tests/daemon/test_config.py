@@ -13,6 +13,7 @@ import pytest
 from daemon.config import Settings, default_config_text, load_settings
 from daemon.errors import ConfigError
 from editing.registry import EDITORS
+from editing.safeguard_config import SafeguardConfig
 from monitoring.gates import GateThresholds
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def test_env_strings_are_converted_to_field_types(env: dict[str, str]) -> None:
     settings = load_settings(None, env=env)
     assert settings.kafka.bootstrap_servers == ("b1:9092", "b2:9093")
     assert settings.batching.linger_ms == 50
-    assert settings.safeguards.norm_guard is False
+    assert settings.safeguards.config.norm_guard is False
     assert settings.audit.thresholds.max_drop == 0.02
     assert settings.journal.path == Path("/var/lib/fk/journal.sqlite3")
 
@@ -188,6 +189,30 @@ def test_audit_holds_the_gate_thresholds_written_flat(tmp_path: Path, env: dict[
         "retention_floor",
         "locality_floor",
     ]
+
+
+def test_safeguards_hold_the_safeguard_config_written_flat(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Every ``SafeguardConfig`` field is a setting, declared, defaulted and checked there."""
+    assert load_settings(None, env=env).safeguards.config == SafeguardConfig()
+    path = write(tmp_path, "safeguards:\n  mask_p: 0.5\n  preserve_ridge: 0.1\n  methods: [ft]\n")
+    safeguards = load_settings(path, env={**env, "FACTKEEPER_SAFEGUARDS__NEURON_MASK": "false"})
+    assert safeguards.safeguards.config == SafeguardConfig(
+        mask_p=0.5, preserve_ridge=0.1, neuron_mask=False
+    )
+    assert safeguards.safeguards.wraps("ft") and not safeguards.safeguards.wraps("emsedit")
+    shown = safeguards.redacted_dict()["safeguards"]
+    assert set(shown) == set(SafeguardConfig.__dataclass_fields__) | {"methods", "corpus"}
+    bad = write(tmp_path, "safeguards:\n  mask_p: 0\n  stats_tokens: 1000\n  max_unexplained: 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(bad, env=env)
+    assert problem_paths(caught.value) == {
+        "safeguards.mask_p",
+        "safeguards.stats_tokens",
+        "safeguards.max_unexplained",
+    }
+    assert "safeguards.mask_p: safeguards: mask_p must be in (0, 1], got 0" in str(caught.value)
 
 
 def test_a_config_object_names_each_invalid_field(tmp_path: Path, env: dict[str, str]) -> None:
