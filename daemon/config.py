@@ -40,7 +40,7 @@ from daemon.errors import ConfigError
 from editing.errors import FactkeeperError
 from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
 from editing.registry import EDITORS
-from editing.safeguard_config import SafeguardConfig
+from editing.safeguard_config import GUARDS, SafeguardConfig
 from monitoring.gates import GateThresholds
 
 log = logging.getLogger(__name__)
@@ -406,6 +406,16 @@ class EditorSettings(_Section):
         return method, dict(rung.options)
 
 
+#: The safeguards' switches by their former names, now those of method specs (``emsedit+mask``);
+#: a file or environment that still uses one loads, with a warning.
+RENAMED_SAFEGUARDS: dict[str, str] = {
+    "original_weight_targets": "rewind",
+    "neuron_mask": "mask",
+    "preserved_knowledge": "preserve",
+    "norm_guard": "normguard",
+}
+
+
 class SafeguardSettings(_HoldsConfig):
     """Neuron-level safeguards around any editor's delta (nse.md section 8), each switchable."""
 
@@ -422,11 +432,32 @@ class SafeguardSettings(_HoldsConfig):
     """Plain text whose key statistics (C0) stand for preserved knowledge; default: the
     shared WikiText-2 validation file (``editing.keystats.DEFAULT_CORPUS``)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read a switch by its former name, with a warning. Runs before ``_gather``: pydantic
+        runs a subclass's before-validators first."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_SAFEGUARDS.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise _CrossFieldError([(old, f"the former name of {new}, which is set too")])
+            log.warning(
+                "safeguards.%s is deprecated: it is now safeguards.%s (as in emsedit+%s); "
+                "rename it in the settings file or the environment",
+                old,
+                new,
+                new,
+            )
+            data[new] = data.pop(old)
+        return data
+
     def wraps(self, method: str) -> bool:
         """Whether the daemon guards ``method`` (at least one safeguard on and listed)."""
-        c = self.config
-        on = (c.neuron_mask, c.original_weight_targets, c.preserved_knowledge, c.norm_guard)
-        return method in self.methods and any(on)
+        return method in self.methods and any(getattr(self.config, g) for g in GUARDS)
 
 
 class BatchingSettings(_Section):

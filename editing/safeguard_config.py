@@ -16,22 +16,25 @@ MIN_STATS_TOKENS = 4096
 """The fewest corpus tokens ``KeyStatistics`` takes at its default chunking (2 x 8 x 256)."""
 
 GUARDS = ("rewind", "mask", "preserve", "normguard")
-"""Names of the single safeguards, as used in method specs (``emsedit+mask``)."""
+"""The single safeguards: their switches in ``SafeguardConfig`` and the daemon's settings, and
+their names in method specs (``emsedit+mask``)."""
 
 
 @dataclass(frozen=True)
 class SafeguardConfig:
     """Which safeguards run and their thresholds; the defaults are the SmolLM2 settings."""
 
-    original_weight_targets: bool = True
-    """Compute the editor's inputs against the original weights, so drift does not compound."""
-    neuron_mask: bool = True
-    """Keep the delta only on the neurons the edit's keys activate most."""
+    rewind: bool = True
+    """Original-weight targets (S3): compute the editor's inputs against the original weights,
+    so drift does not compound."""
+    mask: bool = True
+    """Neuron mask (S1): keep the delta only on the neurons the edit's keys activate most."""
     mask_p: float = 0.9
     """Cumulative activation mass of the neurons kept (NSE ships 0.8; on SmolLM2's up_proj 0.8
     left about half of EMSEdit's intended change undone, 0.9 about a third)."""
-    preserved_knowledge: bool = True
-    """Constrain the delta to leave preserved keys (C0, earlier edits) unchanged."""
+    preserve: bool = True
+    """Preserved knowledge (S2): refit the delta to leave preserved keys (C0, earlier edits)
+    unchanged."""
     preserve_lambda: float = 50.0
     """Weight of the per-token C0 in the refit, in units of edit-key tokens."""
     preserve_ridge: float = 0.01
@@ -40,9 +43,9 @@ class SafeguardConfig:
     there (measured: ||ΔW|| up to 1.8 ||W0|| on SmolLM2's up_proj)."""
     remember_edits: bool = True
     """Add each applied edit's keys to M, so later refits also keep earlier edits."""
-    norm_guard: bool = True
-    """Refuse an update whose relative norm exceeds ``max_delta_norm``, or that the other
-    safeguards weaken by more than ``max_unexplained``."""
+    normguard: bool = True
+    """Norm guard (S6): refuse an update whose relative norm exceeds ``max_delta_norm``, or that
+    the other safeguards weaken by more than ``max_unexplained``."""
     max_delta_norm: float = 0.1
     """Largest ||ΔW||_F / ||W0||_F per matrix and batch."""
     max_unexplained: float = 0.6
@@ -70,11 +73,5 @@ class SafeguardConfig:
         unknown = names - set(GUARDS)
         if unknown:
             raise EditError(f"unknown safeguard {sorted(unknown)}; known: {', '.join(GUARDS)}")
-        flags = {
-            "original_weight_targets": "rewind" in names,
-            "neuron_mask": "mask" in names,
-            "preserved_knowledge": "preserve" in names,
-            "norm_guard": "normguard" in names,
-            "remember_edits": "preserve" in names,
-        }
-        return cls(**{**flags, **overrides})
+        flags = {guard: guard in names for guard in GUARDS}
+        return cls(**{**flags, "remember_edits": "preserve" in names, **overrides})

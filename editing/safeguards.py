@@ -130,7 +130,7 @@ class GuardedEditor(Editor):
         none when it cannot say (C0 is then computed at the first edit)."""
         c = self.config
         listing = getattr(self.inner, "edited_matrices", None)
-        if not (c.preserved_knowledge and c.preserve_lambda) or listing is None:
+        if not (c.preserve and c.preserve_lambda) or listing is None:
             return []
         return list(listing(lm))
 
@@ -159,7 +159,7 @@ class GuardedEditor(Editor):
         started = time.perf_counter()
         c = self.config
         first = not self._originals and self._originals_source is None
-        rewind = c.original_weight_targets and not first
+        rewind = c.rewind and not first
         if rewind:
             with self._rewound(lm):
                 proposal = self.inner.compute_deltas(lm, requests)
@@ -168,8 +168,8 @@ class GuardedEditor(Editor):
         modules = self._resolve(lm, proposal)
         if first:  # the model holds its base weights now: remember them
             self._originals.update({m: _param(lm, m).detach().clone() for m in modules})
-        refit = c.preserved_knowledge
-        needs_keys = c.neuron_mask or refit
+        refit = c.preserve
+        needs_keys = c.mask or refit
         keys_now, acts_now = self._capture(lm, modules, requests) if needs_keys else ({}, {})
         keys_orig = keys_now
         if needs_keys and rewind:
@@ -182,7 +182,7 @@ class GuardedEditor(Editor):
             delta_h = module.out_in(proposal[name]).double()  # (d_out, d_in)
             if not needs_keys:
                 delta = delta_h
-                if c.norm_guard:
+                if c.normguard:
                     self._check_norm(name, delta, module)
                 deltas[name] = proposal[name]
                 continue
@@ -195,7 +195,7 @@ class GuardedEditor(Editor):
             else:
                 intended = delta_h @ k_now  # (d_out, d_in) @ (d_in, n) -> (d_out, n)
             neurons = None
-            if c.neuron_mask:
+            if c.mask:
                 neurons = self._neurons(module, acts_now.get(name, k_now))
                 kept.append(len(neurons) / w_now.shape[1 if module.role is MlpRole.DOWN else 0])
             if refit:
@@ -208,7 +208,7 @@ class GuardedEditor(Editor):
                 )
             miss = _unexplained(delta, k_now, intended)
             unexplained.append(miss)
-            if c.norm_guard:
+            if c.normguard:
                 self._check_norm(name, delta, module)
                 if miss > c.max_unexplained:
                     raise EditError(
@@ -360,9 +360,9 @@ class GuardedEditor(Editor):
         """ΔW reproducing ``residual`` on ``keys`` under the preservation terms (float64)."""
         c = self.config
         c0 = None
-        if c.preserved_knowledge and c.preserve_lambda:
+        if c.preserve and c.preserve_lambda:
             c0 = self._stats_for().c0(lm, module.layer, module.role)
-        memory = self.memory.get(module.param) if c.preserved_knowledge else None
+        memory = self.memory.get(module.param) if c.preserve else None
         # Without C0 or M, K Kᵀ alone is singular: a ridge tiny against the keys' scale gives
         # the minimum-norm update without shrinking it.
         if c0 is not None:

@@ -83,14 +83,14 @@ def test_env_strings_are_converted_to_field_types(env: dict[str, str]) -> None:
     env |= {
         "FACTKEEPER_KAFKA__BOOTSTRAP_SERVERS": "b1:9092, b2:9093",
         "FACTKEEPER_BATCHING__LINGER_MS": "50",
-        "FACTKEEPER_SAFEGUARDS__NORM_GUARD": "false",
+        "FACTKEEPER_SAFEGUARDS__NORMGUARD": "false",
         "FACTKEEPER_AUDIT__MAX_DROP": "0.02",
         "FACTKEEPER_JOURNAL__PATH": "/var/lib/fk/journal.sqlite3",
     }
     settings = load_settings(None, env=env)
     assert settings.kafka.bootstrap_servers == ("b1:9092", "b2:9093")
     assert settings.batching.linger_ms == 50
-    assert settings.safeguards.config.norm_guard is False
+    assert settings.safeguards.config.normguard is False
     assert settings.audit.thresholds.max_drop == 0.02
     assert settings.journal.path == Path("/var/lib/fk/journal.sqlite3")
 
@@ -197,9 +197,9 @@ def test_safeguards_hold_the_safeguard_config_written_flat(
     """Every ``SafeguardConfig`` field is a setting, declared, defaulted and checked there."""
     assert load_settings(None, env=env).safeguards.config == SafeguardConfig()
     path = write(tmp_path, "safeguards:\n  mask_p: 0.5\n  preserve_ridge: 0.1\n  methods: [ft]\n")
-    safeguards = load_settings(path, env={**env, "FACTKEEPER_SAFEGUARDS__NEURON_MASK": "false"})
+    safeguards = load_settings(path, env={**env, "FACTKEEPER_SAFEGUARDS__MASK": "false"})
     assert safeguards.safeguards.config == SafeguardConfig(
-        mask_p=0.5, preserve_ridge=0.1, neuron_mask=False
+        mask_p=0.5, preserve_ridge=0.1, mask=False
     )
     assert safeguards.safeguards.wraps("ft") and not safeguards.safeguards.wraps("emsedit")
     shown = safeguards.redacted_dict()["safeguards"]
@@ -213,6 +213,21 @@ def test_safeguards_hold_the_safeguard_config_written_flat(
         "safeguards.max_unexplained",
     }
     assert "safeguards.mask_p: safeguards: mask_p must be in (0, 1], got 0" in str(caught.value)
+
+
+def test_former_safeguard_names_load_with_a_warning(
+    tmp_path: Path, env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The switches took the names of method specs (``emsedit+mask``); old files still load."""
+    path = write(tmp_path, "safeguards:\n  neuron_mask: false\n  original_weight_targets: false\n")
+    with caplog.at_level(logging.WARNING, logger="daemon.config"):
+        settings = load_settings(path, env={**env, "FACTKEEPER_SAFEGUARDS__NORM_GUARD": "false"})
+    assert settings.safeguards.config == SafeguardConfig(mask=False, rewind=False, normguard=False)
+    assert "safeguards.neuron_mask is deprecated: it is now safeguards.mask" in caplog.text
+    assert "safeguards.norm_guard is deprecated: it is now safeguards.normguard" in caplog.text
+    both = write(tmp_path, "safeguards:\n  preserved_knowledge: false\n  preserve: true\n")
+    with pytest.raises(ConfigError, match="safeguards.preserved_knowledge: the former name of"):
+        load_settings(both, env=env)
 
 
 def test_a_config_object_names_each_invalid_field(tmp_path: Path, env: dict[str, str]) -> None:
