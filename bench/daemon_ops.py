@@ -61,8 +61,8 @@ from editing.bench import (
     utc_now_iso,
 )
 from editing.datasets import DATASETS, DatasetName, load_dataset
-from editing.editors import EDITORS
 from editing.errors import FactkeeperError
+from editing.registry import EDITORS
 from editing.requests import EditRequest
 
 log = logging.getLogger("daemon_ops")
@@ -680,8 +680,8 @@ def run_bare_task(task: BareTask) -> dict[str, Any]:
     _configure_worker(task.threads, task.seed, task.log_level)
     import torch
 
-    from editing.editors import get_editor
     from editing.models import load_model
+    from editing.registry import get_editor
 
     with RssSampler() as rss:
         rss.set_phase("load")

@@ -28,11 +28,12 @@ import torch
 
 from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
 from editing.datasets import load_dataset
-from editing.editors import EditError, get_editor
+from editing.editors.base import EditError
 from editing.emsedit.config import EMSEditConfig
 from editing.emsedit.keys import answer_loss, tokenize_pairs
 from editing.emsedit.train import train_editor
 from editing.models import load_model
+from editing.registry import get_editor
 from editing.requests import continuation
 
 RESULTS = Path(__file__).resolve().parent / "results" / "emsedit-cost.json"

@@ -33,10 +33,11 @@ from editing.bench import (
     utc_now_iso,
 )
 from editing.datasets import DATASETS, default_data_dir, load_dataset
-from editing.editors import EditError, get_editor
+from editing.editors.base import EditError
 from editing.evaluation import EvalConfig, Evaluator, ModelState
 from editing.models import load_model
 from editing.perplexity import read_text_file
+from editing.registry import get_editor
 from editing.requests import LocalityProbe
 from monitoring.probes.load import load_probe_set
 

@@ -36,9 +36,10 @@ from editing.bench import (
     utc_now_iso,
 )
 from editing.datasets import load_dataset
-from editing.editors import EditError, get_editor
+from editing.editors.base import EditError
 from editing.evaluation import EvalConfig, Evaluator, ModelState, mean
 from editing.models import load_model
+from editing.registry import get_editor
 
 log = logging.getLogger("bench.horizon")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,8 +25,8 @@ import torch
 from editing.bench import RunRecord, seed_everything
 from editing.checks import DECODE_SLACK_TOKENS, Judge
 from editing.datasets import load_dataset
-from editing.editors import get_editor
 from editing.models import load_model
+from editing.registry import get_editor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "site-sweep.json"
 SITES = {

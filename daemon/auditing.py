@@ -41,7 +41,7 @@ from editing.models import LoadedModel
 from monitoring.audit_report import AuditReport, read_audit_reports, write_audit_report
 from monitoring.auditor import AuditFact, Auditor
 from monitoring.baseline import Baseline
-from monitoring.gates import GateDecision, GateThresholds, evaluate_gate
+from monitoring.gates import GateDecision, evaluate_gate
 from monitoring.metrics import FactkeeperMetrics
 from monitoring.probes.load import load_probe_set, load_text_sample
 
@@ -92,7 +92,7 @@ class AuditRunner:
         self.history = history
         self.metrics = metrics
         self.reports_dir = reports_dir
-        self.thresholds = GateThresholds.from_settings(settings.audit)
+        self.thresholds = settings.audit.thresholds
         self.last_good = self._last_good_result()
 
     def _last_good_result(self) -> AuditReport | None:

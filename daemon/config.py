@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,13 +27,21 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_serializer,
     model_validator,
 )
 
 from daemon.errors import SettingsError
+from editing.errors import FactkeeperError
 from editing.paths import DEFAULT_HOME, HOME_ENV, Paths
+from editing.registry import EDITORS
+from editing.safeguard_config import GUARDS, SafeguardConfig
+from monitoring.gates import GateThresholds
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,6 @@ ENV_NESTING = "__"
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
-#: Editor names; extend this Literal when an editor joins the registry in ``editing/editors``.
-EditorName = Literal["emsedit", "nse", "ft", "none"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -57,6 +63,34 @@ class _CrossFieldError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
         super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
+
+
+def _by_field(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Build an algorithm's config object (a frozen dataclass that checks itself when built).
+
+    If that fails, each value that fails with every other field at its default is named as a
+    problem (a value of the wrong type, or one the class's own checks refuse); a rule across
+    fields, which no value breaks alone, is reported at the section.
+    """
+    try:
+        return handler(value)
+    except (ValidationError, FactkeeperError) as exc:  # the class raises its typed errors
+        if not isinstance(value, dict):
+            raise
+        failed: Exception = exc
+    problems = []
+    for key, item in value.items():
+        try:
+            handler({key: item})
+        except (ValidationError, FactkeeperError) as alone:
+            problems.append((key, _check_message(alone)))
+    raise _CrossFieldError(problems) if problems else ValueError(_check_message(failed))
+
+
+def _check_message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return exc.errors()[0]["msg"].removeprefix("Value error, ")
+    return str(exc)
 
 
 def _expand_user(path: Path) -> Path:
@@ -89,6 +123,22 @@ def _check_device(value: str) -> str:
     return value
 
 
+def _check_editor(name: str) -> str:
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; known: {', '.join(sorted(EDITORS))}")
+    return name
+
+
+def _unknown_options(method: str, options: Mapping[str, object]) -> list[tuple[str, str]]:
+    """``(key, message)`` per option that ``method``'s editor does not take. The editor's class
+    is imported (with torch: seconds) only when there are options to check."""
+    if not options:
+        return []
+    known = EDITORS[method].option_names()
+    message = f"not an option of {method} (its options: {', '.join(sorted(known)) or 'none'})"
+    return [(key, message) for key in sorted(options) if key not in known]
+
+
 def _paths(info: ValidationInfo) -> Paths:
     """The ``Paths`` that ``load_settings`` derived from its env, else from the process env."""
     context = info.context or {}
@@ -99,8 +149,9 @@ def _paths(info: ValidationInfo) -> Paths:
 UserPath = Annotated[Path, AfterValidator(_expand_user)]
 Server = Annotated[str, AfterValidator(_check_server)]
 Topic = Annotated[str, AfterValidator(_check_topic)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
+#: An editing method: a name in ``editing.registry.EDITORS`` (checked without importing torch).
+EditorName = Annotated[str, AfterValidator(_check_editor)]
 
 
 class _Section(BaseModel):
@@ -111,6 +162,40 @@ class _Section(BaseModel):
         hide_input_in_errors=True,
         validate_default=True,
     )
+
+
+class _HoldsConfig(_Section):
+    """A section that holds an algorithm's config object (a frozen dataclass) as ``config_field``.
+
+    The object's fields are written flat in the section, beside the section's own settings, and
+    ``model_dump`` writes them flat again; each is declared, defaulted and checked once, in the
+    algorithm's class, and an invalid one is named by its path in the file.
+    """
+
+    config_field: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather(cls, data: Any) -> Any:
+        config_class = cls.model_fields[cls.config_field].annotation
+        if not isinstance(data, dict) or isinstance(data.get(cls.config_field), config_class):
+            return data  # e.g. AuditSettings(thresholds=GateThresholds(...)) in Python
+        if cls.config_field in data:
+            message = "unknown setting: its fields are written in the section itself"
+            raise _CrossFieldError([(cls.config_field, message)])
+        names = config_class.__dataclass_fields__  # type: ignore[union-attr]
+        own = {k: v for k, v in data.items() if k not in names}
+        return {**own, cls.config_field: {k: v for k, v in data.items() if k in names}}
+
+    @model_serializer(mode="wrap")
+    def _spread(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in handler(self).items():
+            if key == self.config_field:
+                flat.update(value)
+            else:
+                flat[key] = value
+        return flat
 
 
 class KafkaTopics(_Section):
@@ -267,8 +352,9 @@ class EditorSettings(_Section):
     checkpoint: UserPath | None = None
     """A trained editor checkpoint (safetensors + JSON); default: the one shipped for the model."""
     options: dict[str, bool | int | float | str] = Field(default_factory=dict)
-    """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``);
-    validated by that config class when the editor is built."""
+    """Overrides of fields of the method's own config (e.g. ``num_steps: 40`` for ``ft``) and its
+    other options (``Editor.option_names``): names are checked at load, values when the editor
+    is built."""
     transient_retries: int = Field(default=2, ge=0, le=10)
     """Retries of an editor call that failed with a transient error (below) before its events
     fail to the DLQ; the weights are rebuilt from the journal before each retry."""
@@ -295,6 +381,17 @@ class EditorSettings(_Section):
     have a ladder); ``[]``: alone with the configured editor only. Replay rebuilds an
     edit with the rung that applied it, so a rung the journal names must stay in the ladder."""
 
+    @model_validator(mode="after")
+    def _known_options(self) -> EditorSettings:
+        """A misspelt option is refused at load, before a model loads, not by the editor."""
+        problems = [(f"options.{k}", m) for k, m in _unknown_options(self.method, self.options)]
+        for index, rung in enumerate(self.retry_ladder or ()):
+            found = _unknown_options(rung.method or self.method, rung.options)
+            problems += [(f"retry_ladder.{index}.options.{k}", m) for k, m in found]
+        if problems:
+            raise _CrossFieldError(problems)
+        return self
+
     def ladder(self) -> list[RetryRung]:
         """The rungs in force: ``retry_ladder``, or the method's default."""
         if self.retry_ladder is not None:
@@ -309,57 +406,58 @@ class EditorSettings(_Section):
         return method, dict(rung.options)
 
 
-class SafeguardSettings(_Section):
+#: The safeguards' switches by their former names, now those of method specs (``emsedit+mask``);
+#: a file or environment that still uses one loads, with a warning.
+RENAMED_SAFEGUARDS: dict[str, str] = {
+    "original_weight_targets": "rewind",
+    "neuron_mask": "mask",
+    "preserved_knowledge": "preserve",
+    "norm_guard": "normguard",
+}
+
+
+class SafeguardSettings(_HoldsConfig):
     """Neuron-level safeguards around any editor's delta (nse.md section 8), each switchable."""
 
-    neuron_mask: bool = True
-    """Keep the delta only on the neurons the edit's keys activate most."""
-    original_weight_targets: bool = True
-    """Compute the editor's inputs against the original weights, so drift does not compound."""
-    preserved_knowledge: bool = True
-    """Constrain the delta to leave preserved keys (C0, earlier edits) unchanged."""
-    norm_guard: bool = True
-    """Reject an update whose relative norm exceeds ``max_delta_norm``, or that the other
-    safeguards weaken by more than ``max_unexplained``."""
-    max_delta_norm: float = Field(default=0.1, gt=0.0)
-    """Largest ||dW||_F / ||W0||_F per edited matrix and batch (used when norm_guard is on)."""
-    max_unexplained: float = Field(default=0.6, gt=0.0)
-    """Largest share of the editor's intended output change the safeguards may leave undone."""
-    mask_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    """Cumulative activation mass of the neurons an edit may change."""
-    preserve_lambda: float = Field(default=50.0, ge=0.0)
-    """Weight of ordinary text's key statistics (C0) in the preserving refit."""
+    config_field = "config"
+
+    config: Annotated[SafeguardConfig, WrapValidator(_by_field)] = Field(
+        default_factory=SafeguardConfig
+    )
+    """Which safeguards run and their thresholds: the fields of
+    ``editing.safeguard_config.SafeguardConfig``, written flat in this section."""
     methods: list[EditorName] = Field(default_factory=lambda: ["emsedit"])
     """Editors the daemon wraps with the safeguards (the hypernetwork editor by default)."""
     corpus: UserPath | None = None
     """Plain text whose key statistics (C0) stand for preserved knowledge; default: the
     shared WikiText-2 validation file (``editing.keystats.DEFAULT_CORPUS``)."""
-    stats_tokens: int = Field(default=65_536, ge=4_096)
-    """Corpus tokens for C0 (cached under ``$FACTKEEPER_HOME/stats`` per model and count)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read a switch by its former name, with a warning. Runs before ``_gather``: pydantic
+        runs a subclass's before-validators first."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_SAFEGUARDS.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise _CrossFieldError([(old, f"the former name of {new}, which is set too")])
+            log.warning(
+                "safeguards.%s is deprecated: it is now safeguards.%s (as in emsedit+%s); "
+                "rename it in the settings file or the environment",
+                old,
+                new,
+                new,
+            )
+            data[new] = data.pop(old)
+        return data
 
     def wraps(self, method: str) -> bool:
         """Whether the daemon guards ``method`` (at least one safeguard on and listed)."""
-        on = (
-            self.neuron_mask,
-            self.original_weight_targets,
-            self.preserved_knowledge,
-            self.norm_guard,
-        )
-        return method in self.methods and any(on)
-
-    def to_config(self) -> dict[str, float | bool]:
-        """The fields of ``editing.safeguards.SafeguardConfig`` these settings give."""
-        return {
-            "original_weight_targets": self.original_weight_targets,
-            "neuron_mask": self.neuron_mask,
-            "mask_p": self.mask_p,
-            "preserved_knowledge": self.preserved_knowledge,
-            "preserve_lambda": self.preserve_lambda,
-            "norm_guard": self.norm_guard,
-            "max_delta_norm": self.max_delta_norm,
-            "max_unexplained": self.max_unexplained,
-            "stats_tokens": self.stats_tokens,
-        }
+        return method in self.methods and any(getattr(self.config, g) for g in GUARDS)
 
 
 class BatchingSettings(_Section):
@@ -423,22 +521,22 @@ class SnapshotSettings(_Section):
         return self
 
 
-class AuditSettings(_Section):
+class AuditSettings(_HoldsConfig):
     """Audit schedule (0 disables a trigger) and gate thresholds (ratios are in [0, 1]).
 
     Audits need snapshots on: a failed gate rolls back to a registered version, so audits on
     with every snapshot trigger off is refused at load (``Settings``)."""
 
+    config_field = "thresholds"
+
     every_n_edits: int = Field(default=100, ge=0)
     every_minutes: float = Field(default=30.0, ge=0.0)
-    retention_floor: Fraction = 0.8
-    """Lowest acceptable share of applied edits that still hold."""
-    locality_floor: Fraction = 0.9
-    """Lowest acceptable share of locality probes that keep the base model's answer."""
-    max_drop: Fraction = 0.05
-    """Largest acceptable drop of any ratio against the previous good version."""
-    max_perplexity_drift: float = Field(default=0.1, ge=0.0)
-    """Largest acceptable relative rise of perplexity on the text sample (0.1 = +10 %)."""
+    thresholds: Annotated[GateThresholds, WrapValidator(_by_field)] = Field(
+        default_factory=GateThresholds
+    )
+    """The gate's floors and allowed changes: the fields of ``monitoring.gates.GateThresholds``
+    (``retention_floor``, ``locality_floor``, ``max_drop``, ``max_perplexity_drift``), written
+    flat in this section."""
     probe_set: UserPath | None = None
     """Locality probes (JSONL); default: the bundled set."""
     text_sample: UserPath | None = None
@@ -570,6 +668,12 @@ class Settings(_Section):
 
 
 SECTIONS: tuple[str, ...] = tuple(Settings.model_fields)
+#: Section -> the field holding its config object, a name that the settings file never writes.
+_CONFIG_FIELDS: dict[str, str] = {
+    name: field.annotation.config_field
+    for name, field in Settings.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _HoldsConfig)
+}
 #: The commented default settings file, shipped in the package (a copy of configs/default.yaml).
 DEFAULT_CONFIG_FILE = "default.yaml"
 
@@ -694,6 +798,8 @@ def _problems(
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(str(part) for part in err["loc"])
+        if len(loc) > 1 and _CONFIG_FIELDS.get(loc[0]) == loc[1]:
+            loc = loc[:1] + loc[2:]  # a config object's fields are written flat in the file
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, _CrossFieldError):
             items = [(loc + (field,), message) for field, message in cause.problems]

@@ -161,7 +161,7 @@ def _version_line(row: dict) -> str:
 
 
 def _gate(settings: Settings) -> str:
-    a = settings.audit
+    a = settings.audit.thresholds
     return (
         f"retention >= {a.retention_floor:g}, locality >= {a.locality_floor:g}, "
         f"perplexity drift <= {a.max_perplexity_drift:g}"

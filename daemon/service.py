@@ -39,12 +39,12 @@ from daemon.versions import (
     base_weights,
     editable_weight_names,
 )
-from editing.editors import Editor, get_editor
-from editing.editors.base import EditError, EditResult
+from editing.editors.base import EditError, Editor, EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.registry import get_editor
+from editing.safeguards import GuardedEditor
 from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
@@ -97,7 +97,7 @@ def build_editor(settings: Settings) -> Editor:
     """The configured editor, wrapped with the safeguards when they apply to its method."""
     editor = get_editor(settings.editor.method, **settings.editor.options)
     if settings.safeguards.wraps(settings.editor.method):
-        editor = GuardedEditor(editor, SafeguardConfig(**settings.safeguards.to_config()))
+        editor = GuardedEditor(editor, settings.safeguards.config)
     return editor
 
 
@@ -150,7 +150,7 @@ def editor_checkpoint(editor: Editor) -> Path | None:
 def key_statistics(settings: Settings, paths: Paths) -> KeyStatistics:
     """C0 for the safeguards: the configured corpus, cached under this daemon's home."""
     corpus = settings.safeguards.corpus or DEFAULT_CORPUS
-    return KeyStatistics(paths, corpus=corpus, max_tokens=settings.safeguards.stats_tokens)
+    return KeyStatistics(paths, corpus=corpus, max_tokens=settings.safeguards.config.stats_tokens)
 
 
 def verify_replayed(editor: Editor, group: Sequence[JournalEntry], result: EditResult) -> None:

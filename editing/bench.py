@@ -32,11 +32,12 @@ import torch
 from tqdm import tqdm
 
 from editing.datasets import DATASETS, DatasetName, default_data_dir, load_dataset
-from editing.editors import EDITORS, EditError, Editor, get_editor, parse_method
+from editing.editors.base import EditError, Editor
 from editing.errors import FactkeeperError
 from editing.evaluation import EvalConfig, Evaluator, ModelState, mean, summarise
 from editing.models import LoadedModel, load_model
 from editing.perplexity import read_text_file
+from editing.registry import EDITORS, get_editor, parse_method
 from editing.requests import LocalityProbe
 
 WIKITEXT_TEST = "wikitext/wiki.test.raw"

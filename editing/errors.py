@@ -3,3 +3,11 @@
 
 class FactkeeperError(Exception):
     """An expected failure with a message meant for the person running factkeeper."""
+
+
+class EditError(FactkeeperError):
+    """An edit could not be computed or applied; the model is unchanged.
+
+    Defined here, not beside the editors, so that modules which import no torch (the registry,
+    the safeguards' config) can raise it.
+    """

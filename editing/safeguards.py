@@ -49,63 +49,9 @@ from editing.keystats import KeyStatistics, ProgressCallback
 from editing.models import LoadedModel
 from editing.paths import Paths
 from editing.requests import EditRequest, continuation
+from editing.safeguard_config import SafeguardConfig
 
 log = logging.getLogger(__name__)
-
-GUARDS = ("rewind", "mask", "preserve", "normguard")
-"""Names of the single safeguards, as used in method specs (``emsedit+mask``)."""
-
-
-@dataclass(frozen=True)
-class SafeguardConfig:
-    """Which safeguards run and their thresholds; the defaults are the SmolLM2 settings."""
-
-    original_weight_targets: bool = True
-    neuron_mask: bool = True
-    mask_p: float = 0.9
-    """Cumulative activation mass of the neurons kept (NSE ships 0.8; on SmolLM2's up_proj 0.8
-    left about half of EMSEdit's intended change undone, 0.9 about a third)."""
-    preserved_knowledge: bool = True
-    preserve_lambda: float = 50.0
-    """Weight of the per-token C0 in the refit, in units of edit-key tokens."""
-    preserve_ridge: float = 0.01
-    """Ridge of the refit, as a share of λ·C0's mean eigenvalue: C0 of a normalised residual
-    stream is nearly singular in a few directions, and without it the refit puts huge weights
-    there (measured: ||ΔW|| up to 1.8 ||W0|| on SmolLM2's up_proj)."""
-    remember_edits: bool = True
-    """Add each applied edit's keys to M, so later refits also keep earlier edits."""
-    norm_guard: bool = True
-    max_delta_norm: float = 0.1
-    """Largest ||ΔW||_F / ||W0||_F per matrix and batch."""
-    max_unexplained: float = 0.6
-    """Largest ||ΔW U − R|| / ||R|| the mask and refit may leave (checked by the norm guard);
-    whether an accepted edit took is the daemon's post-check."""
-    stats_tokens: int = 65_536
-    """Corpus tokens for C0 (the cache key includes it)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.mask_p <= 1.0:
-            raise EditError(f"safeguards: mask_p must be in (0, 1], got {self.mask_p}")
-        if self.preserve_lambda < 0 or self.max_delta_norm <= 0 or self.max_unexplained <= 0:
-            raise EditError(
-                "safeguards: preserve_lambda >= 0, max_delta_norm and max_unexplained > 0"
-            )
-
-    @classmethod
-    def only(cls, guards: Sequence[str], **overrides: Any) -> SafeguardConfig:
-        """A config with exactly the named safeguards on (``GUARDS``; ``safeguards`` = all)."""
-        names = set(GUARDS) if "safeguards" in guards else set(guards)
-        unknown = names - set(GUARDS)
-        if unknown:
-            raise EditError(f"unknown safeguard {sorted(unknown)}; known: {', '.join(GUARDS)}")
-        flags = {
-            "original_weight_targets": "rewind" in names,
-            "neuron_mask": "mask" in names,
-            "preserved_knowledge": "preserve" in names,
-            "norm_guard": "normguard" in names,
-            "remember_edits": "preserve" in names,
-        }
-        return cls(**{**flags, **overrides})
 
 
 """Parameter name -> its original (base) value, as stored in the state dict."""
@@ -184,7 +130,7 @@ class GuardedEditor(Editor):
         none when it cannot say (C0 is then computed at the first edit)."""
         c = self.config
         listing = getattr(self.inner, "edited_matrices", None)
-        if not (c.preserved_knowledge and c.preserve_lambda) or listing is None:
+        if not (c.preserve and c.preserve_lambda) or listing is None:
             return []
         return list(listing(lm))
 
@@ -213,7 +159,7 @@ class GuardedEditor(Editor):
         started = time.perf_counter()
         c = self.config
         first = not self._originals and self._originals_source is None
-        rewind = c.original_weight_targets and not first
+        rewind = c.rewind and not first
         if rewind:
             with self._rewound(lm):
                 proposal = self.inner.compute_deltas(lm, requests)
@@ -222,8 +168,8 @@ class GuardedEditor(Editor):
         modules = self._resolve(lm, proposal)
         if first:  # the model holds its base weights now: remember them
             self._originals.update({m: _param(lm, m).detach().clone() for m in modules})
-        refit = c.preserved_knowledge
-        needs_keys = c.neuron_mask or refit
+        refit = c.preserve
+        needs_keys = c.mask or refit
         keys_now, acts_now = self._capture(lm, modules, requests) if needs_keys else ({}, {})
         keys_orig = keys_now
         if needs_keys and rewind:
@@ -236,7 +182,7 @@ class GuardedEditor(Editor):
             delta_h = module.out_in(proposal[name]).double()  # (d_out, d_in)
             if not needs_keys:
                 delta = delta_h
-                if c.norm_guard:
+                if c.normguard:
                     self._check_norm(name, delta, module)
                 deltas[name] = proposal[name]
                 continue
@@ -249,7 +195,7 @@ class GuardedEditor(Editor):
             else:
                 intended = delta_h @ k_now  # (d_out, d_in) @ (d_in, n) -> (d_out, n)
             neurons = None
-            if c.neuron_mask:
+            if c.mask:
                 neurons = self._neurons(module, acts_now.get(name, k_now))
                 kept.append(len(neurons) / w_now.shape[1 if module.role is MlpRole.DOWN else 0])
             if refit:
@@ -262,7 +208,7 @@ class GuardedEditor(Editor):
                 )
             miss = _unexplained(delta, k_now, intended)
             unexplained.append(miss)
-            if c.norm_guard:
+            if c.normguard:
                 self._check_norm(name, delta, module)
                 if miss > c.max_unexplained:
                     raise EditError(
@@ -414,9 +360,9 @@ class GuardedEditor(Editor):
         """ΔW reproducing ``residual`` on ``keys`` under the preservation terms (float64)."""
         c = self.config
         c0 = None
-        if c.preserved_knowledge and c.preserve_lambda:
+        if c.preserve and c.preserve_lambda:
             c0 = self._stats_for().c0(lm, module.layer, module.role)
-        memory = self.memory.get(module.param) if c.preserved_knowledge else None
+        memory = self.memory.get(module.param) if c.preserve else None
         # Without C0 or M, K Kᵀ alone is singular: a ridge tiny against the keys' scale gives
         # the minimum-norm update without shrinking it.
         if c0 is not None:

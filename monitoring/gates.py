@@ -12,24 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from monitoring.audit_report import AuditReport
-
-
-class ThresholdSettings(Protocol):
-    """The four figures ``GateThresholds.from_settings`` reads, e.g. the daemon's ``audit``
-    settings section; a protocol so that monitoring does not import the daemon's config."""
-
-    @property
-    def retention_floor(self) -> float: ...
-    @property
-    def locality_floor(self) -> float: ...
-    @property
-    def max_drop(self) -> float: ...
-    @property
-    def max_perplexity_drift(self) -> float: ...
 
 
 # Ratios are means over finitely many items; a drop of exactly ``max_drop`` must pass even when
@@ -39,7 +25,11 @@ _EPSILON = 1e-9
 
 @dataclass(frozen=True)
 class GateThresholds:
-    """What an audit must show for its version to be promoted."""
+    """What an audit must show for its version to be promoted.
+
+    The daemon's ``audit`` settings section holds one, its fields written flat in the section,
+    so each threshold is declared, defaulted and checked here only.
+    """
 
     retention_floor: float = 0.8
     """Lowest acceptable share of audited edits that still hold (generation exact match)."""
@@ -58,16 +48,6 @@ class GateThresholds:
         drift = self.max_perplexity_drift
         if not (drift >= 0.0 and math.isfinite(drift)):
             raise ValueError(f"GateThresholds.max_perplexity_drift must be >= 0, got {drift}")
-
-    @classmethod
-    def from_settings(cls, settings: ThresholdSettings) -> GateThresholds:
-        """The thresholds of a settings object, such as the daemon's ``audit`` section."""
-        return cls(
-            retention_floor=settings.retention_floor,
-            locality_floor=settings.locality_floor,
-            max_drop=settings.max_drop,
-            max_perplexity_drift=settings.max_perplexity_drift,
-        )
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

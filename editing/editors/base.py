@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from editing.errors import FactkeeperError
+from editing.errors import EditError
 from editing.models import LoadedModel
 from editing.requests import EditRequest
 
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 OriginalWeights = Callable[[str], torch.Tensor]
 """State-dict key -> that parameter's base (unedited) value, in the stored orientation."""
-
-
-class EditError(FactkeeperError):
-    """An edit could not be computed or applied; the model is unchanged."""
 
 
 @dataclass
@@ -72,6 +68,13 @@ class Editor(ABC):
     keeps_edit_memory: ClassVar[bool] = False
     """The editor's deltas depend on state beyond the weights (original weights, a memory of
     past edits' keys) that the daemon must set up and rebuild for it."""
+
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The keyword options a method spec (``ft:num_steps=40``) or the daemon's
+        ``editor.options`` may give: the fields of the editor's config and its other scalar
+        constructor options. The daemon refuses any other name when its settings load."""
+        return frozenset()
 
     @abstractmethod
     def compute_deltas(

@@ -77,6 +77,10 @@ class FineTuneL(Editor):
         self.config = config or FTConfig(**options)
         self.last_info: dict[str, object] = {}
 
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        return frozenset(FTConfig.__dataclass_fields__)
+
     def edited_matrices(self, lm: LoadedModel) -> list[tuple[MlpRole, int]]:
         """The one down-projection this editor trains (what the safeguards need C0 for)."""
         return [(MlpRole.DOWN, self.config.resolved_layer(lm.adapter.num_layers(lm.model)))]

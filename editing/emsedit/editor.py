@@ -300,6 +300,12 @@ class EMSEditEditor(Editor):
             self._load(self.checkpoint)
 
     @classmethod
+    def option_names(cls) -> frozenset[str]:
+        return frozenset({"checkpoint", "steps", "device", "untrained"}) | frozenset(
+            EMSEditConfig.__dataclass_fields__
+        )
+
+    @classmethod
     def from_config(
         cls,
         config: EMSEditConfig,

@@ -89,6 +89,10 @@ class NSEEditor(Editor):
         self._stats_tokens = stats_tokens
         self._originals: OriginalWeights | None = None
 
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        return frozenset(NSEConfig.__dataclass_fields__) | {"stats_tokens"}
+
     # --- setup --------------------------------------------------------------------------------
 
     def edited_matrices(self, lm: LoadedModel) -> list[tuple[MlpRole, int]]:

@@ -22,9 +22,9 @@ from daemon.errors import RetryLadderChangedError, SettingsError
 from daemon.events import FactCorrection, parse_event
 from daemon.journal import Journal
 from daemon.service import build_ladder, replay_journal
-from editing.editors import get_editor
 from editing.editors.base import Editor
 from editing.models import LoadedModel, load_model
+from editing.registry import get_editor
 from editing.requests import EditRequest
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics

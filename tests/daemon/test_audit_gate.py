@@ -21,10 +21,10 @@ from daemon.config import load_settings
 from daemon.produce import events_from_requests
 from daemon.service import Daemon
 from editing.datasets import load_dataset
-from editing.editors import get_editor
 from editing.editors.base import Editor, write_deltas
 from editing.models import LoadedModel
 from editing.paths import Paths
+from editing.registry import get_editor
 from editing.requests import EditRequest
 from monitoring.probes.load import bundled_probe_path
 from tests.daemon.harness import config_file, create_topics, env_for, produce

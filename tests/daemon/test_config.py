@@ -12,6 +12,9 @@ import pytest
 
 from daemon.config import Settings, default_config_text, load_settings
 from daemon.errors import SettingsError
+from editing.registry import EDITORS
+from editing.safeguard_config import SafeguardConfig
+from monitoring.gates import GateThresholds
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -80,15 +83,15 @@ def test_env_strings_are_converted_to_field_types(env: dict[str, str]) -> None:
     env |= {
         "FACTKEEPER_KAFKA__BOOTSTRAP_SERVERS": "b1:9092, b2:9093",
         "FACTKEEPER_BATCHING__LINGER_MS": "50",
-        "FACTKEEPER_SAFEGUARDS__NORM_GUARD": "false",
+        "FACTKEEPER_SAFEGUARDS__NORMGUARD": "false",
         "FACTKEEPER_AUDIT__MAX_DROP": "0.02",
         "FACTKEEPER_JOURNAL__PATH": "/var/lib/fk/journal.sqlite3",
     }
     settings = load_settings(None, env=env)
     assert settings.kafka.bootstrap_servers == ("b1:9092", "b2:9093")
     assert settings.batching.linger_ms == 50
-    assert settings.safeguards.norm_guard is False
-    assert settings.audit.max_drop == 0.02
+    assert settings.safeguards.config.normguard is False
+    assert settings.audit.thresholds.max_drop == 0.02
     assert settings.journal.path == Path("/var/lib/fk/journal.sqlite3")
 
 
@@ -119,6 +122,122 @@ def test_invalid_values_name_every_field(tmp_path: Path, env: dict[str, str]) ->
     message = str(caught.value)
     assert str(path) in message
     assert "batching.max_size: " in message and "(from FACTKEEPER_BATCHING__MAX_SIZE)" in message
+
+
+def test_editor_names_are_the_registry_names(tmp_path: Path, env: dict[str, str]) -> None:
+    """Every method the registry has is accepted, anything else is refused with the list."""
+    for name in EDITORS:
+        method = load_settings(None, env={**env, "FACTKEEPER_EDITOR__METHOD": name}).editor.method
+        assert method == name
+    path = write(
+        tmp_path,
+        "editor:\n  method: memit\n  retry_ladder: [{method: rome}]\n"
+        "safeguards:\n  methods: [emsedit, mend]\n",
+    )
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {
+        "editor.method",
+        "editor.retry_ladder.0.method",
+        "safeguards.methods.1",
+    }
+    known = ", ".join(sorted(EDITORS))
+    assert f"editor.method: unknown editor 'memit'; known: {known}" in str(caught.value)
+
+
+def test_a_misspelt_editor_option_fails_at_load_with_its_name(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    path = write(
+        tmp_path,
+        "editor:\n  method: ft\n  options: {num_steps: 3, num_stepz: 3}\n"
+        "  retry_ladder: [{options: {lrr: 0.1}}, {method: none, options: {x: 1}}]\n",
+    )
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {
+        "editor.options.num_stepz",
+        "editor.retry_ladder.0.options.lrr",
+        "editor.retry_ladder.1.options.x",
+    }
+    message = str(caught.value)
+    ft_options = "depth, layer, lr, norm_constraint, num_steps, stop_nll"
+    assert f"editor.options.num_stepz: not an option of ft (its options: {ft_options})" in message
+    assert "not an option of none (its options: none)" in message
+
+
+def test_editor_options_beyond_the_config_fields_are_accepted(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Constructor options that are not config fields (NSE's ``stats_tokens``) are options too."""
+    path = write(tmp_path, "editor:\n  method: nse\n  options: {stats_tokens: 8192, lam: 1.0}\n")
+    assert load_settings(path, env=env).editor.options == {"stats_tokens": 8192, "lam": 1.0}
+
+
+def test_audit_holds_the_gate_thresholds_written_flat(tmp_path: Path, env: dict[str, str]) -> None:
+    """The thresholds are ``GateThresholds`` fields, declared and checked there only."""
+    assert load_settings(None, env=env).audit.thresholds == GateThresholds()
+    path = write(tmp_path, "audit:\n  every_n_edits: 7\n  max_drop: 0.02\n")
+    audit = load_settings(path, env={**env, "FACTKEEPER_AUDIT__LOCALITY_FLOOR": "0.5"}).audit
+    assert audit.every_n_edits == 7
+    assert audit.thresholds == GateThresholds(max_drop=0.02, locality_floor=0.5)
+    shown = audit.model_dump(mode="json")
+    assert "thresholds" not in shown and shown["max_drop"] == 0.02
+    assert list(shown)[:4] == [
+        "every_n_edits",
+        "every_minutes",
+        "retention_floor",
+        "locality_floor",
+    ]
+
+
+def test_safeguards_hold_the_safeguard_config_written_flat(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """Every ``SafeguardConfig`` field is a setting, declared, defaulted and checked there."""
+    assert load_settings(None, env=env).safeguards.config == SafeguardConfig()
+    path = write(tmp_path, "safeguards:\n  mask_p: 0.5\n  preserve_ridge: 0.1\n  methods: [ft]\n")
+    safeguards = load_settings(path, env={**env, "FACTKEEPER_SAFEGUARDS__MASK": "false"})
+    assert safeguards.safeguards.config == SafeguardConfig(
+        mask_p=0.5, preserve_ridge=0.1, mask=False
+    )
+    assert safeguards.safeguards.wraps("ft") and not safeguards.safeguards.wraps("emsedit")
+    shown = safeguards.redacted_dict()["safeguards"]
+    assert set(shown) == set(SafeguardConfig.__dataclass_fields__) | {"methods", "corpus"}
+    bad = write(tmp_path, "safeguards:\n  mask_p: 0\n  stats_tokens: 1000\n  max_unexplained: 0\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(bad, env=env)
+    assert problem_paths(caught.value) == {
+        "safeguards.mask_p",
+        "safeguards.stats_tokens",
+        "safeguards.max_unexplained",
+    }
+    assert "safeguards.mask_p: safeguards: mask_p must be in (0, 1], got 0" in str(caught.value)
+
+
+def test_former_safeguard_names_load_with_a_warning(
+    tmp_path: Path, env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The switches took the names of method specs (``emsedit+mask``); old files still load."""
+    path = write(tmp_path, "safeguards:\n  neuron_mask: false\n  original_weight_targets: false\n")
+    with caplog.at_level(logging.WARNING, logger="daemon.config"):
+        settings = load_settings(path, env={**env, "FACTKEEPER_SAFEGUARDS__NORM_GUARD": "false"})
+    assert settings.safeguards.config == SafeguardConfig(mask=False, rewind=False, normguard=False)
+    assert "safeguards.neuron_mask is deprecated: it is now safeguards.mask" in caplog.text
+    assert "safeguards.norm_guard is deprecated: it is now safeguards.normguard" in caplog.text
+    both = write(tmp_path, "safeguards:\n  preserved_knowledge: false\n  preserve: true\n")
+    with pytest.raises(SettingsError, match="safeguards.preserved_knowledge: the former name of"):
+        load_settings(both, env=env)
+
+
+def test_a_config_object_names_each_invalid_field(tmp_path: Path, env: dict[str, str]) -> None:
+    path = write(tmp_path, "audit:\n  max_drop: 2\n  locality_floor: lots\n")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(path, env=env)
+    assert problem_paths(caught.value) == {"audit.max_drop", "audit.locality_floor"}
+    assert "audit.max_drop: GateThresholds.max_drop must be in [0, 1], got 2" in str(caught.value)
+    with pytest.raises(SettingsError, match="audit.thresholds: unknown setting"):
+        load_settings(write(tmp_path, "audit:\n  thresholds: {max_drop: 0.1}\n"), env=env)
 
 
 def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, env: dict[str, str]) -> None:

@@ -23,9 +23,9 @@ import torch
 from daemon.applier import EditApplier
 from daemon.journal import Journal
 from daemon.service import replay_journal
-from editing.editors import get_editor
 from editing.generation import greedy_generate
 from editing.models import load_model
+from editing.registry import get_editor
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (
     FT_OPTIONS,

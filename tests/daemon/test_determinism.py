@@ -15,8 +15,8 @@ from daemon.errors import ReplayMismatchError
 from daemon.journal import Journal, JournalEntry
 from daemon.service import Daemon, verify_replayed
 from daemon.versions import VersionKeeper
-from editing.editors import get_editor
 from editing.editors.base import EditResult
+from editing.registry import get_editor
 from editing.safeguards import GuardedEditor
 from editing.tiny import tiny_loaded
 from monitoring.metrics import FactkeeperMetrics

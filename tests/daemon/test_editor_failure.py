@@ -11,9 +11,9 @@ from daemon.applier import EditApplier
 from daemon.config import load_settings
 from daemon.events import HEADER_EVENT_ID, HEADER_REASON
 from daemon.service import Daemon, replay_journal
-from editing.editors import get_editor
 from editing.editors.base import Editor, write_deltas
 from editing.models import LoadedModel, load_model
+from editing.registry import get_editor
 from editing.requests import EditRequest
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (

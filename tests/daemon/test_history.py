@@ -14,9 +14,9 @@ from daemon.control import Revert, Rollback, encode_control
 from daemon.produce import events_from_requests
 from daemon.service import Daemon, replay_journal
 from editing.datasets import load_dataset
-from editing.editors import get_editor
 from editing.editors.base import Editor, write_deltas
 from editing.models import LoadedModel, load_model
+from editing.registry import get_editor
 from editing.requests import EditRequest
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (

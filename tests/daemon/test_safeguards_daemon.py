@@ -10,9 +10,10 @@ import torch
 from daemon.applier import to_request
 from daemon.config import load_settings
 from daemon.service import Daemon, build_editor
-from editing.editors import get_editor
 from editing.paths import Paths
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.registry import get_editor
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (
     FT_OPTIONS,
@@ -31,7 +32,7 @@ def test_emsedit_is_guarded_by_default_and_other_methods_are_not(tmp_path):
     ems = load_settings(None, env={**env, "FACTKEEPER_EDITOR__METHOD": "emsedit"})
     editor = build_editor(ems)
     assert isinstance(editor, GuardedEditor) and editor.inner.name == "emsedit"
-    assert editor.config == SafeguardConfig(**ems.safeguards.to_config())
+    assert editor.config == ems.safeguards.config == SafeguardConfig()
     assert not isinstance(build_editor(load_settings(None, env=env)), GuardedEditor)  # ft
     only_ft = tmp_path / "factkeeper.yaml"
     only_ft.write_text("editor: {method: emsedit}\nsafeguards: {methods: [ft]}\n")

@@ -16,10 +16,11 @@ from daemon.config import load_settings
 from daemon.control import Pause, Resume, encode_control
 from daemon.service import Daemon
 from editing.adapters import MlpRole
-from editing.editors import get_editor
 from editing.keystats import KeyStatistics
 from editing.paths import Paths
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.registry import get_editor
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (
     FT_OPTIONS,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from editing.editors import EDITORS, get_editor
 from editing.editors.base import EditError
 from editing.editors.ft import FineTuneL, FTConfig
+from editing.registry import EDITORS, get_editor
 from editing.requests import EditRequest
 from editing.scoring import TeacherForcedScorer
 from editing.tiny import tiny_loaded

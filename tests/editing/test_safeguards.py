@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.editors import EditError, get_editor, parse_method
+from editing.editors.base import EditError
 from editing.emsedit.editor import EMSEditEditor
 from editing.keystats import KeyStatistics
-from editing.safeguards import GuardedEditor, SafeguardConfig
+from editing.registry import get_editor, parse_method
+from editing.safeguard_config import SafeguardConfig
+from editing.safeguards import GuardedEditor
 from editing.tiny import tiny_loaded
 from tests.editing.conftest import small_key_statistics
 from tests.editing.emsedit.conftest import make_requests, tiny_config
@@ -31,13 +33,7 @@ def stats(tmp_path_factory: pytest.TempPathFactory) -> KeyStatistics:
 def guarded(stats: KeyStatistics, **flags) -> GuardedEditor:
     inner = EMSEditEditor.from_config(tiny_config(lr_init=1.0e-2))
     config = SafeguardConfig(
-        **{
-            "original_weight_targets": False,
-            "neuron_mask": False,
-            "preserved_knowledge": False,
-            "norm_guard": False,
-            **flags,
-        }
+        **{"rewind": False, "mask": False, "preserve": False, "normguard": False, **flags}
     )
     return GuardedEditor(inner, config, stats=stats)
 
@@ -49,7 +45,7 @@ def weights(lm) -> dict[str, torch.Tensor]:
 def test_neuron_mask_leaves_unselected_neurons_bit_identical(stats):
     lm = tiny_loaded("llama")
     before = weights(lm)
-    editor = guarded(stats, neuron_mask=True, mask_p=0.5)
+    editor = guarded(stats, mask=True, mask_p=0.5)
     result = editor.apply(lm, make_requests()[:2])
     after = weights(lm)
     up_rows_changed = (after[UP] != before[UP]).any(dim=1)  # (d_out,) rows = up's neurons
@@ -65,7 +61,7 @@ def test_neuron_mask_leaves_unselected_neurons_bit_identical(stats):
 def test_compute_is_pure_and_undo_restores_weights_and_memory(stats):
     lm = tiny_loaded("llama")
     before = weights(lm)
-    editor = guarded(stats, neuron_mask=True, preserved_knowledge=True, remember_edits=True)
+    editor = guarded(stats, mask=True, preserve=True, remember_edits=True)
     editor.compute_deltas(lm, make_requests()[:2])
     assert all(torch.equal(v, before[k]) for k, v in weights(lm).items())
     first = editor.apply(lm, make_requests()[:2])
@@ -84,7 +80,7 @@ def test_compute_is_pure_and_undo_restores_weights_and_memory(stats):
 def test_refit_reproduces_the_proposal_on_the_edit_keys_without_preservation_terms(stats):
     """With λ = 0 and no memory the refit is the minimum-norm ΔW with ΔW U = ΔW_h U."""
     lm = tiny_loaded("llama")
-    editor = guarded(stats, preserved_knowledge=True, preserve_lambda=0.0, remember_edits=False)
+    editor = guarded(stats, preserve=True, preserve_lambda=0.0, remember_edits=False)
     requests = make_requests()[:2]
     proposal = editor.inner.compute_deltas(lm, requests)
     deltas = editor.compute_deltas(lm, requests)
@@ -101,9 +97,7 @@ def test_preservation_keeps_generic_keys_closer_than_the_raw_proposal(stats):
     lm = tiny_loaded("llama")
     requests = make_requests()[:2]
     raw = guarded(stats).compute_deltas(lm, requests)
-    kept = guarded(stats, preserved_knowledge=True, preserve_lambda=50.0).compute_deltas(
-        lm, requests
-    )
+    kept = guarded(stats, preserve=True, preserve_lambda=50.0).compute_deltas(lm, requests)
     c0 = stats.c0(lm, 2, role=__import__("editing.adapters").adapters.MlpRole.UP)
 
     # tr(Δ C0 Δᵀ): how much the update moves outputs on ordinary text, on average.
@@ -117,7 +111,7 @@ def test_preservation_keeps_generic_keys_closer_than_the_raw_proposal(stats):
 def test_norm_guard_refuses_a_large_update_and_says_why(stats):
     lm = tiny_loaded("llama")
     before = weights(lm)
-    editor = guarded(stats, norm_guard=True, max_delta_norm=1e-9)
+    editor = guarded(stats, normguard=True, max_delta_norm=1e-9)
     with pytest.raises(EditError, match=r"update norm is .* \(limit"):
         editor.apply(lm, make_requests()[:2])
     assert all(torch.equal(v, before[k]) for k, v in weights(lm).items())
@@ -125,7 +119,7 @@ def test_norm_guard_refuses_a_large_update_and_says_why(stats):
 
 def test_norm_guard_refuses_an_edit_the_mask_weakens_too_much(stats):
     lm = tiny_loaded("llama")
-    editor = guarded(stats, norm_guard=True, neuron_mask=True, mask_p=0.01, max_unexplained=0.05)
+    editor = guarded(stats, normguard=True, mask=True, mask_p=0.01, max_unexplained=0.05)
     with pytest.raises(EditError, match="intended change undone"):
         editor.apply(lm, make_requests()[:2])
 
@@ -134,7 +128,7 @@ def test_rewind_computes_the_proposal_on_the_original_weights(stats):
     """After other edits, a rewound editor proposes exactly what it proposes on the base."""
     lm = tiny_loaded("llama")
     request = make_requests()[4:5]
-    editor = guarded(stats, original_weight_targets=True)
+    editor = guarded(stats, rewind=True)
     on_base = editor.inner.compute_deltas(lm, request)
     editor.apply(lm, make_requests()[:2])  # first edit: the wrapper records the originals
     editor.apply(lm, make_requests()[2:4])
@@ -146,7 +140,7 @@ def test_rewind_computes_the_proposal_on_the_original_weights(stats):
 
 def test_reset_memory_rebuilds_what_sequential_edits_accumulated(stats):
     lm = tiny_loaded("llama")
-    editor = guarded(stats, original_weight_targets=True, preserved_knowledge=True)
+    editor = guarded(stats, rewind=True, preserve=True)
     requests = make_requests()
     for start in range(0, 6, 2):
         editor.apply(lm, requests[start : start + 2])
@@ -162,9 +156,7 @@ def test_guarded_editing_is_deterministic(stats):
     runs = []
     for _ in range(2):
         lm = tiny_loaded("llama")
-        editor = guarded(
-            stats, original_weight_targets=True, neuron_mask=True, preserved_knowledge=True
-        )
+        editor = guarded(stats, rewind=True, mask=True, preserve=True)
         editor.apply(lm, make_requests()[:2])
         editor.apply(lm, make_requests()[2:4])
         runs.append(weights(lm))
@@ -179,11 +171,11 @@ def test_method_specs():
     )
     editor = get_editor("ft+normguard")
     assert isinstance(editor, GuardedEditor)
-    assert editor.config.norm_guard and not editor.config.neuron_mask
+    assert editor.config.normguard and not editor.config.mask
     assert get_editor("emsedit:steps=1").steps_override == 1
     everything = get_editor("emsedit+safeguards").config
-    assert everything.neuron_mask and everything.preserved_knowledge
-    assert everything.original_weight_targets and everything.norm_guard
+    assert everything.mask and everything.preserve
+    assert everything.rewind and everything.normguard
     tuned = get_editor("emsedit+mask:mask_p=0.9:steps=1")
     assert tuned.config.mask_p == 0.9 and tuned.inner.steps_override == 1
     with pytest.raises(EditError, match="unknown safeguard"):

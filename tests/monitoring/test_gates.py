@@ -92,7 +92,7 @@ def test_thresholds_are_validated_and_follow_the_settings() -> None:
     with pytest.raises(ValueError, match="max_perplexity_drift"):
         GateThresholds(max_perplexity_drift=-0.1)
     settings = AuditSettings(retention_floor=0.7, max_perplexity_drift=0.2)
-    thresholds = GateThresholds.from_settings(settings)
+    thresholds = settings.thresholds
     assert thresholds == replace(THRESHOLDS, retention_floor=0.7, max_perplexity_drift=0.2)
-    assert GateThresholds.from_settings(AuditSettings()) == THRESHOLDS
+    assert AuditSettings().thresholds == THRESHOLDS
     assert GateThresholds.from_dict(thresholds.to_dict()) == thresholds

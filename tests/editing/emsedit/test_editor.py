@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from editing.editors import get_editor
 from editing.editors.base import EditError
 from editing.emsedit.editor import EMSEditEditor
 from editing.emsedit.keys import answer_loss, tokenize_pairs
+from editing.registry import get_editor
 from editing.requests import continuation
 from editing.tiny import tiny_loaded
 from tests.editing.emsedit.conftest import make_requests, tiny_config

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from editing.edit_state import EditState, EditStateError
-from editing.editors import EDITORS, get_editor
 from editing.editors.base import EditError
 from editing.generation import greedy_generate
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel
 from editing.nse import PRESETS, NSEEditor
+from editing.registry import EDITORS, get_editor
 from editing.requests import EditRequest
 from tests.editing.nse.conftest import FACTS
 
