@@ -72,11 +72,6 @@ class NSEConfig:
     """KL prompt; "{}" is replaced by the subject."""
     batch_size: int = 64
     """Sequences per forward when collecting keys (memory only)."""
-    decoys: int = 0
-    """Synthetic neighbours per request (``editing.nse.decoys``) whose keys the solve keeps
-    unchanged; 0 = none (the reference method)."""
-    decoy_weight: float = 1.0
-    """Weight of each decoy key's kept output, in units of one edit key."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,8 +91,6 @@ class NSEConfig:
             (0 <= self.value_prefixes <= len(self.prefixes), "value_prefixes > len(prefixes)"),
             (self.kl_prompt.count("{}") == 1, 'kl_prompt needs one "{}"'),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.decoys >= 0, "decoys must be >= 0"),
-            (self.decoy_weight >= 0, "decoy_weight must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

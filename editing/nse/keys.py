@@ -105,9 +105,7 @@ def keys_and_hidden(
     out: dict[int, torch.Tensor] = {}
     for layer in layers:
         stacked = torch.cat(keys[layer]).view(n, per, -1)  # (n, 1 + P, d_ff)
-        averaged = (
-            0.5 * stacked[:, 0] + 0.5 * stacked[:, 1:].mean(dim=1) if per > 1 else stacked[:, 0]
-        )  # (n, d_ff)
+        averaged = 0.5 * stacked[:, 0] + 0.5 * stacked[:, 1:].mean(dim=1)  # (n, d_ff)
         out[layer] = averaged.T.contiguous()  # (d_ff, n)
     plain = torch.cat(hidden).view(n, per, -1)[:, 0]  # (n, d)
     return out, plain.T.contiguous()  # (d, n)

@@ -21,7 +21,6 @@ from editing.adapters import MlpRole
 from editing.keyspace import select_neurons, solve_masked_update
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig
-from editing.nse.decoys import decoys_for
 from editing.nse.keys import keys_and_hidden
 from editing.requests import EditRequest
 
@@ -107,19 +106,14 @@ def run_round(
             edited |= active
             index = active.nonzero().squeeze(1)  # (a,)
             subset = [requests[int(i)] for i in index]
-            decoys = [d for r in subset for d in decoys_for(r, config.decoys)]
             for i, layer in enumerate(layers):
                 keys, hidden = keys_and_hidden(lm, subset, [layer], z_layer, config)
                 share = (targets[:, index] - hidden) / (m - i)  # (d, a)
-                kept = memory[layer]
-                if decoys:
-                    decoy_keys = _plain_keys(lm, decoys, layer, config)  # (d_ff, a * decoys)
-                    kept = kept + config.decoy_weight * (decoy_keys @ decoy_keys.T)
                 delta, neurons = layer_update(
                     share,
                     keys[layer],
                     c0=c0[layer],
-                    memory=kept,
+                    memory=memory[layer],
                     lam=config.lam,
                     p=config.neuron_threshold,
                 )
@@ -140,15 +134,6 @@ def run_round(
         passes=passes,
         neurons=neurons_used,
     )
-
-
-def _plain_keys(
-    lm: LoadedModel, requests: Sequence[EditRequest], layer: int, config: NSEConfig
-) -> torch.Tensor:
-    """(d_ff, n) keys at ``layer`` of the prompts as written (no prefix averaging)."""
-    plain = config.replace(prefixes=(), value_prefixes=0)
-    keys, _ = keys_and_hidden(lm, requests, [layer], layer, plain)
-    return keys[layer]
 
 
 def _write(view: torch.Tensor, start: torch.Tensor, total: torch.Tensor) -> None:
