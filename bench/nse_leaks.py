@@ -7,7 +7,7 @@ answer's tokens + 2). For every probe whose first token changed it finds the pro
 whose edited MLP outputs alone move the next-token distribution most (the edit's deltas added at
 that one position, KL against the base): a shared last subject token (" Glacier") shows up here.
 
-    python bench/nse_leaks.py --methods nse,nse:decoys=8 --edits 20 --threads 2
+    python bench/nse_leaks.py --methods nse,nse:clamp_norm_factor=0.3 --edits 20 --threads 2
 
 Writes ``bench/results/nse-leaks.json``. Run it alone; each NSE batch of 20 takes minutes.
 """
@@ -90,7 +90,7 @@ def kept_share(base: list[list[int]], new: list[list[int]], k: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="nse,nse:decoys=8")
+    parser.add_argument("--methods", default="nse,nse:clamp_norm_factor=0.3")
     parser.add_argument("--edits", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "nse-leaks.json")
