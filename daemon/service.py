@@ -27,12 +27,20 @@ from daemon.applier import BatchOutcome, EditApplier, Rung, TransientRetry, rung
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError, JournalMismatchError, ReplayMismatchError, SettingsError
+from daemon.errors import (
+    HistoryError,
+    JournalMismatchError,
+    MissingUnitDeltasError,
+    ReplayMismatchError,
+    SettingsError,
+    UnitDeltasError,
+)
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
 from daemon.registry import RegistryUnavailableError
 from daemon.snapshots import load_into
+from daemon.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from daemon.versions import (
     SnapshotBackoff,
     VersionKeeper,
@@ -74,6 +82,8 @@ class ReplayReport:
     units: int
     events: int
     seconds: float
+    stored: int = 0
+    """Units applied from their stored deltas; the rest were re-edited."""
 
 
 def snapshots_enabled(settings: Settings) -> bool:
@@ -197,33 +207,122 @@ def verify_replayed(editor: Editor, group: Sequence[JournalEntry], result: EditR
 
 
 def replay_journal(
-    applier: EditApplier, journal: Journal, after_seq: int = 0, *, rehash: bool = False
+    applier: EditApplier,
+    journal: Journal,
+    after_seq: int = 0,
+    *,
+    rehash: bool = False,
+    store: UnitDeltaStore | None = None,
 ) -> ReplayReport:
     """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``.
 
-    Each unit is re-applied with the editor that applied it (the configured one, or the retry
-    rung the journal names) and its weight change is checked against the journal
-    (``verify_replayed``); a rung the ladder no longer has raises ``RetryLadderChangedError``. With
-    ``rehash`` (a revert recomputes later edits on weights that never held the reverted one),
-    the new hashes are recorded instead.
+    A unit whose stored deltas (``store``) hash to the journal's ``delta_sha256`` and were
+    computed after exactly the units the journal now puts before it (their lineage) gets them
+    added back without calling the editor: the weights it had, bit for bit, at the cost of a
+    read. Any other unit is re-applied with the editor that applied it (the configured one, or
+    the retry rung the journal names) and its weight change is checked against the journal
+    (``verify_replayed``); a rung the ladder no longer has raises ``RetryLadderChangedError``
+    either way. An editor that keeps a memory of past edits has it rebuilt for the units it did
+    not apply (``rebuild_memory``). With ``rehash`` (a revert recomputes later edits on weights
+    that never held the reverted one) every unit is re-edited, and its new hash and deltas are
+    recorded instead.
     """
     started = time.perf_counter()
     entries = journal.applied_events(after_seq)
-    units = 0
+    lineage = lineage_of(journal.applied_lineage(after_seq))  # what the weights hold now
+    units = stored = 0
+    memory_behind = False  # the editor's memory lacks units applied from stored deltas
     for batch_id, group in replay_units(entries):
-        unit = applier.replay(batch_id, [e.event for e in group], group[0].retry_rung)
-        if rehash:
-            if group[0].batch_id is not None:
-                journal.set_delta_sha256(group[0].batch_id, unit.result.delta_sha256())
+        events = [e.event for e in group]
+        deltas = None if rehash else _stored_deltas(store, batch_id, group, lineage)
+        digest = group[0].delta_sha256
+        if deltas is not None and _add_stored(applier, batch_id, group, deltas):
+            memory_behind = memory_behind or applier.editor.keeps_edit_memory
+            stored += 1
         else:
-            verify_replayed(applier.editor_of(unit), group, unit.result)
+            if memory_behind:  # the editor is about to read its memory: bring it up to here
+                rebuild_memory(applier, journal, before_seq=group[0].seq)
+                memory_behind = False
+            unit = applier.replay(batch_id, events, group[0].retry_rung)
+            if not rehash:
+                verify_replayed(applier.editor_of(unit), group, unit.result)
+            elif group[0].batch_id is not None:
+                digest = unit.result.delta_sha256()
+                if store is not None:
+                    store.try_write(batch_id, unit.result.deltas, lineage)
+                journal.set_delta_sha256(group[0].batch_id, digest)
+        lineage = extend_lineage(lineage, [(e.event_id, e.batch_id, digest) for e in group])
         units += 1
-    report = ReplayReport(units, len(entries), time.perf_counter() - started)
+    if memory_behind:
+        rebuild_memory(applier, journal)
+    report = ReplayReport(units, len(entries), time.perf_counter() - started, stored)
     log.info(
         "journal replayed",
-        extra={"units": units, "events": len(entries), "seconds": round(report.seconds, 2)},
+        extra={
+            "units": units,
+            "from_stored_deltas": stored,
+            "re_edited": units - stored,
+            "events": len(entries),
+            "seconds": round(report.seconds, 2),
+        },
     )
     return report
+
+
+def _stored_deltas(
+    store: UnitDeltaStore | None, batch_id: str, group: Sequence[JournalEntry], lineage: str
+) -> dict[str, torch.Tensor] | None:
+    """The unit's stored deltas if they are the ones the journal hashed, computed on weights of
+    ``lineage``; else None (re-edit)."""
+    digest = group[0].delta_sha256
+    if store is None or group[0].batch_id is None or digest is None:
+        return None  # rows journaled before hashes or batch ids: nothing to check deltas by
+    if any(e.delta_sha256 != digest for e in group):
+        log.warning("unit rows disagree on their delta hash; re-editing", extra={"unit": batch_id})
+        return None
+    try:
+        return store.load(batch_id, digest, lineage)
+    except MissingUnitDeltasError:
+        log.info("no stored deltas; re-editing the unit", extra={"unit": batch_id})
+    except UnitDeltasError as exc:
+        log.warning("stored deltas unusable; re-editing the unit", extra={"error": str(exc)})
+    return None
+
+
+def _add_stored(
+    applier: EditApplier,
+    batch_id: str,
+    group: Sequence[JournalEntry],
+    deltas: dict[str, torch.Tensor],
+) -> bool:
+    """Apply a unit's verified stored deltas; False (weights unchanged) if they do not fit
+    this model, so the unit is re-edited instead."""
+    try:
+        applier.replay_stored(batch_id, [e.event for e in group], deltas, group[0].retry_rung)
+    except EditError as exc:
+        log.warning("stored deltas do not fit the model; re-editing", extra={"error": str(exc)})
+        return False
+    return True
+
+
+def rebuild_memory(applier: EditApplier, journal: Journal, before_seq: int | None = None) -> None:
+    """Make the editor's memory of past edits hold exactly the applied journal entries (those
+    before ``before_seq`` when given), as after a version load: units applied from stored
+    deltas never passed through the editor. A no-op for editors without such a memory."""
+    editor = applier.editor
+    if not editor.keeps_edit_memory:
+        return
+    held = [
+        to_request(e.event)
+        for e in journal.applied_events()
+        if e.event is not None and (before_seq is None or e.seq < before_seq)
+    ]
+    started = time.perf_counter()
+    editor.reset_memory(applier.lm, held)
+    log.info(
+        "editor memory rebuilt",
+        extra={"edits": len(held), "seconds": round(time.perf_counter() - started, 2)},
+    )
 
 
 class Daemon:
