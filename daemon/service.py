@@ -1,10 +1,12 @@
 """The daemon process: load the model, rebuild its edits, consume, snapshot, serve metrics.
 
 Start-up is the recipe of the design's "exactly-once effect": the model is the newest usable
-snapshot (an MLflow version) plus a deterministic replay of the applied journal entries after
-it, unit by unit in journal order; only then does the consumer resume from the committed
-offsets. Replay re-runs the editor instead of loading stored deltas, so it needs editing to be
-deterministic on CPU (the editors' tests check that).
+snapshot (an MLflow version) plus a replay of the applied journal entries after it, unit by unit
+in journal order; only then does the consumer resume from the committed offsets. Replay adds
+each unit's stored deltas back (``daemon.unit_deltas``: written before the unit's journal rows,
+checked against the journaled hash), so a restart costs reads, not edits; a unit without usable
+ones is re-edited, which needs editing to be deterministic on CPU (the editors' tests check
+that). A revert or a rollback that rebuilds re-edits on purpose and stores the new deltas.
 """
 
 from __future__ import annotations
@@ -376,6 +378,9 @@ class Daemon:
         )
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path, exclusive=True)
+        self.unit_deltas = (
+            UnitDeltaStore.beside(settings.journal.path) if settings.journal.store_deltas else None
+        )
         # The audit baseline needs the base weights: build it before any version is restored.
         auditor = None
         if audits_enabled(settings):
@@ -398,6 +403,7 @@ class Daemon:
         self._prepare_statistics()  # the model still holds its base weights here
         if self.versions is not None:
             self.versions.editor_checkpoint = lambda: editor_checkpoint(self.editor)
+            self.versions.on_snapshot = self._prune_unit_deltas
         self.history = (
             History(
                 self.versions,
@@ -413,7 +419,10 @@ class Daemon:
         self.readiness.set("model_loaded", False, "restoring a version and replaying the journal")
         self.restored = self.versions.restore() if self.versions else None
         after_seq = self.restored.journal_seq if self.restored else 0
-        self.replay = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        self.replay = replay_journal(
+            self.applier, self.journal, after_seq=after_seq, store=self.unit_deltas
+        )
+        self._prune_unit_deltas(after_seq)
         if start_version is not None:
             if self.history is None:
                 raise HistoryError("starting from a version needs versioning (snapshots) on")
@@ -514,7 +523,9 @@ class Daemon:
         else:
             load_into(self.lm.model, self._base, {}, reset=editable_weight_names(self.lm))
             self._editor_holds(())
-        report = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        report = replay_journal(
+            self.applier, self.journal, after_seq=after_seq, store=self.unit_deltas
+        )
         seconds = time.perf_counter() - started
         log.warning(
             "weights rebuilt", extra={"replayed": report.events, "seconds": round(seconds, 2)}
@@ -531,7 +542,18 @@ class Daemon:
 
     def _replay_after(self, seq: int) -> int:
         """History's replay (revert, rollback): recomputation is the point, so re-hash."""
-        return replay_journal(self.applier, self.journal, after_seq=seq, rehash=True).events
+        return replay_journal(
+            self.applier, self.journal, after_seq=seq, rehash=True, store=self.unit_deltas
+        ).events
+
+    def _prune_unit_deltas(self, covered_seq: int) -> None:
+        """Keep the stored deltas of the applied units after ``covered_seq`` (the journal seq
+        of the version a restart restores), drop the rest: those units come with the version,
+        and reverted, rolled-back, quarantined or never-journaled units are not replayed."""
+        if self.unit_deltas is None:
+            return
+        keep = {e.batch_id for e in self.journal.applied_events(covered_seq) if e.batch_id}
+        self.unit_deltas.prune(keep)
 
     def run(
         self,
@@ -559,6 +581,7 @@ class Daemon:
                 else None
             ),
             accept_journal_mismatch=self.accept_journal_mismatch,
+            unit_deltas=self.unit_deltas,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}

@@ -20,7 +20,7 @@ from daemon.applier import EditApplier, to_request
 from daemon.config import Settings, load_settings
 from daemon.errors import CorruptUnitDeltasError, ReplayMismatchError
 from daemon.journal import Journal
-from daemon.service import GUARDED_NORM_RTOL, replay_journal
+from daemon.service import GUARDED_NORM_RTOL, Daemon, replay_journal
 from daemon.unit_deltas import UnitDeltaStore, lineage_of
 from daemon.versions import base_weights
 from editing.editors.base import Editor
@@ -28,7 +28,7 @@ from editing.models import LoadedModel, load_model
 from editing.registry import get_editor
 from editing.requests import EditRequest
 from editing.safeguards import GuardedEditor, SafeguardConfig
-from tests.daemon.harness import FT_OPTIONS
+from tests.daemon.harness import FT_OPTIONS, config_file
 from tests.daemon.test_applier import consume, events, weights
 from tests.editing.conftest import small_key_statistics
 from tests.editing.test_safeguards import CORPUS
@@ -279,3 +279,46 @@ def test_a_memory_editor_re_editing_a_unit_first_catches_its_memory_up(tiny_mode
             assert off(value, edited[name]) < GUARDED_NORM_RTOL, name
         for name, value in restarted.memory.items():
             assert torch.allclose(value, editor.memory[name], rtol=1e-5, atol=1e-6), name
+
+
+# -- the daemon: its store beside its journal -------------------------------------------------
+
+
+def test_the_daemon_starts_from_its_stored_units_and_prunes_what_no_replay_needs(
+    tiny_model_dir, tmp_path
+):
+    env = {
+        "FACTKEEPER_HOME": str(tmp_path / "home"),
+        "FACTKEEPER_MODEL__NAME": str(tiny_model_dir),
+        "FACTKEEPER_MODEL__TORCH_THREADS": "1",
+        "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": "0",  # no versions: the whole journal replays
+        "FACTKEEPER_SNAPSHOTS__EVERY_MINUTES": "0",
+        "FACTKEEPER_SNAPSHOTS__ON_SHUTDOWN": "false",
+        "FACTKEEPER_AUDIT__EVERY_N_EDITS": "0",
+        "FACTKEEPER_AUDIT__EVERY_MINUTES": "0",
+    }
+    settings = load_settings(config_file(tmp_path / "home", FT_OPTIONS), env=env)
+    path = settings.journal.path
+    path.parent.mkdir(parents=True)
+    store = UnitDeltaStore.beside(path)
+    lm = load_model(str(tiny_model_dir))
+    with Journal.open(path) as journal:
+        consume(settings, EditApplier(lm, Counting()), journal, BATCHES, store)
+        ids = unit_ids(journal)
+        last = [e.event_id for e in journal.applied_events() if e.batch_id == ids[-1]]
+        journal.mark(last, "reverted", "test")
+        expected = load_model(str(tiny_model_dir))
+        replay_journal(EditApplier(expected, Counting()), journal)  # re-edits, without it
+    orphan = store.write("crashed-before-its-rows", {}, lineage_of([]))
+    assert store.size()[0] == len(ids) + 1
+
+    other = Counting(lr=FT_OPTIONS["lr"] * 3)  # were it asked, the weights would differ
+    daemon = Daemon(settings, editor=other, serve_metrics=False)
+    try:
+        assert other.calls == 0
+        assert (daemon.replay.units, daemon.replay.stored) == (len(ids) - 1, len(ids) - 1)
+        assert_weights(daemon.lm, weights(expected))
+        assert not orphan.exists() and not store.path_for(ids[-1]).exists()  # pruned
+        assert store.size()[0] == len(ids) - 1
+    finally:
+        daemon.close()
