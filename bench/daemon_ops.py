@@ -12,7 +12,13 @@ For each method this measures, on one real local Kafka broker and in one invocat
   ratio is the daemon's overhead (including the edits the post-check undoes and retries);
 * **steady latency**: the same daemon, continuing, while a producer thread sends 1 event/s;
   event-to-applied latency = journal ``applied_at`` - the Kafka record timestamp (CreateTime);
-* **peak RSS** of the daemon's process: ``ru_maxrss`` and a sampled ``VmRSS`` per phase.
+* **peak RSS** of the daemon's process: ``ru_maxrss`` and a sampled ``VmRSS`` per phase;
+* **restart** (``--restart-edits N``): a daemon with snapshots off consumes a fresh stream until
+  the journal holds N applied edits and is killed with SIGKILL; a new process then starts it
+  again twice: once with ``journal.store_deltas: false`` (every edit re-edited, as before
+  issue 20) only to ready, and once as shipped (stored deltas added back), to ready and on to
+  the first batch journaled after the restart (group join, edit, post-check, journal; one
+  record asked for, the whole batch it polled is flushed). Start = the worker's first line.
 
 Each daemon run and each bare run is its own spawned process, so one method's peak RSS (and
 allocator state) does not leak into the next, and the bare model is really a fresh copy. Results
@@ -20,7 +26,7 @@ go to ``bench/results/daemon-ops.json`` with the command, machine, git revision 
 recorded by the same helpers as ``editing/bench.py``; a table goes to stdout.
 
 Usage: ``python bench/daemon_ops.py --methods emsedit,ft --events 1000 --latency-seconds 120
---threads 1``.
+--threads 1``; only the restart: ``--methods ft --restart-edits 100 --restart-only``.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ RSS_SAMPLE_S = 0.2
 # How long the daemon may sit idle (partitions held, nothing to consume) before a phase gives up:
 # only a safety net, every phase normally ends at its exact message count.
 IDLE_TIMEOUT_S = 120.0
+#: The restart scenario's stream: this many events per edit to kill at (some edits fail).
+RESTART_STREAM_FACTOR = 3
 # The consumer's idle timeout does not run before partitions are assigned, so a phase that makes
 # no progress at all for this long is stopped with every thread's stack on stderr. A batch that
 # falls back to single edits takes well under a minute even on a loaded machine.
@@ -121,6 +129,10 @@ class OpsConfig:
     seed: int = 0
     skip_bare: bool = False
     """Leave out the bare-editor runs (then there is no daemon/bare ratio)."""
+    restart_edits: int = 0
+    """Applied edits a daemon is killed at for the restart scenario; 0 leaves it out."""
+    restart_only: bool = False
+    """Run only the restart scenario (no drain, steady or bare runs)."""
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -146,6 +158,8 @@ class OpsConfig:
             raise OpsBenchError("--batch-size must be >= 1")
         if self.linger_ms is not None and self.linger_ms < 0:
             raise OpsBenchError("--linger-ms must be >= 0")
+        if self.restart_edits < 0 or (self.restart_only and not self.restart_edits):
+            raise OpsBenchError("--restart-edits must be >= 0, and > 0 with --restart-only")
 
     @property
     def steady_events(self) -> int:
@@ -718,6 +732,139 @@ def run_bare_task(task: BareTask) -> dict[str, Any]:
     }
 
 
+def run_until_killed(task: DaemonTask) -> None:
+    """Worker entry of the restart scenario's first daemon: consume until SIGKILL ends it."""
+    _configure_worker(task.threads, task.seed, task.log_level)
+    from daemon.config import load_settings
+    from daemon.service import Daemon
+    from editing.paths import Paths
+
+    task.home.mkdir(parents=True, exist_ok=True)
+    os.chdir(task.home)
+    settings = load_settings(_write_settings(task), env=_env(task))
+    daemon = Daemon(settings, serve_metrics=False, paths=Paths(task.home))
+    daemon.run(handle_signals=False)  # the orchestrator kills this process mid-stream
+
+
+@dataclass(frozen=True)
+class RestartTask:
+    """One restart of a killed daemon: to ready, and with ``first_edit`` to the first batch
+    journaled after it."""
+
+    daemon: DaemonTask
+    store_deltas: bool
+    first_edit: bool
+
+
+def run_restart_task(task: RestartTask) -> dict[str, Any]:
+    """Worker entry: start the killed daemon again, timing from this line (imports included)."""
+    started = time.perf_counter()
+    d = task.daemon
+    _configure_worker(d.threads, d.seed, d.log_level)
+    import torch
+
+    from daemon.config import load_settings
+    from daemon.service import Daemon
+    from editing.models import load_model
+    from editing.paths import Paths
+
+    os.chdir(d.home)
+    env = {**_env(d), "FACTKEEPER_JOURNAL__STORE_DELTAS": str(task.store_deltas).lower()}
+    settings = load_settings(d.home / "factkeeper.yaml", env=env)
+    lm = load_model(
+        settings.model.name,
+        device=settings.model.device,
+        dtype=getattr(torch, settings.model.dtype),
+    )
+    daemon = Daemon(settings, lm=lm, serve_metrics=False, paths=Paths(d.home))
+    result: dict[str, Any] = {
+        "store_deltas": task.store_deltas,
+        "seconds_to_ready": time.perf_counter() - started,
+        "model_load_seconds": lm.load_seconds,
+        "replay": dataclasses.asdict(daemon.replay),
+    }
+    try:
+        if task.first_edit:
+            stats = daemon.run(max_messages=1, idle_timeout_s=IDLE_TIMEOUT_S, handle_signals=False)
+            result["seconds_to_first_batch"] = time.perf_counter() - started
+            result["first_batch_results"] = dict(stats.results)
+    finally:
+        daemon.close()
+    return result
+
+
+def run_restart(
+    config: OpsConfig,
+    method: str,
+    requests: Sequence[EditRequest],
+    root: Path,
+    bootstrap: str,
+    run_id: str,
+    log_level: str,
+) -> dict[str, Any]:
+    """The restart scenario for one method (snapshots off: every applied edit replays)."""
+    from daemon.config import load_settings
+    from daemon.journal import Journal
+    from daemon.produce import events_from_requests, send
+    from daemon.unit_deltas import UnitDeltaStore
+
+    task = DaemonTask(
+        method=method,
+        snapshots="off",
+        audits="off",
+        home=root / f"{method}-restart",
+        bootstrap=bootstrap,
+        topic=f"daemon-ops-{run_id}-{method}-restart",
+        drain=tuple(requests),
+        steady=(),
+        rate_per_s=1.0,
+        model=config.model,
+        threads=config.threads,
+        seed=config.seed,
+        batch_max_size=config.batch_max_size,
+        linger_ms=config.linger_ms,
+        editor_options=dict(config.editor_options.get(method, {})),
+        log_level=log_level,
+    )
+    task.home.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(_write_settings(task), env=_env(task))
+    sent = send(settings.kafka, events_from_requests(requests, source="bench/daemon-ops"))
+    process = multiprocessing.get_context("spawn").Process(target=run_until_killed, args=(task,))
+    started = time.perf_counter()
+    process.start()
+    applied = 0
+    try:
+        while applied < config.restart_edits:
+            if not process.is_alive():
+                raise OpsBenchError(f"the daemon to kill exited ({process.exitcode}) first")
+            if time.perf_counter() - started > STALL_S * 4:
+                raise OpsBenchError(f"{applied} edits applied in {STALL_S * 4:.0f} s; gave up")
+            time.sleep(0.2)
+            if settings.journal.path.exists():
+                with Journal.open(settings.journal.path, create=False) as journal:
+                    applied = journal.counts_by_status()["applied"]
+    finally:
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    with Journal.open(settings.journal.path, create=False) as journal:
+        counts = journal.counts_by_status()
+    files, size = UnitDeltaStore.beside(settings.journal.path).size()
+    log.info("killed", extra={"method": method, "applied": counts["applied"]})
+    if counts["applied"] >= sent:
+        raise OpsBenchError("the stream ended before the kill: send more events")
+    re_edit = _in_fresh_process(run_restart_task, RestartTask(task, False, first_edit=False))
+    stored = _in_fresh_process(run_restart_task, RestartTask(task, True, first_edit=True))
+    return {
+        "events_sent": sent,
+        "seconds_to_kill": time.perf_counter() - started,
+        "journal_at_kill": counts,
+        "stored_deltas_at_kill": {"files": files, "bytes": size},
+        "re_edit": re_edit,
+        "stored": stored,
+    }
+
+
 def _configure_worker(threads: int, seed: int, log_level: str) -> None:
     import torch
 
@@ -803,10 +950,11 @@ def run_daemon_ops(
 
     started_at, loadavg_start = utc_now_iso(), list(os.getloadavg())
     wall, cpu = time.perf_counter(), time.process_time()
-    needed = config.events + config.steady_events
+    needed = 0 if config.restart_only else config.events + config.steady_events
+    restart_stream = RESTART_STREAM_FACTOR * config.restart_edits
     source = "given" if requests is not None else f"{config.dataset}/eval"
     if requests is None:
-        requests = load_dataset(config.dataset, "eval", limit=needed)
+        requests = load_dataset(config.dataset, "eval", limit=max(needed, restart_stream))
     if len(requests) < needed:
         raise OpsBenchError(f"{needed} requests needed, {len(requests)} given")
     drain, steady = tuple(requests[: config.events]), tuple(requests[config.events : needed])
@@ -816,7 +964,15 @@ def run_daemon_ops(
 
     with _work_dir(config.work_dir) as root, _broker(config.bootstrap, root) as (bootstrap, own):
         runs: dict[str, dict[str, Any]] = {}
+        restarts: dict[str, dict[str, Any]] = {}
         for method in config.methods:
+            if config.restart_edits:
+                log.info("restart run", extra={"method": method})
+                restarts[method] = run_restart(
+                    config, method, requests[:restart_stream], root, bootstrap, run_id, log_level
+                )
+            if config.restart_only:
+                continue
             options = dict(config.editor_options.get(method, {}))
             runs[method] = {"daemon": {}, "bare": None}
             for mode in config.snapshots:
@@ -881,6 +1037,7 @@ def run_daemon_ops(
         "first_request_id": drain[0].request_id,
         "targets": _targets(runs),
         "methods": runs,
+        "restart": restarts,
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.out.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
@@ -1026,6 +1183,34 @@ def render_table(out: dict[str, Any]) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+RESTART_HEADER = (
+    "method",
+    "replayed edits/units",
+    "re-edit: ready s (replay s)",
+    "stored: ready s (replay s)",
+    "stored: first batch after s",
+    "stored deltas MiB",
+)
+
+
+def render_restart_table(out: dict[str, Any]) -> str:
+    """One row per method of the restart scenario: start to ready, re-editing vs stored."""
+    rows = [RESTART_HEADER, tuple("---" for _ in RESTART_HEADER)]
+    for method, r in out.get("restart", {}).items():
+        re_edit, stored = r["re_edit"], r["stored"]
+        rows.append(
+            (
+                method,
+                f"{stored['replay']['events']}/{stored['replay']['units']}",
+                f"{re_edit['seconds_to_ready']:.1f} ({re_edit['replay']['seconds']:.1f})",
+                f"{stored['seconds_to_ready']:.1f} ({stored['replay']['seconds']:.1f})",
+                f"{stored['seconds_to_first_batch']:.1f}",
+                f"{r['stored_deltas_at_kill']['bytes'] / 2**20:.1f}",
+            )
+        )
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
 def _fmt_pair(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None else f"{a:.2f}/{b:.2f}"
 
@@ -1054,6 +1239,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OpsConfig, str]:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bare", action="store_true", help="no bare-editor runs")
+    p.add_argument(
+        "--restart-edits", type=int, default=0, help="kill -9 at this many edits, then restart"
+    )
+    p.add_argument("--restart-only", action="store_true", help="only the restart scenario")
     p.add_argument("--log-level", default="INFO")
     ns = p.parse_args(argv)
     try:
@@ -1074,6 +1263,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[OpsConfig, str]:
             out=ns.out,
             seed=ns.seed,
             skip_bare=ns.skip_bare,
+            restart_edits=ns.restart_edits,
+            restart_only=ns.restart_only,
         )
     except OpsBenchError as exc:
         p.error(str(exc))
@@ -1094,7 +1285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FactkeeperError as exc:
         print(f"daemon_ops: {exc}", file=sys.stderr)
         return 1
-    print(render_table(out))
+    if out["methods"]:
+        print(render_table(out))
+    if out["restart"]:
+        print(render_restart_table(out))
     print(f"JSON: {config.out}")
     return 0
 

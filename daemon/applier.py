@@ -14,8 +14,9 @@ down a retry ladder, and the ones that did stay:
    every rung tried and what the model answered.
 
 The units that were finally kept are what the journal records (``batch_id``, and ``retry_rung``
-for a unit a ladder rung applied) and what replay re-applies, in order and each with the editor
-that applied it, to reach the same weights after a restart. A rung that the journal names but
+for a unit a ladder rung applied) and what replay re-applies, in order, to reach the same weights
+after a restart: from the unit's stored deltas (``replay_stored``) or else with the editor that
+applied it (``replay``). A rung that the journal names but
 the configured ladder no longer has stops replay with ``RetryLadderChangedError``. Editors that
 keep a memory of past edits (NSE, the safeguards) cannot be rungs yet: the daemon refuses them.
 
@@ -37,11 +38,13 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from daemon.config import EditorSettings
 from daemon.errors import RetryLadderChangedError
 from daemon.events import FactCorrection
 from editing.checks import Judge, Verdict
-from editing.editors.base import EditError, Editor, EditResult
+from editing.editors.base import EditError, Editor, EditResult, write_deltas
 from editing.models import LoadedModel
 from editing.requests import EditRequest, LocalityProbe
 
@@ -293,6 +296,33 @@ class EditApplier:
         started = time.perf_counter()
         result = editor.apply(self.lm, [to_request(e) for e in events])
         seconds = time.perf_counter() - started
+        step = rung.step if rung is not None else FIRST
+        return AppliedUnit(batch_id, list(events), result, seconds, step, rung)
+
+    def replay_stored(
+        self,
+        batch_id: str,
+        events: Sequence[FactCorrection],
+        deltas: Mapping[str, torch.Tensor],
+        retry_rung: str | None = None,
+    ) -> AppliedUnit:
+        """Re-apply a journaled unit from its stored deltas (``daemon.unit_deltas``), written
+        as the editor wrote them, so the weights match the first application bit for bit.
+
+        The editor is not called, so an editor that keeps a memory of past edits does not
+        learn this unit: the caller rebuilds that memory (``replay_journal`` does).
+
+        Raises:
+            RetryLadderChangedError: ``retry_rung`` is not in the configured ladder (as
+                ``replay`` does, so a journal that only re-editing could replay never starts).
+            EditError: a delta does not fit the model; the weights are unchanged.
+        """
+        rung = self.rung_for(retry_rung, batch_id)
+        started = time.perf_counter()
+        stored = dict(deltas)
+        previous = write_deltas(self.lm.model, stored)
+        seconds = time.perf_counter() - started
+        result = EditResult(stored, previous, seconds, {"replayed_from": "stored deltas"})
         step = rung.step if rung is not None else FIRST
         return AppliedUnit(batch_id, list(events), result, seconds, step, rung)
 

@@ -473,6 +473,9 @@ class JournalSettings(_Section):
 
     path: UserPath
     """Default: ``$FACTKEEPER_HOME/state/journal.sqlite3``."""
+    store_deltas: bool = True
+    """Keep each applied unit's weight change beside the journal (``<path>.deltas/``), so a
+    restart adds it back instead of re-editing; pruned once a version holds the unit."""
 
     @model_validator(mode="before")
     @classmethod

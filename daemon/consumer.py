@@ -3,11 +3,13 @@
 Order of effects for every batch (the exactly-once *effect* rests on it):
 1. apply the valid events (all of a unit or none, see ``applier``);
 2. send rejected records to the DLQ and flush the producer;
-3. write one journal row per consumed record in one transaction (fsynced);
-4. only then commit the Kafka offsets.
-A crash before 3 loses only in-memory edits, which the restart rebuilds from the journal before
-the records are consumed again; a crash between 3 and 4 is covered by seeking past journaled
-offsets when partitions are assigned. DLQ delivery is therefore at-least-once.
+3. store each applied unit's deltas beside the journal (``unit_deltas``, fsynced), for replay;
+4. write one journal row per consumed record in one transaction (fsynced);
+5. only then commit the Kafka offsets.
+A crash before 4 loses only in-memory edits, which the restart rebuilds from the journal before
+the records are consumed again (stored deltas no row names are pruned); a crash between 4 and 5
+is covered by seeking past journaled offsets when partitions are assigned. DLQ delivery is
+therefore at-least-once.
 
 Shutdown flips ``stop_requested``; the loop finishes the batch in flight, journals and commits
 it, and closes the consumer without auto-committing. ``run`` takes ``max_messages`` and
@@ -40,6 +42,7 @@ from daemon.errors import (
 )
 from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
 from daemon.journal import EventRecord, Journal, control_source
+from daemon.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
 
@@ -94,8 +97,11 @@ class FactConsumer:
         between_batches: Callable[[], None] | None = None,
         ensure_topics: Callable[[], object] | None = None,
         accept_journal_mismatch: bool = False,
+        unit_deltas: UnitDeltaStore | None = None,
     ) -> None:
         self.settings = settings
+        self.unit_deltas = unit_deltas
+        """Where each applied unit's deltas are kept for replay (None: replay re-edits)."""
         self.accept_journal_mismatch = accept_journal_mismatch
         self.topics = settings.kafka.topics
         self.applier = applier
@@ -317,11 +323,14 @@ class FactConsumer:
         seconds = time.perf_counter() - started
         try:
             self._send_rejections(pending, outcome)
+            self._store_unit_deltas(outcome)
             self.journal.record_batch(self._rows(pending, outcome))
         except Exception:
             # The journal is the truth: an edit it does not hold must not stay in the weights.
             for unit in reversed(outcome.applied):
                 self.applier.undo(unit)
+            if self.unit_deltas is not None:
+                self.unit_deltas.discard(unit.batch_id for unit in outcome.applied)
             raise
         for p in pending:
             key = (p.record.topic, p.record.partition)
@@ -330,6 +339,17 @@ class FactConsumer:
         self._count(pending, outcome, seconds)
         if self.after_batch is not None:
             self.after_batch(outcome)
+
+    def _store_unit_deltas(self, outcome: BatchOutcome) -> None:
+        """Each applied unit's deltas, before its journal rows: a crash in between leaves a
+        file no row names (pruned later), never a row whose replay reads a half-written one."""
+        if self.unit_deltas is None or not outcome.applied:
+            return
+        lineage = lineage_of(self.journal.applied_lineage())  # what the weights held before
+        for unit in outcome.applied:
+            self.unit_deltas.try_write(unit.batch_id, unit.result.deltas, lineage)
+            digest = unit.result.delta_sha256()
+            lineage = extend_lineage(lineage, [(e.id, unit.batch_id, digest) for e in unit.events])
 
     def _send_rejections(self, pending: list[_Pending], outcome: BatchOutcome) -> None:
         now = datetime.now(UTC)

@@ -98,6 +98,27 @@ class RetryLadderChangedError(ReplayMismatchError):
     """
 
 
+class UnitDeltasError(DaemonError):
+    """A journaled unit's stored deltas (``daemon.unit_deltas``) cannot be written or used.
+
+    Never fatal: the stored deltas only spare replay the editor's work, so a unit without
+    usable ones is re-edited, as replay did before they existed.
+    """
+
+
+class MissingUnitDeltasError(UnitDeltasError):
+    """No stored deltas for the unit (never written, pruned, or journaled before they existed)."""
+
+
+class CorruptUnitDeltasError(UnitDeltasError):
+    """The unit's stored deltas are unreadable, or do not hash to the journal's ``delta_sha256``."""
+
+
+class StaleUnitDeltasError(UnitDeltasError):
+    """The unit's stored deltas were computed on weights that held other edits than the journal
+    now puts before it (a revert or rollback since): only re-editing gives its deltas now."""
+
+
 class JournalLockedError(JournalError):
     """Another process holds the journal's writer lock: two daemons must never write one journal.
 

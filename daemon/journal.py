@@ -473,6 +473,18 @@ class Journal:
         ).fetchall()
         return [_entry(row) for row in rows]
 
+    def applied_lineage(
+        self, upto_seq: int | None = None
+    ) -> list[tuple[str, str | None, str | None]]:
+        """``(event_id, batch_id, delta_sha256)`` of every applied event (up to ``upto_seq``),
+        in seq order: what the weights hold, without parsing payloads (``daemon.unit_deltas``)."""
+        rows = self._conn.execute(
+            "SELECT event_id, batch_id, delta_sha256 FROM events "
+            "WHERE status = 'applied' AND seq <= ? ORDER BY seq",
+            (upto_seq if upto_seq is not None else 2**62,),
+        ).fetchall()
+        return [(event_id, batch_id, digest) for event_id, batch_id, digest in rows]
+
     def applied_count_since(self, moment: datetime | None) -> int:
         """Edits applied after ``moment`` (all of them when None), whatever their status now.
 

@@ -1,10 +1,12 @@
 """The daemon process: load the model, rebuild its edits, consume, snapshot, serve metrics.
 
 Start-up is the recipe of the design's "exactly-once effect": the model is the newest usable
-snapshot (an MLflow version) plus a deterministic replay of the applied journal entries after
-it, unit by unit in journal order; only then does the consumer resume from the committed
-offsets. Replay re-runs the editor instead of loading stored deltas, so it needs editing to be
-deterministic on CPU (the editors' tests check that).
+snapshot (an MLflow version) plus a replay of the applied journal entries after it, unit by unit
+in journal order; only then does the consumer resume from the committed offsets. Replay adds
+each unit's stored deltas back (``daemon.unit_deltas``: written before the unit's journal rows,
+checked against the journaled hash), so a restart costs reads, not edits; a unit without usable
+ones is re-edited, which needs editing to be deterministic on CPU (the editors' tests check
+that). A revert or a rollback that rebuilds re-edits on purpose and stores the new deltas.
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ from daemon.applier import BatchOutcome, EditApplier, Rung, TransientRetry, rung
 from daemon.config import Settings
 from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
-from daemon.errors import HistoryError, JournalMismatchError, ReplayMismatchError, SettingsError
+from daemon.errors import (
+    HistoryError,
+    JournalMismatchError,
+    MissingUnitDeltasError,
+    ReplayMismatchError,
+    SettingsError,
+    UnitDeltasError,
+)
 from daemon.history import History
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
 from daemon.registry import RegistryUnavailableError
 from daemon.snapshots import load_into
+from daemon.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from daemon.versions import (
     SnapshotBackoff,
     VersionKeeper,
@@ -74,6 +84,8 @@ class ReplayReport:
     units: int
     events: int
     seconds: float
+    stored: int = 0
+    """Units applied from their stored deltas; the rest were re-edited."""
 
 
 def snapshots_enabled(settings: Settings) -> bool:
@@ -197,33 +209,122 @@ def verify_replayed(editor: Editor, group: Sequence[JournalEntry], result: EditR
 
 
 def replay_journal(
-    applier: EditApplier, journal: Journal, after_seq: int = 0, *, rehash: bool = False
+    applier: EditApplier,
+    journal: Journal,
+    after_seq: int = 0,
+    *,
+    rehash: bool = False,
+    store: UnitDeltaStore | None = None,
 ) -> ReplayReport:
     """Re-apply every applied journal entry after ``after_seq`` to the model in ``applier``.
 
-    Each unit is re-applied with the editor that applied it (the configured one, or the retry
-    rung the journal names) and its weight change is checked against the journal
-    (``verify_replayed``); a rung the ladder no longer has raises ``RetryLadderChangedError``. With
-    ``rehash`` (a revert recomputes later edits on weights that never held the reverted one),
-    the new hashes are recorded instead.
+    A unit whose stored deltas (``store``) hash to the journal's ``delta_sha256`` and were
+    computed after exactly the units the journal now puts before it (their lineage) gets them
+    added back without calling the editor: the weights it had, bit for bit, at the cost of a
+    read. Any other unit is re-applied with the editor that applied it (the configured one, or
+    the retry rung the journal names) and its weight change is checked against the journal
+    (``verify_replayed``); a rung the ladder no longer has raises ``RetryLadderChangedError``
+    either way. An editor that keeps a memory of past edits has it rebuilt for the units it did
+    not apply (``rebuild_memory``). With ``rehash`` (a revert recomputes later edits on weights
+    that never held the reverted one) every unit is re-edited, and its new hash and deltas are
+    recorded instead.
     """
     started = time.perf_counter()
     entries = journal.applied_events(after_seq)
-    units = 0
+    lineage = lineage_of(journal.applied_lineage(after_seq))  # what the weights hold now
+    units = stored = 0
+    memory_behind = False  # the editor's memory lacks units applied from stored deltas
     for batch_id, group in replay_units(entries):
-        unit = applier.replay(batch_id, [e.event for e in group], group[0].retry_rung)
-        if rehash:
-            if group[0].batch_id is not None:
-                journal.set_delta_sha256(group[0].batch_id, unit.result.delta_sha256())
+        events = [e.event for e in group]
+        deltas = None if rehash else _stored_deltas(store, batch_id, group, lineage)
+        digest = group[0].delta_sha256
+        if deltas is not None and _add_stored(applier, batch_id, group, deltas):
+            memory_behind = memory_behind or applier.editor.keeps_edit_memory
+            stored += 1
         else:
-            verify_replayed(applier.editor_of(unit), group, unit.result)
+            if memory_behind:  # the editor is about to read its memory: bring it up to here
+                rebuild_memory(applier, journal, before_seq=group[0].seq)
+                memory_behind = False
+            unit = applier.replay(batch_id, events, group[0].retry_rung)
+            if not rehash:
+                verify_replayed(applier.editor_of(unit), group, unit.result)
+            elif group[0].batch_id is not None:
+                digest = unit.result.delta_sha256()
+                if store is not None:
+                    store.try_write(batch_id, unit.result.deltas, lineage)
+                journal.set_delta_sha256(group[0].batch_id, digest)
+        lineage = extend_lineage(lineage, [(e.event_id, e.batch_id, digest) for e in group])
         units += 1
-    report = ReplayReport(units, len(entries), time.perf_counter() - started)
+    if memory_behind:
+        rebuild_memory(applier, journal)
+    report = ReplayReport(units, len(entries), time.perf_counter() - started, stored)
     log.info(
         "journal replayed",
-        extra={"units": units, "events": len(entries), "seconds": round(report.seconds, 2)},
+        extra={
+            "units": units,
+            "from_stored_deltas": stored,
+            "re_edited": units - stored,
+            "events": len(entries),
+            "seconds": round(report.seconds, 2),
+        },
     )
     return report
+
+
+def _stored_deltas(
+    store: UnitDeltaStore | None, batch_id: str, group: Sequence[JournalEntry], lineage: str
+) -> dict[str, torch.Tensor] | None:
+    """The unit's stored deltas if they are the ones the journal hashed, computed on weights of
+    ``lineage``; else None (re-edit)."""
+    digest = group[0].delta_sha256
+    if store is None or group[0].batch_id is None or digest is None:
+        return None  # rows journaled before hashes or batch ids: nothing to check deltas by
+    if any(e.delta_sha256 != digest for e in group):
+        log.warning("unit rows disagree on their delta hash; re-editing", extra={"unit": batch_id})
+        return None
+    try:
+        return store.load(batch_id, digest, lineage)
+    except MissingUnitDeltasError:
+        log.info("no stored deltas; re-editing the unit", extra={"unit": batch_id})
+    except UnitDeltasError as exc:
+        log.warning("stored deltas unusable; re-editing the unit", extra={"error": str(exc)})
+    return None
+
+
+def _add_stored(
+    applier: EditApplier,
+    batch_id: str,
+    group: Sequence[JournalEntry],
+    deltas: dict[str, torch.Tensor],
+) -> bool:
+    """Apply a unit's verified stored deltas; False (weights unchanged) if they do not fit
+    this model, so the unit is re-edited instead."""
+    try:
+        applier.replay_stored(batch_id, [e.event for e in group], deltas, group[0].retry_rung)
+    except EditError as exc:
+        log.warning("stored deltas do not fit the model; re-editing", extra={"error": str(exc)})
+        return False
+    return True
+
+
+def rebuild_memory(applier: EditApplier, journal: Journal, before_seq: int | None = None) -> None:
+    """Make the editor's memory of past edits hold exactly the applied journal entries (those
+    before ``before_seq`` when given), as after a version load: units applied from stored
+    deltas never passed through the editor. A no-op for editors without such a memory."""
+    editor = applier.editor
+    if not editor.keeps_edit_memory:
+        return
+    held = [
+        to_request(e.event)
+        for e in journal.applied_events()
+        if e.event is not None and (before_seq is None or e.seq < before_seq)
+    ]
+    started = time.perf_counter()
+    editor.reset_memory(applier.lm, held)
+    log.info(
+        "editor memory rebuilt",
+        extra={"edits": len(held), "seconds": round(time.perf_counter() - started, 2)},
+    )
 
 
 class Daemon:
@@ -277,6 +378,9 @@ class Daemon:
         )
         settings.journal.path.parent.mkdir(parents=True, exist_ok=True)
         self.journal = Journal.open(settings.journal.path, exclusive=True)
+        self.unit_deltas = (
+            UnitDeltaStore.beside(settings.journal.path) if settings.journal.store_deltas else None
+        )
         # The audit baseline needs the base weights: build it before any version is restored.
         auditor = None
         if audits_enabled(settings):
@@ -299,6 +403,7 @@ class Daemon:
         self._prepare_statistics()  # the model still holds its base weights here
         if self.versions is not None:
             self.versions.editor_checkpoint = lambda: editor_checkpoint(self.editor)
+            self.versions.on_snapshot = self._prune_unit_deltas
         self.history = (
             History(
                 self.versions,
@@ -314,7 +419,10 @@ class Daemon:
         self.readiness.set("model_loaded", False, "restoring a version and replaying the journal")
         self.restored = self.versions.restore() if self.versions else None
         after_seq = self.restored.journal_seq if self.restored else 0
-        self.replay = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        self.replay = replay_journal(
+            self.applier, self.journal, after_seq=after_seq, store=self.unit_deltas
+        )
+        self._prune_unit_deltas(after_seq)
         if start_version is not None:
             if self.history is None:
                 raise HistoryError("starting from a version needs versioning (snapshots) on")
@@ -415,7 +523,9 @@ class Daemon:
         else:
             load_into(self.lm.model, self._base, {}, reset=editable_weight_names(self.lm))
             self._editor_holds(())
-        report = replay_journal(self.applier, self.journal, after_seq=after_seq)
+        report = replay_journal(
+            self.applier, self.journal, after_seq=after_seq, store=self.unit_deltas
+        )
         seconds = time.perf_counter() - started
         log.warning(
             "weights rebuilt", extra={"replayed": report.events, "seconds": round(seconds, 2)}
@@ -432,7 +542,18 @@ class Daemon:
 
     def _replay_after(self, seq: int) -> int:
         """History's replay (revert, rollback): recomputation is the point, so re-hash."""
-        return replay_journal(self.applier, self.journal, after_seq=seq, rehash=True).events
+        return replay_journal(
+            self.applier, self.journal, after_seq=seq, rehash=True, store=self.unit_deltas
+        ).events
+
+    def _prune_unit_deltas(self, covered_seq: int) -> None:
+        """Keep the stored deltas of the applied units after ``covered_seq`` (the journal seq
+        of the version a restart restores), drop the rest: those units come with the version,
+        and reverted, rolled-back, quarantined or never-journaled units are not replayed."""
+        if self.unit_deltas is None:
+            return
+        keep = {e.batch_id for e in self.journal.applied_events(covered_seq) if e.batch_id}
+        self.unit_deltas.prune(keep)
 
     def run(
         self,
@@ -460,6 +581,7 @@ class Daemon:
                 else None
             ),
             accept_journal_mismatch=self.accept_journal_mismatch,
+            unit_deltas=self.unit_deltas,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}

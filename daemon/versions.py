@@ -163,6 +163,9 @@ class VersionKeeper:
         self._runtime_tags: tuple[Path | None, dict[str, str]] | None = None
         self.on_load: Callable[[Sequence[str]], None] | None = None
         """Called with the event ids the weights hold after every load (editor state)."""
+        self.on_snapshot: Callable[[int], None] | None = None
+        """Called with the journal seq a newly registered version covers (pruning what only
+        a replay from an older point would need)."""
         self.snapshot_seq = 0  # journal seq the current weights were last snapshotted at
         self.last_snapshot_time = time.monotonic()
 
@@ -327,4 +330,6 @@ class VersionKeeper:
             "snapshot registered",
             extra={"version": version, "journal_seq": seq, "bytes": size, "reason": reason},
         )
+        if self.on_snapshot is not None:
+            self.on_snapshot(seq)
         return version

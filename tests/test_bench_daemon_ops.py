@@ -51,7 +51,18 @@ def test_command_line_becomes_a_checked_config(daemon_ops: ModuleType) -> None:
     assert (config.events, config.steady_events, config.threads) == (40, 20, 1)
     assert config.snapshots == ("default",) and config.audits == "off"
     assert config.out == Path("bench/results/daemon-ops.json") and level == "INFO"
-    for bad in (["--methods", "nope"], ["--snapshots", "sometimes"], ["--events", "0"]):
+    assert (config.restart_edits, config.restart_only) == (0, False)
+    restart, _ = daemon_ops.parse_args(
+        ["--methods", "ft", "--restart-edits", "100", "--restart-only"]
+    )
+    assert (restart.restart_edits, restart.restart_only) == (100, True)
+    for bad in (
+        ["--methods", "nope"],
+        ["--snapshots", "sometimes"],
+        ["--events", "0"],
+        ["--restart-edits", "-1"],
+        ["--restart-only"],
+    ):
         with pytest.raises(SystemExit):
             daemon_ops.parse_args(bad)
 
@@ -115,3 +126,38 @@ def test_small_run_accounts_for_every_event(
     )
     assert run["rss"]["ru_maxrss_bytes"] >= run["rss"]["vmrss_peak_bytes_by_phase"]["drain"] > 0
     assert "| ft | default | 6 |" in daemon_ops.render_table(out)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_restart_scenario_kills_mid_stream_and_restarts_from_stored_deltas(
+    daemon_ops: ModuleType, kafka_broker: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = daemon_ops.OpsConfig(
+        methods=("ft",),
+        model=str(tiny_model_dir),
+        editor_options={"ft": FT_OPTIONS},
+        batch_max_size=1,
+        linger_ms=50,
+        bootstrap=kafka_broker,
+        work_dir=tmp_path / "work",
+        out=tmp_path / "daemon-ops.json",
+        restart_edits=3,
+        restart_only=True,
+    )
+    out = daemon_ops.run_daemon_ops(
+        config, requests=tiny_requests(9), command="pytest smoke", log_level="WARNING"
+    )
+
+    assert out["methods"] == {}
+    r = json.loads(config.out.read_text())["restart"]["ft"]
+    at_kill = r["journal_at_kill"]["applied"]
+    assert 3 <= at_kill < r["events_sent"] == 9  # killed mid-stream
+    assert r["stored_deltas_at_kill"]["files"] >= 1
+    re_edit, stored = r["re_edit"], r["stored"]
+    assert re_edit["replay"]["events"] == stored["replay"]["events"] == at_kill
+    assert re_edit["replay"]["stored"] == 0  # journal.store_deltas: false re-edits
+    assert stored["replay"]["stored"] == stored["replay"]["units"] > 0
+    assert stored["seconds_to_first_batch"] > stored["seconds_to_ready"] > 0
+    assert sum(stored["first_batch_results"].values()) >= 1  # the batch the one record came in
+    assert "| ft | " in daemon_ops.render_restart_table(out)

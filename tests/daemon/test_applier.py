@@ -22,6 +22,7 @@ from daemon.errors import RetryLadderChangedError, SettingsError
 from daemon.events import FactCorrection, parse_event
 from daemon.journal import Journal
 from daemon.service import build_ladder, replay_journal
+from daemon.unit_deltas import UnitDeltaStore
 from editing.editors.base import Editor
 from editing.models import LoadedModel, load_model
 from editing.registry import get_editor
@@ -79,7 +80,11 @@ class FakeConsumer:
 
 
 def consume(
-    settings: Settings, applier: EditApplier, journal: Journal, batches: list[list[int]]
+    settings: Settings,
+    applier: EditApplier,
+    journal: Journal,
+    batches: list[list[int]],
+    unit_deltas: UnitDeltaStore | None = None,
 ) -> FactkeeperMetrics:
     """Journal each batch of ``fact(i)`` events through the real consumer's flush."""
     metrics = FactkeeperMetrics(CollectorRegistry())
@@ -91,6 +96,7 @@ def consume(
         FakeProducer(),
         metrics,
         Readiness("model_loaded"),
+        unit_deltas=unit_deltas,
     )
     topic = settings.kafka.topics.corrections
     offset = 0

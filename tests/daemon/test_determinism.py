@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,17 +56,68 @@ def test_replay_checks_each_units_delta_hash_and_fails_loudly_on_a_mismatch(
         daemon.close()
     assert applied and all(re.fullmatch(r"[0-9a-f]{64}", e.delta_sha256) for e in applied)
 
-    same = _daemon(env, FT_OPTIONS)  # the restart replays every unit and checks its hash
+    same = _daemon(env, FT_OPTIONS)  # the restart adds each unit's hash-checked deltas back
     try:
         assert same.replay.events == len(applied)
+        assert same.replay.stored == same.replay.units > 0
         for key, value in same.lm.model.state_dict().items():
             assert torch.equal(value, edited[key]), key
+        stored = same.unit_deltas.folder
     finally:
         same.close()
 
-    # Another editor setting makes other weights from the same journal: refuse to start.
+    # Another editor setting makes other weights from the same journal: without the stored
+    # deltas (lost, or journaled before they existed) every unit is re-edited and checked, and
+    # the daemon refuses to start.
+    shutil.rmtree(stored)
     with pytest.raises(ReplayMismatchError, match=r"replaying journal seq \d+ .*delta sha256"):
         _daemon(env, {**FT_OPTIONS, "lr": FT_OPTIONS["lr"] * 1.5})
+
+
+@pytest.mark.kafka
+def test_a_restart_adds_back_the_stored_units_after_the_newest_version_and_prunes_the_rest(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(4)])
+    env = env_for(
+        tmp_path,
+        kafka_broker,
+        kafka_topic,
+        tiny_model_dir,
+        FACTKEEPER_MODEL__TORCH_THREADS="1",
+        FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="100",  # versioning on; no snapshot on shutdown
+    )
+    daemon = _daemon(env, FT_OPTIONS)
+    try:
+        daemon.run(idle_timeout_s=2.0, handle_signals=False)
+        daemon.versions.snapshot("test")
+        produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(4, 7)])
+        daemon.run(idle_timeout_s=2.0, handle_signals=False)  # then stops as after kill -9
+        [newest] = daemon.versions.registry.versions()
+        after = daemon.journal.applied_events(int(newest.tags["journal_seq"]))
+        units = {e.batch_id for e in after}
+        assert units, "the test needs edits after the newest version"
+        store = daemon.unit_deltas
+        # The version holds the earlier units: their deltas went when it was registered.
+        assert {p.name for p in store.folder.iterdir()} == {store.path_for(u).name for u in units}
+        edited = {k: v.clone() for k, v in daemon.lm.model.state_dict().items()}
+    finally:
+        daemon.close()
+
+    # Another editor setting would compute other deltas: the restart never asks it.
+    other = get_editor("ft", **{**FT_OPTIONS, "lr": FT_OPTIONS["lr"] * 3})
+    home = Path(env["FACTKEEPER_HOME"])
+    settings = load_settings(config_file(home, FT_OPTIONS), env=env)
+    restarted = Daemon(settings, editor=other, serve_metrics=False)
+    try:
+        assert restarted.restored.version == newest.version
+        assert (restarted.replay.units, restarted.replay.stored) == (len(units), len(units))
+        assert restarted.replay.events == len(after)
+        for key, value in restarted.lm.model.state_dict().items():
+            assert torch.equal(value, edited[key]), key
+    finally:
+        restarted.close()
 
 
 def _entry(norms: dict[str, float]) -> JournalEntry:

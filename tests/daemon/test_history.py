@@ -121,6 +121,7 @@ def test_revert_removes_one_edit_and_equals_a_run_without_it(
             i for i in applied if i != victim
         ]
         assert len(daemon.versions.registry.versions()) == versions_before + 1
+        assert daemon.unit_deltas.size() == (0, 0)  # the revert's version holds every unit
         refused = daemon.handle_control(Revert(command="revert", event_id=victim))
         assert refused.startswith("refused")
 
