@@ -99,6 +99,11 @@ class ArchitectureAdapter:
         """An (out, in) delta in the stored orientation, for saving next to state-dict keys."""
         return delta_out_in.T if self.layout is Layout.IN_OUT else delta_out_in
 
+    def to_out_in(self, stored: torch.Tensor) -> torch.Tensor:
+        """A stored-orientation tensor (a weight or a delta) as (out, in): ``to_stored``'s
+        inverse."""
+        return stored.T if self.layout is Layout.IN_OUT else stored
+
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "llama": ArchitectureAdapter(

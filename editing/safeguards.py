@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch.func import functional_call
 
 from editing.adapters import MlpRole
 from editing.editors.base import (
@@ -54,32 +55,25 @@ from editing.safeguard_config import SafeguardConfig
 log = logging.getLogger(__name__)
 
 
-"""Parameter name -> its original (base) value, as stored in the state dict."""
-
-
-@dataclass
-class _Module:
-    """One edited matrix: where it lives and how its delta is oriented."""
+@dataclass(frozen=True)
+class _Site:
+    """Where one guarded matrix sits; its orientation is the adapter's (``to_out_in``)."""
 
     param: str
-    module: torch.nn.Module
     role: MlpRole
     layer: int
-    transposed: bool  # stored (in, out), e.g. GPT-2's Conv1D
-
-    def out_in(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.T if self.transposed else stored
-
-    def stored(self, out_in: torch.Tensor) -> torch.Tensor:
-        return out_in.T if self.transposed else out_in
 
 
 @dataclass
-class _Proposal:
-    """What ``compute_deltas`` found, kept for ``apply`` (M update) and the run's figures."""
+class GuardedProposal:
+    """What the safeguards would write for one batch, computed without writing anything.
 
-    request_ids: tuple[str, ...]
-    memory_keys: dict[str, torch.Tensor]  # param -> (d_in, n) float64
+    ``apply`` writes ``deltas`` and adds ``memory_keys`` to the past-edit memory; nothing is
+    carried from ``compute_deltas`` to ``apply`` on the editor object.
+    """
+
+    deltas: dict[str, torch.Tensor]  # param -> float32 delta in stored orientation
+    memory_keys: dict[str, torch.Tensor]  # param -> (d_in, n) float64, keys on the originals
     info: dict[str, float]
 
 
@@ -117,8 +111,7 @@ class GuardedEditor(Editor):
         self._originals_source = originals
         self._originals: dict[str, torch.Tensor] = {}
         self.memory: dict[str, torch.Tensor] = {}  # param -> (d_in, d_in) float64 Σ k kᵀ
-        self._modules: dict[str, _Module] | None = None
-        self._last: _Proposal | None = None
+        self._sites: dict[str, _Site] | None = None
 
     def set_statistics(self, stats: KeyStatistics) -> None:
         """Where C0 comes from (the daemon passes one on its own home and corpus)."""
@@ -154,6 +147,17 @@ class GuardedEditor(Editor):
     def compute_deltas(
         self, lm: LoadedModel, requests: Sequence[EditRequest]
     ) -> dict[str, torch.Tensor]:
+        return self.propose(lm, requests).deltas
+
+    def propose(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> GuardedProposal:
+        """The batch's guarded deltas, the keys its memory entry needs and the figures.
+
+        The live weights end as they started; the only write is the inner editor's own
+        rewinding when ``rewind`` asks for its proposal on the original weights.
+
+        Raises:
+            EditError: the inner editor refused, or a safeguard refused the batch.
+        """
         if not requests:
             raise EditError("no requests")
         started = time.perf_counter()
@@ -168,35 +172,35 @@ class GuardedEditor(Editor):
         modules = self._resolve(lm, proposal)
         if first:  # the model holds its base weights now: remember them
             self._originals.update({m: _param(lm, m).detach().clone() for m in modules})
+        out_in = lm.adapter.to_out_in
         refit = c.preserve
         needs_keys = c.mask or refit
         keys_now, acts_now = self._capture(lm, modules, requests) if needs_keys else ({}, {})
         keys_orig = keys_now
         if needs_keys and rewind:
-            with self._rewound(lm):
-                keys_orig = self._keys(lm, modules, requests)
+            keys_orig = self._capture(lm, modules, requests, self._originals_of(modules))[0]
         deltas: dict[str, torch.Tensor] = {}
         unexplained: list[float] = []
         kept: list[float] = []
         for name, module in modules.items():
-            delta_h = module.out_in(proposal[name]).double()  # (d_out, d_in)
+            delta_h = out_in(proposal[name]).double()  # (d_out, d_in)
             if not needs_keys:
                 delta = delta_h
                 if c.normguard:
-                    self._check_norm(name, delta, module)
+                    self._check_norm(lm, name, delta)
                 deltas[name] = proposal[name]
                 continue
-            w_now = module.out_in(_param(lm, name).detach()).double()  # (d_out, d_in)
+            w_now = out_in(_param(lm, name).detach()).double()  # (d_out, d_in)
             k_now = keys_now[name]  # (d_in, n)
             if rewind and refit:
-                w0 = module.out_in(self._original(name)).double()
+                w0 = out_in(self._original(name)).double()
                 # Desired change on the current keys: (W0 + ΔW_h) U0 − W_t U_t, (d_out, n).
                 intended = (w0 + delta_h) @ keys_orig[name] - w_now @ k_now
             else:
                 intended = delta_h @ k_now  # (d_out, d_in) @ (d_in, n) -> (d_out, n)
             neurons = None
             if c.mask:
-                neurons = self._neurons(module, acts_now.get(name, k_now))
+                neurons = self._neurons(acts_now.get(name, k_now))
                 kept.append(len(neurons) / w_now.shape[1 if module.role is MlpRole.DOWN else 0])
             if refit:
                 delta = self._refit(lm, module, intended, k_now, neurons)
@@ -209,32 +213,27 @@ class GuardedEditor(Editor):
             miss = _unexplained(delta, k_now, intended)
             unexplained.append(miss)
             if c.normguard:
-                self._check_norm(name, delta, module)
+                self._check_norm(lm, name, delta)
                 if miss > c.max_unexplained:
                     raise EditError(
                         f"safeguards: {name} would leave {miss:.0%} of the edit's intended "
                         f"change undone (limit {c.max_unexplained:.0%}); edit refused"
                     )
-            deltas[name] = module.stored(delta).to(torch.float32).contiguous()
+            deltas[name] = lm.adapter.to_stored(delta).to(torch.float32).contiguous()
         info: dict[str, float] = {"guard_seconds": time.perf_counter() - started}
         if kept:
             info["neurons_kept"] = sum(kept) / len(kept)
         if unexplained:
             info["unexplained"] = max(unexplained)
-        self._last = _Proposal(
-            tuple(r.request_id for r in requests),
-            {n: keys_orig[n] for n in modules} if refit and c.remember_edits else {},
-            info,
-        )
-        return deltas
+        memory_keys = {n: keys_orig[n] for n in modules} if refit and c.remember_edits else {}
+        return GuardedProposal(deltas, memory_keys, info)
 
     def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
         if not requests:
             raise EditError("no requests to apply")
         started = time.perf_counter()
-        deltas = self.compute_deltas(lm, requests)
-        proposal = self._last
-        assert proposal is not None
+        proposal = self.propose(lm, requests)
+        deltas = proposal.deltas
         previous = write_deltas(lm.model, deltas)
         memory_before = {n: m.clone() for n, m in self.memory.items()}
         for name, keys in proposal.memory_keys.items():
@@ -260,15 +259,15 @@ class GuardedEditor(Editor):
         self.memory = {}
         if not held or not self.config.remember_edits:
             return
-        if self._modules is None:  # which matrices the inner editor writes: ask it once
+        if self._sites is None:  # which matrices the inner editor writes: ask it once
             self._resolve(lm, self.inner.compute_deltas(lm, held[:1]))
-        modules = self._modules or {}
-        with self._rewound(lm):
-            for start in range(0, len(held), 32):
-                keys = self._keys(lm, modules, held[start : start + 32])
-                for name, k in keys.items():
-                    gram = k.double() @ k.double().T
-                    self.memory[name] = self.memory[name] + gram if name in self.memory else gram
+        sites = self._sites or {}
+        originals = self._originals_of(sites)
+        for start in range(0, len(held), 32):
+            keys, _ = self._capture(lm, sites, held[start : start + 32], originals)
+            for name, k in keys.items():
+                gram = k.double() @ k.double().T
+                self.memory[name] = self.memory[name] + gram if name in self.memory else gram
 
     def describe(self) -> dict[str, Any]:
         """The resolved settings, for benchmark JSON and version lineage."""
@@ -281,28 +280,22 @@ class GuardedEditor(Editor):
 
     # -- pieces --
 
-    def _resolve(self, lm: LoadedModel, proposal: Mapping[str, torch.Tensor]) -> dict[str, _Module]:
-        if self._modules is None or not set(proposal) <= set(self._modules):
+    def _resolve(self, lm: LoadedModel, proposal: Mapping[str, torch.Tensor]) -> dict[str, _Site]:
+        if self._sites is None or not set(proposal) <= set(self._sites):
             adapter = lm.adapter
             names = {
                 adapter.weight_name(role, layer): (role, layer)
                 for layer in range(adapter.num_layers(lm.model))
                 for role in adapter.roles()
             }
-            modules = dict(self._modules or {})
+            sites = dict(self._sites or {})
             for param in proposal:
                 if param not in names:
                     raise EditError(f"safeguards: {param} is not an MLP matrix they can guard")
                 role, layer = names[param]
-                modules[param] = _Module(
-                    param,
-                    adapter.module(lm.model, role, layer),
-                    role,
-                    layer,
-                    transposed=adapter.layout.name == "IN_OUT",
-                )
-            self._modules = modules
-        return {name: self._modules[name] for name in proposal}
+                sites[param] = _Site(param, role, layer)
+            self._sites = sites
+        return {name: self._sites[name] for name in proposal}
 
     def _original(self, name: str) -> torch.Tensor:
         if name not in self._originals:
@@ -311,39 +304,48 @@ class GuardedEditor(Editor):
             self._originals[name] = self._originals_source(name).detach().clone()
         return self._originals[name]
 
-    def _rewound(self, lm: LoadedModel) -> _Rewound:
-        names = list(self._modules or {})
-        return _Rewound(lm, {n: self._original(n) for n in names})
+    def _originals_of(self, sites: Mapping[str, _Site]) -> dict[str, torch.Tensor]:
+        return {name: self._original(name) for name in sites}
 
-    def _keys(
-        self, lm: LoadedModel, modules: Mapping[str, _Module], requests: Sequence[EditRequest]
-    ) -> dict[str, torch.Tensor]:
-        """Each module's inputs at the answer positions of the edit prompts, (d_in, n)."""
-        return self._capture(lm, modules, requests)[0]
+    def _rewound(self, lm: LoadedModel) -> _Rewound:
+        return _Rewound(lm, self._originals_of(self._sites or {}))
 
     def _capture(
-        self, lm: LoadedModel, modules: Mapping[str, _Module], requests: Sequence[EditRequest]
+        self,
+        lm: LoadedModel,
+        sites: Mapping[str, _Site],
+        requests: Sequence[EditRequest],
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Keys (d_in, n) per module and, for up/gate matrices, their layer's neuron
-        activations (d_ff, n): the input of that layer's down matrix, at the answer positions."""
+        """Keys (d_in, n) per matrix and, for up/gate matrices, their layer's neuron
+        activations (d_ff, n): the input of that layer's down matrix, at the answer positions.
+
+        ``weights`` (parameter name -> value) stand in for the live ones during this forward
+        only (``torch.func.functional_call``), so keys on the original weights need no write.
+        """
         pairs = [(r.prompt, continuation(r.target_new)) for r in requests]
         batch = tokenize_pairs(lm.tokenizer, pairs, lm.device)
         answer = batch.labels != IGNORE  # (B, T)
-        watched = {name: m.module for name, m in modules.items()}
-        for m in modules.values():
+        adapter = lm.adapter
+        watched = {name: adapter.module(lm.model, m.role, m.layer) for name, m in sites.items()}
+        for m in sites.values():
             if m.role is not MlpRole.DOWN:
-                watched[f"act:{m.layer}"] = lm.adapter.module(lm.model, MlpRole.DOWN, m.layer)
+                watched[f"act:{m.layer}"] = adapter.module(lm.model, MlpRole.DOWN, m.layer)
+        inputs_ = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         with torch.no_grad(), frozen_parameters(lm.model), capture_inputs(watched) as inputs:
-            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        keys = {name: inputs[name][answer].double().T.cpu() for name in modules}
+            if weights:
+                functional_call(lm.model, dict(weights), args=(), kwargs=inputs_)
+            else:
+                lm.model(**inputs_)
+        keys = {name: inputs[name][answer].double().T.cpu() for name in sites}
         acts = {
             name: inputs[f"act:{m.layer}"][answer].double().T.cpu()
-            for name, m in modules.items()
+            for name, m in sites.items()
             if m.role is not MlpRole.DOWN
         }
         return keys, acts
 
-    def _neurons(self, module: _Module, activations: torch.Tensor) -> torch.Tensor:
+    def _neurons(self, activations: torch.Tensor) -> torch.Tensor:
         """The units the edit activates most (cumulative mass ``mask_p``): columns of a down
         matrix (its keys are the activations), rows of an up/gate matrix (the activations of
         the units it feeds), never the pre-activations, which a closed gate makes irrelevant."""
@@ -352,7 +354,7 @@ class GuardedEditor(Editor):
     def _refit(
         self,
         lm: LoadedModel,
-        module: _Module,
+        module: _Site,
         residual: torch.Tensor,
         keys: torch.Tensor,
         neurons: torch.Tensor | None,
@@ -390,8 +392,8 @@ class GuardedEditor(Editor):
             self._stats = KeyStatistics(Paths.from_env(), max_tokens=self.config.stats_tokens)
         return self._stats
 
-    def _check_norm(self, name: str, delta: torch.Tensor, module: _Module) -> None:
-        base = module.out_in(self._original(name)).double()
+    def _check_norm(self, lm: LoadedModel, name: str, delta: torch.Tensor) -> None:
+        base = lm.adapter.to_out_in(self._original(name)).double()
         ratio = float(delta.norm() / base.norm().clamp_min(1e-12))
         if ratio > self.config.max_delta_norm:
             raise EditError(

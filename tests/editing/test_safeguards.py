@@ -85,7 +85,7 @@ def test_refit_reproduces_the_proposal_on_the_edit_keys_without_preservation_ter
     proposal = editor.inner.compute_deltas(lm, requests)
     deltas = editor.compute_deltas(lm, requests)
     modules = {n: dict(lm.model.named_modules())[n.removesuffix(".weight")] for n in deltas}
-    keys = editor._keys(lm, editor._resolve(lm, deltas), requests)
+    keys, _ = editor._capture(lm, editor._resolve(lm, deltas), requests)
     for name in modules:
         intended = proposal[name].double() @ keys[name]  # (d_out, n)
         written = deltas[name].double() @ keys[name]
@@ -182,3 +182,37 @@ def test_method_specs():
         get_editor("emsedit+magic")
     with pytest.raises(EditError, match="key=value"):
         get_editor("emsedit:steps")
+
+
+def test_propose_leaves_the_weights_and_apply_writes_exactly_the_proposal(stats):
+    """Compute returns a proposal, apply writes it: nothing is carried on the editor between."""
+    lm = tiny_loaded("llama")
+    requests = make_requests()
+    editor = guarded(stats, rewind=True, mask=True, preserve=True, preserve_lambda=50.0)
+    editor.apply(lm, requests[:2])  # later edits rewind to the originals
+    before = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+    proposal = editor.propose(lm, requests[2:4])
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert set(proposal.memory_keys) == set(proposal.deltas)
+    result = editor.apply(lm, requests[2:4])
+    for name, delta in proposal.deltas.items():
+        assert torch.equal(result.deltas[name], delta)
+        assert torch.equal(lm.model.state_dict()[name], before[name] + delta)
+
+
+def test_keys_on_the_originals_need_no_write(stats):
+    """The functional forward on the original weights gives the keys a rewound model gives."""
+    lm = tiny_loaded("llama")
+    requests = make_requests()
+    editor = guarded(stats, rewind=True, preserve=True, preserve_lambda=50.0)
+    editor.apply(lm, requests[:2])
+    sites = editor._sites
+    assert sites
+    functional, _ = editor._capture(lm, sites, requests[2:4], editor._originals_of(sites))
+    with editor._rewound(lm):
+        rewound, _ = editor._capture(lm, sites, requests[2:4])
+    now, _ = editor._capture(lm, sites, requests[2:4])
+    assert all(torch.equal(functional[name], rewound[name]) for name in sites)
+    # A matrix's own input does not see its own edit, only the edits of the layers below it.
+    assert any(not torch.equal(functional[name], now[name]) for name in sites)
