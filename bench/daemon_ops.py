@@ -305,7 +305,7 @@ class PathTimer:
         self._journal_end: float | None = None
 
     def _install(self) -> None:
-        import daemon.consumer as consumer_module
+        import daemon.ingest.consumer as consumer_module
 
         d = self.daemon
         editor, applier, journal = d.applier.editor, d.applier, d.journal
@@ -653,7 +653,7 @@ class _PacedProducer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from daemon.events import encode_event
+        from daemon.ingest.events import encode_event
         from daemon.kafka_clients import build_producer
         from daemon.produce import event_from_request, record_key
 

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import load_settings  # noqa: E402
-from daemon.events import parse_event  # noqa: E402
+from daemon.ingest.events import parse_event  # noqa: E402
 from daemon.journal import EventRecord  # noqa: E402
 from daemon.produce import events_from_requests  # noqa: E402
 from daemon.service import Daemon  # noqa: E402

@@ -31,8 +31,8 @@ from kafka.errors import KafkaError
 
 from daemon.config import Settings
 from daemon.errors import QuarantineDeliveryError
-from daemon.events import encode_event
 from daemon.history import History
+from daemon.ingest.events import encode_event
 from daemon.journal import Journal, JournalEntry
 from daemon.snapshots import edited_tensors
 from daemon.versions import VersionKeeper

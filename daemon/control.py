@@ -13,8 +13,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from daemon.errors import InvalidControlError, ReasonCode
-from daemon.events import ID_PATTERN, EventId
-from daemon.payloads import decode_json_object, describe_validation_error
+from daemon.ingest.events import ID_PATTERN, EventId
+from daemon.ingest.payloads import decode_json_object, describe_validation_error
 
 log = logging.getLogger(__name__)
 

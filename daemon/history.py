@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from daemon.errors import HistoryError
-from daemon.events import FactCorrection
+from daemon.ingest.events import FactCorrection
 from daemon.journal import Journal, JournalEntry
 from daemon.versions import VersionKeeper
 from monitoring.metrics import FactkeeperMetrics

@@ -51,7 +51,7 @@ from daemon.errors import (
     JournalLockedError,
     UnknownEventError,
 )
-from daemon.events import FactCorrection, encode_event, stored_event
+from daemon.ingest.events import FactCorrection, encode_event, stored_event
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ _MIGRATIONS += (
     ),
 )
 _MIGRATIONS += (
-    # 4: the retry-ladder rung that applied a unit (``daemon.applier.rung_spec``; NULL: the
+    # 4: the retry-ladder rung that applied a unit (``daemon.ingest.applier.rung_spec``; NULL: the
     # configured editor), so replay re-applies the unit with the same editor.
     ("ALTER TABLE events ADD COLUMN retry_rung TEXT",),
 )
@@ -178,7 +178,7 @@ class EventRecord:
 @dataclass(frozen=True)
 class JournalEntry:
     """A journaled record as read back; ``event`` is parsed from the stored JSON without the
-    input limits (``daemon.events.stored_event``)."""
+    input limits (``daemon.ingest.events.stored_event``)."""
 
     seq: int
     event_id: str | None

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.config import KafkaSettings
-from daemon.events import SCHEMA_V1, FactCorrection, encode_event, parse_event
+from daemon.ingest.events import SCHEMA_V1, FactCorrection, encode_event, parse_event
 from daemon.kafka_clients import build_producer
 from editing.requests import EditRequest
 

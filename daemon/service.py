@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from daemon.admin import AdminServer, ControlInbox
-from daemon.applier import BatchOutcome, EditApplier, Rung, TransientRetry, rung_spec, to_request
 from daemon.config import Settings
-from daemon.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
 from daemon.errors import (
     HistoryError,
@@ -38,6 +36,15 @@ from daemon.errors import (
     UnitDeltasError,
 )
 from daemon.history import History
+from daemon.ingest.applier import (
+    BatchOutcome,
+    EditApplier,
+    Rung,
+    TransientRetry,
+    rung_spec,
+    to_request,
+)
+from daemon.ingest.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
 from daemon.registry import RegistryUnavailableError

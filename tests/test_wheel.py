@@ -179,9 +179,9 @@ def test_one_edit_with_the_default_method(installed: Installed, tmp_path: Path) 
         """
         import json, sys
         import torch
-        from daemon.applier import EditApplier
+        from daemon.ingest.applier import EditApplier
         from daemon.config import load_settings
-        from daemon.events import parse_event
+        from daemon.ingest.events import parse_event
         from daemon.service import build_editor
         from editing.generation import greedy_generate
         from editing.models import load_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.events import FactCorrection, parse_event
+from daemon.ingest.events import FactCorrection, parse_event
 
 
 def event_dict(event_id: str = "cf:1", **overrides: Any) -> dict[str, Any]:

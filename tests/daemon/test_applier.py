@@ -15,11 +15,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from daemon.applier import EditApplier, Rung, rung_spec
 from daemon.config import Settings, load_settings
-from daemon.consumer import FactConsumer, _Pending
 from daemon.errors import RetryLadderChangedError, SettingsError
-from daemon.events import FactCorrection, parse_event
+from daemon.ingest.applier import EditApplier, Rung, rung_spec
+from daemon.ingest.consumer import FactConsumer, _Pending
+from daemon.ingest.events import FactCorrection, parse_event
 from daemon.journal import Journal
 from daemon.service import build_ladder, replay_journal
 from daemon.unit_deltas import UnitDeltaStore
@@ -147,7 +147,7 @@ def test_a_batch_keeps_the_edits_that_take_as_one_unit(tiny_model_dir):
 
 
 def applier_request(event: FactCorrection) -> EditRequest:
-    from daemon.applier import to_request
+    from daemon.ingest.applier import to_request
 
     return to_request(event)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.applier import EditApplier
+from daemon.ingest.applier import EditApplier
 from daemon.journal import Journal
 from daemon.service import replay_journal
 from editing.generation import greedy_generate

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from daemon.applier import EditApplier
 from daemon.config import load_settings
-from daemon.events import HEADER_EVENT_ID, HEADER_REASON
+from daemon.ingest.applier import EditApplier
+from daemon.ingest.events import HEADER_EVENT_ID, HEADER_REASON
 from daemon.service import Daemon, replay_journal
 from editing.editors.base import Editor, write_deltas
 from editing.models import LoadedModel, load_model

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.errors import InvalidEventError
-from daemon.events import (
+from daemon.ingest.events import (
     HEADER_DETAIL,
     HEADER_EVENT_ID,
     HEADER_REASON,
@@ -33,7 +33,7 @@ from daemon.events import (
     parse_event,
     render_json_schema,
 )
-from daemon.payloads import nesting_depth
+from daemon.ingest.payloads import nesting_depth
 from tests.daemon.builders import event_dict, to_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,7 +234,7 @@ def test_committed_json_schema_matches_the_model() -> None:
     committed = (REPO / "schemas" / "fact_correction.v1.json").read_text(encoding="utf-8")
     assert committed == render_json_schema(), (
         'regenerate with: .venv/bin/python -c "from pathlib import Path; '
-        "from daemon.events import write_json_schema; "
+        "from daemon.ingest.events import write_json_schema; "
         "write_json_schema(Path('schemas/fact_correction.v1.json'))\""
     )
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from daemon.applier import EditApplier, to_request
 from daemon.config import load_settings
 from daemon.control import Revert, Rollback, encode_control
+from daemon.ingest.applier import EditApplier, to_request
 from daemon.produce import events_from_requests
 from daemon.service import Daemon, replay_journal
 from editing.datasets import load_dataset

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.applier import EditApplier, to_request
 from daemon.config import Settings, load_settings
 from daemon.errors import CorruptUnitDeltasError, ReplayMismatchError
+from daemon.ingest.applier import EditApplier, to_request
 from daemon.journal import Journal
 from daemon.service import GUARDED_NORM_RTOL, Daemon, replay_journal
 from daemon.unit_deltas import UnitDeltaStore, lineage_of

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.applier import to_request
 from daemon.config import load_settings
+from daemon.ingest.applier import to_request
 from daemon.service import Daemon, build_editor
 from editing.paths import Paths
 from editing.registry import get_editor

@@ -24,7 +24,7 @@ from typing import Any
 
 from kafka import KafkaProducer
 
-from daemon.events import (
+from daemon.ingest.events import (
     HEADER_DETAIL,
     HEADER_REASON,
     HEADER_SOURCE_OFFSET,

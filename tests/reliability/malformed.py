@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.events import (
+from daemon.ingest.events import (
     MAX_EVENT_BYTES,
     MAX_ID_CHARS,
     MAX_JSON_DEPTH,

@@ -26,9 +26,9 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError
 
 from daemon.config import load_settings
-from daemon.consumer import FactConsumer
 from daemon.control import Rollback, TakeSnapshot, encode_control
 from daemon.errors import JournalMismatchError
+from daemon.ingest.consumer import FactConsumer
 from daemon.journal import Journal
 from daemon.service import Daemon
 from tests.daemon.builders import to_bytes

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.errors import InvalidEventError
-from daemon.events import encode_event, parse_event
+from daemon.ingest.events import encode_event, parse_event
 from tests.reliability.fuzz import FuzzConfig, run_fuzz
 from tests.reliability.malformed import KINDS, fuzz_stream, malformed, valid_event
 

@@ -30,7 +30,6 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from daemon.applier import BatchOutcome, EditApplier
 from daemon.config import Settings
 from daemon.control import ControlCommand, Pause, Resume, parse_control
 from daemon.control_auth import verify_control
@@ -40,7 +39,8 @@ from daemon.errors import (
     InvalidEventError,
     JournalMismatchError,
 )
-from daemon.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
+from daemon.ingest.applier import BatchOutcome, EditApplier
+from daemon.ingest.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
 from daemon.journal import EventRecord, Journal, control_source
 from daemon.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from monitoring.http import Readiness

@@ -42,7 +42,7 @@ import torch
 
 from daemon.config import EditorSettings
 from daemon.errors import RetryLadderChangedError
-from daemon.events import FactCorrection
+from daemon.ingest.events import FactCorrection
 from editing.checks import Judge, Verdict
 from editing.editors.base import EditError, Editor, EditResult, write_deltas
 from editing.models import LoadedModel

@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from daemon.errors import InvalidEventError, ReasonCode
-from daemon.payloads import decode_json_object, describe_validation_error
+from daemon.ingest.payloads import decode_json_object, describe_validation_error
 
 log = logging.getLogger(__name__)
 
