@@ -804,9 +804,9 @@ def run_restart(
 ) -> dict[str, Any]:
     """The restart scenario for one method (snapshots off: every applied edit replays)."""
     from daemon.config import load_settings
-    from daemon.journal import Journal
     from daemon.produce import events_from_requests, send
-    from daemon.unit_deltas import UnitDeltaStore
+    from daemon.records.journal import Journal
+    from daemon.records.unit_deltas import UnitDeltaStore
 
     task = DaemonTask(
         method=method,

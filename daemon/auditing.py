@@ -31,9 +31,9 @@ from kafka.errors import KafkaError
 
 from daemon.config import Settings
 from daemon.errors import QuarantineDeliveryError
-from daemon.history import History
 from daemon.ingest.events import encode_event
-from daemon.journal import Journal, JournalEntry
+from daemon.records.history import History
+from daemon.records.journal import Journal, JournalEntry
 from daemon.snapshots import edited_tensors
 from daemon.versions import VersionKeeper
 from editing.evaluation import ModelState

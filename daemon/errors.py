@@ -99,7 +99,7 @@ class RetryLadderChangedError(ReplayMismatchError):
 
 
 class UnitDeltasError(DaemonError):
-    """A journaled unit's stored deltas (``daemon.unit_deltas``) cannot be written or used.
+    """A journaled unit's stored deltas (``daemon.records.unit_deltas``) cannot be written or used.
 
     Never fatal: the stored deltas only spare replay the editor's work, so a unit without
     usable ones is re-edited, as replay did before they existed.

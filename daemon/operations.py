@@ -19,7 +19,7 @@ import torch
 from daemon.config import Settings
 from daemon.control import ControlCommand, encode_control
 from daemon.errors import DaemonError
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 from daemon.registry import ModelRegistry, VersionInfo, audit_label
 from daemon.report import ReportFiles
 from daemon.snapshots import FolderBaseWeights, load_into, read_snapshot, tensors_hash

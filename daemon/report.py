@@ -26,7 +26,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from daemon.journal import STATUSES
+from daemon.records.journal import STATUSES
 from daemon.registry import CANDIDATE, PRODUCTION, VersionInfo, audit_label
 from editing.errors import FactkeeperError
 from monitoring.report_plots import (

@@ -3,9 +3,9 @@
 Start-up is the recipe of the design's "exactly-once effect": the model is the newest usable
 snapshot (an MLflow version) plus a replay of the applied journal entries after it, unit by unit
 in journal order; only then does the consumer resume from the committed offsets. Replay adds
-each unit's stored deltas back (``daemon.unit_deltas``: written before the unit's journal rows,
-checked against the journaled hash), so a restart costs reads, not edits; a unit without usable
-ones is re-edited, which needs editing to be deterministic on CPU (the editors' tests check
+each unit's stored deltas back (``daemon.records.unit_deltas``: written before the unit's journal
+rows, checked against the journaled hash), so a restart costs reads, not edits; a unit without
+usable ones is re-edited, which needs editing to be deterministic on CPU (the editors' tests check
 that). A revert or a rollback that rebuilds re-edits on purpose and stores the new deltas.
 """
 
@@ -35,7 +35,6 @@ from daemon.errors import (
     SettingsError,
     UnitDeltasError,
 )
-from daemon.history import History
 from daemon.ingest.applier import (
     BatchOutcome,
     EditApplier,
@@ -45,11 +44,12 @@ from daemon.ingest.applier import (
     to_request,
 )
 from daemon.ingest.consumer import ControlHandler, FactConsumer, RunStats
-from daemon.journal import Journal, JournalEntry
 from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
+from daemon.records.history import History
+from daemon.records.journal import Journal, JournalEntry
+from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from daemon.registry import RegistryUnavailableError
 from daemon.snapshots import load_into
-from daemon.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from daemon.versions import (
     SnapshotBackoff,
     VersionKeeper,

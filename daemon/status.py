@@ -8,7 +8,7 @@ import urllib.request
 from typing import Any
 
 from daemon.config import Settings
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 
 
 def daemon_status(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from daemon.config import Settings
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 from daemon.registry import PRODUCTION, ModelRegistry, RegistryUnavailableError
 from daemon.snapshots import (
     BaseWeights,

@@ -83,7 +83,7 @@ def test_imports_point_one_way(package: str) -> None:
         ("editing", "from confluent_kafka import Producer"),
         ("editing", "from monitoring.gates import GateThresholds"),
         ("monitoring", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import daemon\n"),
-        ("monitoring", "import importlib\nimportlib.import_module('daemon.journal')\n"),
+        ("monitoring", "import importlib\nimportlib.import_module('daemon.records.journal')\n"),
         ("daemon", "def f():\n    import bench.ops\n"),
         ("bench", "from tests.daemon.harness import fact"),
     ],

@@ -306,8 +306,8 @@ class EditApplier:
         deltas: Mapping[str, torch.Tensor],
         retry_rung: str | None = None,
     ) -> AppliedUnit:
-        """Re-apply a journaled unit from its stored deltas (``daemon.unit_deltas``), written
-        as the editor wrote them, so the weights match the first application bit for bit.
+        """Re-apply a journaled unit from its stored deltas (``daemon.records.unit_deltas``),
+        written as the editor wrote them, so the weights match the first application bit for bit.
 
         The editor is not called, so an editor that keeps a memory of past edits does not
         learn this unit: the caller rebuilds that memory (``replay_journal`` does).

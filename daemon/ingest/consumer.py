@@ -41,8 +41,8 @@ from daemon.errors import (
 )
 from daemon.ingest.applier import BatchOutcome, EditApplier
 from daemon.ingest.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
-from daemon.journal import EventRecord, Journal, control_source
-from daemon.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
+from daemon.records.journal import EventRecord, Journal, control_source
+from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
 

@@ -20,9 +20,9 @@ from daemon.errors import RetryLadderChangedError, SettingsError
 from daemon.ingest.applier import EditApplier, Rung, rung_spec
 from daemon.ingest.consumer import FactConsumer, _Pending
 from daemon.ingest.events import FactCorrection, parse_event
-from daemon.journal import Journal
+from daemon.records.journal import Journal
+from daemon.records.unit_deltas import UnitDeltaStore
 from daemon.service import build_ladder, replay_journal
-from daemon.unit_deltas import UnitDeltaStore
 from editing.editors.base import Editor
 from editing.models import LoadedModel, load_model
 from editing.registry import get_editor

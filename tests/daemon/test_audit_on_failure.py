@@ -17,7 +17,7 @@ import pytest
 
 from daemon.auditing import AuditRunner
 from daemon.config import load_settings
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 from monitoring.metrics import FactkeeperMetrics
 from tests.daemon.test_journal import applied
 from tests.monitoring.test_gates import _result

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from daemon.ingest.applier import EditApplier
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 from daemon.service import replay_journal
 from editing.generation import greedy_generate
 from editing.models import load_model

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from daemon.config import load_settings
 from daemon.errors import ReplayMismatchError
-from daemon.journal import Journal, JournalEntry
+from daemon.records.journal import Journal, JournalEntry
 from daemon.service import Daemon, verify_replayed
 from daemon.versions import VersionKeeper
 from editing.editors.base import EditResult

@@ -20,7 +20,7 @@ from daemon.errors import (
     JournalLockedError,
     UnknownEventError,
 )
-from daemon.journal import SCHEMA_VERSION, EventRecord, Journal, writer_lock_path
+from daemon.records.journal import SCHEMA_VERSION, EventRecord, Journal, writer_lock_path
 from tests.daemon.builders import make_event
 
 T0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
@@ -330,7 +330,7 @@ def test_rows_are_read_back_without_input_limits(journal: Journal) -> None:
 _HOLD = """
 import sys, time
 from pathlib import Path
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 journal = Journal.open(Path(sys.argv[1]), exclusive=True)
 print("locked", flush=True)
 time.sleep(120)

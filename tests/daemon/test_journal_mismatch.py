@@ -72,7 +72,7 @@ def test_a_recreated_topic_is_refused_then_consumed_anew_when_accepted(
         _run(env)
 
     daemon = _run(env, accept_journal_mismatch=True)
-    from daemon.journal import Journal
+    from daemon.records.journal import Journal
 
     with Journal.open(journal_path(env), create=False) as journal:
         for i in (3, 6, 7):

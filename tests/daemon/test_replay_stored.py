@@ -19,9 +19,9 @@ import torch
 from daemon.config import Settings, load_settings
 from daemon.errors import CorruptUnitDeltasError, ReplayMismatchError
 from daemon.ingest.applier import EditApplier, to_request
-from daemon.journal import Journal
+from daemon.records.journal import Journal
+from daemon.records.unit_deltas import UnitDeltaStore, lineage_of
 from daemon.service import GUARDED_NORM_RTOL, Daemon, replay_journal
-from daemon.unit_deltas import UnitDeltaStore, lineage_of
 from daemon.versions import base_weights
 from editing.editors.base import Editor
 from editing.models import LoadedModel, load_model

@@ -145,7 +145,7 @@ def test_a_sqlite_store_keeps_artifacts_next_to_its_database(tmp_path, monkeypat
 def test_restore_and_read_leave_no_download_folder_behind(tmp_path, monkeypatch):
     """Each restore used to leave the downloaded snapshot (about 21 MB for SmolLM2) in /tmp."""
     from daemon.config import load_settings
-    from daemon.journal import Journal
+    from daemon.records.journal import Journal
     from daemon.versions import VersionKeeper
     from editing.tiny import tiny_loaded
     from monitoring.metrics import FactkeeperMetrics

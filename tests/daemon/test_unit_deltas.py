@@ -13,7 +13,7 @@ from daemon.errors import (
     StaleUnitDeltasError,
     UnitDeltasError,
 )
-from daemon.unit_deltas import (
+from daemon.records.unit_deltas import (
     ROOT_LINEAGE,
     UnitDeltaStore,
     extend_lineage,

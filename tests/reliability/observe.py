@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.journal import UNCLAIMED_STATUSES
+from daemon.records.journal import UNCLAIMED_STATUSES
 
 
 @dataclass(frozen=True)

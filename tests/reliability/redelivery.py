@@ -29,7 +29,7 @@ from daemon.config import load_settings
 from daemon.control import Rollback, TakeSnapshot, encode_control
 from daemon.errors import JournalMismatchError
 from daemon.ingest.consumer import FactConsumer
-from daemon.journal import Journal
+from daemon.records.journal import Journal
 from daemon.service import Daemon
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import config_file, create_topics, env_for, fact, journal_path, produce

@@ -34,7 +34,7 @@ import torch
 
 from daemon.errors import HistoryError
 from daemon.ingest.events import FactCorrection
-from daemon.journal import Journal, JournalEntry
+from daemon.records.journal import Journal, JournalEntry
 from daemon.versions import VersionKeeper
 from monitoring.metrics import FactkeeperMetrics
 

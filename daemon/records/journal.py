@@ -477,7 +477,8 @@ class Journal:
         self, upto_seq: int | None = None
     ) -> list[tuple[str, str | None, str | None]]:
         """``(event_id, batch_id, delta_sha256)`` of every applied event (up to ``upto_seq``),
-        in seq order: what the weights hold, without parsing payloads (``daemon.unit_deltas``)."""
+        in seq order: what the weights hold, without parsing payloads
+        (``daemon.records.unit_deltas``)."""
         rows = self._conn.execute(
             "SELECT event_id, batch_id, delta_sha256 FROM events "
             "WHERE status = 'applied' AND seq <= ? ORDER BY seq",
