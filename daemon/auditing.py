@@ -34,8 +34,8 @@ from daemon.errors import QuarantineDeliveryError
 from daemon.ingest.events import encode_event
 from daemon.records.history import History
 from daemon.records.journal import Journal, JournalEntry
-from daemon.snapshots import edited_tensors
-from daemon.versions import VersionKeeper
+from daemon.versions.keeper import VersionKeeper
+from daemon.versions.snapshots import edited_tensors
 from editing.evaluation import ModelState
 from editing.models import LoadedModel
 from monitoring.audit_report import AuditReport, read_audit_reports, write_audit_report

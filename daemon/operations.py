@@ -20,9 +20,9 @@ from daemon.config import Settings
 from daemon.control import ControlCommand, encode_control
 from daemon.errors import DaemonError
 from daemon.records.journal import Journal
-from daemon.registry import ModelRegistry, VersionInfo, audit_label
 from daemon.report import ReportFiles
-from daemon.snapshots import FolderBaseWeights, load_into, read_snapshot, tensors_hash
+from daemon.versions.registry import ModelRegistry, VersionInfo, audit_label
+from daemon.versions.snapshots import FolderBaseWeights, load_into, read_snapshot, tensors_hash
 from editing.models import load_model
 from editing.paths import Paths
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.records.journal import STATUSES
-from daemon.registry import CANDIDATE, PRODUCTION, VersionInfo, audit_label
+from daemon.versions.registry import CANDIDATE, PRODUCTION, VersionInfo, audit_label
 from editing.errors import FactkeeperError
 from monitoring.report_plots import (
     FAIL_COLOR,

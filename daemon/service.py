@@ -48,14 +48,14 @@ from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
 from daemon.records.history import History
 from daemon.records.journal import Journal, JournalEntry
 from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
-from daemon.registry import RegistryUnavailableError
-from daemon.snapshots import load_into
-from daemon.versions import (
+from daemon.versions.keeper import (
     SnapshotBackoff,
     VersionKeeper,
     base_weights,
     editable_weight_names,
 )
+from daemon.versions.registry import RegistryUnavailableError
+from daemon.versions.snapshots import load_into
 from editing.editors.base import EditError, Editor, EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
 from editing.models import LoadedModel, load_model

@@ -35,7 +35,7 @@ import torch
 from daemon.errors import HistoryError
 from daemon.ingest.events import FactCorrection
 from daemon.records.journal import Journal, JournalEntry
-from daemon.versions import VersionKeeper
+from daemon.versions.keeper import VersionKeeper
 from monitoring.metrics import FactkeeperMetrics
 
 log = logging.getLogger(__name__)

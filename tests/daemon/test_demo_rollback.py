@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from daemon.demo import _rollback_target
-from daemon.registry import VersionInfo
+from daemon.versions.registry import VersionInfo
 
 
 def _version(number: int, edits: int, passed: str | None, *aliases: str) -> VersionInfo:

@@ -15,7 +15,7 @@ from daemon.config import load_settings
 from daemon.errors import ReplayMismatchError
 from daemon.records.journal import Journal, JournalEntry
 from daemon.service import Daemon, verify_replayed
-from daemon.versions import VersionKeeper
+from daemon.versions.keeper import VersionKeeper
 from editing.editors.base import EditResult
 from editing.registry import get_editor
 from editing.safeguards import GuardedEditor

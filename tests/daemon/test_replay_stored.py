@@ -22,7 +22,7 @@ from daemon.ingest.applier import EditApplier, to_request
 from daemon.records.journal import Journal
 from daemon.records.unit_deltas import UnitDeltaStore, lineage_of
 from daemon.service import GUARDED_NORM_RTOL, Daemon, replay_journal
-from daemon.versions import base_weights
+from daemon.versions.keeper import base_weights
 from editing.editors.base import Editor
 from editing.models import LoadedModel, load_model
 from editing.registry import get_editor

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from daemon import report
-from daemon.registry import VersionInfo
 from daemon.report import (
     AuditHistory,
     ReportError,
@@ -24,6 +23,7 @@ from daemon.report import (
     parse_audit,
     write_html_report,
 )
+from daemon.versions.registry import VersionInfo
 from editing.errors import FactkeeperError
 from monitoring.report_plots import locality_figure, retention_figure
 

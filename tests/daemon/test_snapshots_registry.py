@@ -6,8 +6,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from daemon.registry import CANDIDATE, PRODUCTION, ModelRegistry
-from daemon.snapshots import (
+from daemon.versions.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from daemon.versions.snapshots import (
     FolderBaseWeights,
     InMemoryBaseWeights,
     SnapshotError,
@@ -146,7 +146,7 @@ def test_restore_and_read_leave_no_download_folder_behind(tmp_path, monkeypatch)
     """Each restore used to leave the downloaded snapshot (about 21 MB for SmolLM2) in /tmp."""
     from daemon.config import load_settings
     from daemon.records.journal import Journal
-    from daemon.versions import VersionKeeper
+    from daemon.versions.keeper import VersionKeeper
     from editing.tiny import tiny_loaded
     from monitoring.metrics import FactkeeperMetrics
 

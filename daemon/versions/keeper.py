@@ -24,8 +24,8 @@ import torch
 
 from daemon.config import Settings
 from daemon.records.journal import Journal
-from daemon.registry import PRODUCTION, ModelRegistry, RegistryUnavailableError
-from daemon.snapshots import (
+from daemon.versions.registry import PRODUCTION, ModelRegistry, RegistryUnavailableError
+from daemon.versions.snapshots import (
     BaseWeights,
     FolderBaseWeights,
     InMemoryBaseWeights,
