@@ -216,28 +216,28 @@ def _control(ns: argparse.Namespace, command: Any) -> int:
 
 def cmd_snapshot(ns: argparse.Namespace) -> int:
     """Ask the running daemon to register its current weights as a new version."""
-    from daemon.control import TakeSnapshot
+    from daemon.control.commands import TakeSnapshot
 
     return _control(ns, TakeSnapshot(command="snapshot"))
 
 
 def cmd_audit(ns: argparse.Namespace) -> int:
     """Ask the running daemon to audit now and act on the gate."""
-    from daemon.control import RunAudit
+    from daemon.control.commands import RunAudit
 
     return _control(ns, RunAudit(command="audit"))
 
 
 def cmd_rollback(ns: argparse.Namespace) -> int:
     """Ask the running daemon to return to VERSION and point `production` at it."""
-    from daemon.control import Rollback
+    from daemon.control.commands import Rollback
 
     return _control(ns, Rollback(command="rollback", version=ns.version, force=ns.force))
 
 
 def cmd_revert(ns: argparse.Namespace) -> int:
     """Ask the running daemon to remove one edit (replaying the later ones without it)."""
-    from daemon.control import Revert
+    from daemon.control.commands import Revert
 
     return _control(ns, Revert(command="revert", event_id=ns.event_id))
 

@@ -568,7 +568,7 @@ class AdminSettings(_Section):
     """The authenticated admin HTTP endpoint for control commands, and the control-topic key."""
 
     enabled: bool = False
-    """Serve ``POST /control`` and ``GET /control/<id>`` (``daemon/admin.py``)."""
+    """Serve ``POST /control`` and ``GET /control/<id>`` (``daemon/control/admin.py``)."""
     host: Name = "127.0.0.1"
     """Interface to listen on; loopback by default (reach it with ``kubectl port-forward``)."""
     port: int = Field(default=9109, ge=1, le=65535)
@@ -588,7 +588,7 @@ class AdminSettings(_Section):
 
 
 class ControlSettings(_Section):
-    """Who may send commands on the control topic (``daemon/control_auth.py``)."""
+    """Who may send commands on the control topic (``daemon/control/auth.py``)."""
 
     keys: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], SecretStr] = Field(
         default_factory=dict

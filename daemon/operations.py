@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from daemon.config import Settings
-from daemon.control import ControlCommand, encode_control
+from daemon.control.commands import ControlCommand, encode_control
 from daemon.errors import DaemonError
 from daemon.records.journal import Journal
 from daemon.report import ReportFiles
@@ -79,7 +79,7 @@ def _signed(settings: Settings, value: bytes) -> list[tuple[str, bytes]]:
     signing = settings.control.signing_key()
     if signing is None:
         return []
-    from daemon.control_auth import sign_control
+    from daemon.control.auth import sign_control
 
     key_id, key = signing
     return sign_control(

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from daemon.admin import AdminServer, ControlInbox
 from daemon.config import Settings
-from daemon.control import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
+from daemon.control.admin import AdminServer, ControlInbox
+from daemon.control.commands import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
 from daemon.errors import (
     HistoryError,
     JournalMismatchError,

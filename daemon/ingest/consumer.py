@@ -31,8 +31,8 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from daemon.config import Settings
-from daemon.control import ControlCommand, Pause, Resume, parse_control
-from daemon.control_auth import verify_control
+from daemon.control.auth import verify_control
+from daemon.control.commands import ControlCommand, Pause, Resume, parse_control
 from daemon.errors import (
     DaemonError,
     InvalidControlError,

@@ -43,7 +43,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import TypeAdapter
 
-from daemon.control import ControlCommand, encode_control
+from daemon.control.commands import ControlCommand, encode_control
 from daemon.errors import (
     DuplicateEventError,
     DuplicateOffsetError,

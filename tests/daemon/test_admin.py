@@ -17,10 +17,9 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from daemon.admin import AdminError, AdminServer, ControlInbox, InboxFullError
 from daemon.config import load_settings
-from daemon.control import MAX_CONTROL_BYTES, Pause, Rollback, encode_control, parse_control
-from daemon.control_auth import (
+from daemon.control.admin import AdminError, AdminServer, ControlInbox, InboxFullError
+from daemon.control.auth import (
     ISSUED_AT_HEADER,
     KEY_ID_HEADER,
     NONCE_HEADER,
@@ -28,6 +27,13 @@ from daemon.control_auth import (
     bearer_token_matches,
     sign_control,
     verify_control,
+)
+from daemon.control.commands import (
+    MAX_CONTROL_BYTES,
+    Pause,
+    Rollback,
+    encode_control,
+    parse_control,
 )
 from daemon.errors import SettingsError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.control import (
+from daemon.control.commands import (
     COMMAND_NAMES,
     MAX_CONTROL_BYTES,
     Pause,

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from daemon.control import Pause, Rollback, encode_control
-from daemon.control_auth import sign_control
+from daemon.control.auth import sign_control
+from daemon.control.commands import Pause, Rollback, encode_control
 from tests.daemon.harness import create_topics, daemon_from_env, env_for, free_port
 
 pytestmark = pytest.mark.kafka

@@ -13,7 +13,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from daemon.control import Rollback, encode_control
+from daemon.control.commands import Rollback, encode_control
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import create_topics, daemon_from_env, env_for, fact, produce
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from daemon.config import load_settings
-from daemon.control import Revert, Rollback, encode_control
+from daemon.control.commands import Revert, Rollback, encode_control
 from daemon.ingest.applier import EditApplier, to_request
 from daemon.produce import events_from_requests
 from daemon.service import Daemon, replay_journal

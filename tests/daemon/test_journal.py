@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.control import Revert, Rollback
+from daemon.control.commands import Revert, Rollback
 from daemon.errors import (
     DuplicateEventError,
     DuplicateOffsetError,

@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 import daemon.auditing as auditing
-from daemon.control import RunAudit, encode_control
+from daemon.control.commands import RunAudit, encode_control
 from daemon.errors import QuarantineDeliveryError
 from monitoring.gates import GateDecision
 from tests.daemon.builders import to_bytes

@@ -13,7 +13,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from daemon.config import load_settings
-from daemon.control import Pause, Resume, encode_control
+from daemon.control.commands import Pause, Resume, encode_control
 from daemon.service import Daemon
 from editing.adapters import MlpRole
 from editing.keystats import KeyStatistics

@@ -26,7 +26,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError
 
 from daemon.config import load_settings
-from daemon.control import Rollback, TakeSnapshot, encode_control
+from daemon.control.commands import Rollback, TakeSnapshot, encode_control
 from daemon.errors import JournalMismatchError
 from daemon.ingest.consumer import FactConsumer
 from daemon.records.journal import Journal

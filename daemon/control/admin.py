@@ -26,8 +26,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from pydantic import SecretStr
 
 from daemon.config import AdminSettings
-from daemon.control import MAX_CONTROL_BYTES, ControlCommand, parse_control
-from daemon.control_auth import bearer_token_matches
+from daemon.control.auth import bearer_token_matches
+from daemon.control.commands import MAX_CONTROL_BYTES, ControlCommand, parse_control
 from daemon.errors import DaemonError, InvalidControlError
 
 log = logging.getLogger(__name__)
