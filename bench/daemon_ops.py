@@ -460,8 +460,8 @@ def run_daemon_task(task: DaemonTask) -> dict[str, Any]:
     import torch
 
     from daemon.config import load_settings
-    from daemon.kafka_clients import ensure_topics
-    from daemon.produce import events_from_requests, send
+    from daemon.kafka.clients import ensure_topics
+    from daemon.kafka.produce import events_from_requests, send
     from daemon.service import Daemon
     from editing.models import load_model
     from editing.paths import Paths
@@ -654,8 +654,8 @@ class _PacedProducer(threading.Thread):
 
     def run(self) -> None:
         from daemon.ingest.events import encode_event
-        from daemon.kafka_clients import build_producer
-        from daemon.produce import event_from_request, record_key
+        from daemon.kafka.clients import build_producer
+        from daemon.kafka.produce import event_from_request, record_key
 
         producer = build_producer(self.settings.kafka)
         topic = self.settings.kafka.topics.corrections
@@ -804,7 +804,7 @@ def run_restart(
 ) -> dict[str, Any]:
     """The restart scenario for one method (snapshots off: every applied edit replays)."""
     from daemon.config import load_settings
-    from daemon.produce import events_from_requests, send
+    from daemon.kafka.produce import events_from_requests, send
     from daemon.records.journal import Journal
     from daemon.records.unit_deltas import UnitDeltaStore
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from daemon.config import load_settings  # noqa: E402
 from daemon.ingest.events import parse_event  # noqa: E402
-from daemon.produce import events_from_requests  # noqa: E402
+from daemon.kafka.produce import events_from_requests  # noqa: E402
 from daemon.records.journal import EventRecord  # noqa: E402
 from daemon.service import Daemon  # noqa: E402
 from editing.bench import git_revision, json_default, machine_info, utc_now_iso  # noqa: E402

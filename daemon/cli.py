@@ -163,7 +163,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_produce(ns: argparse.Namespace) -> int:
     """Send corrections: a JSONL file of events, or dataset records converted to events."""
-    from daemon import produce
+    from daemon.kafka import produce
 
     settings = _settings(ns)
     if (ns.file is None) == (ns.dataset is None):

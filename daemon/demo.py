@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from daemon import kafka_broker
 from daemon.config import Settings, load_settings
 from daemon.control.commands import Rollback, encode_control
-from daemon.kafka_clients import ensure_topics
+from daemon.kafka.clients import ensure_topics
+from daemon.kafka.produce import events_from_requests, send
 from daemon.operations import audit_reports_dir, version_rows, write_daemon_report
-from daemon.produce import events_from_requests, send
 from daemon.report import load_audits
 from daemon.service import Daemon
 from editing.checks import Judge

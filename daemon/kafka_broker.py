@@ -41,7 +41,7 @@ from kafka.errors import KafkaError
 from pydantic import SecretStr
 
 from daemon.config import KafkaSettings
-from daemon.kafka_clients import KafkaConnectError, KafkaTlsError, check_connection
+from daemon.kafka.clients import KafkaConnectError, KafkaTlsError, check_connection
 from editing.errors import FactkeeperError
 from editing.paths import Paths
 

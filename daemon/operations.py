@@ -55,7 +55,7 @@ def registry_for(settings: Settings) -> ModelRegistry:
 
 def send_control(settings: Settings, command: ControlCommand, wait_s: float) -> ControlOutcome:
     """Put ``command`` on the control topic; wait up to ``wait_s`` for the journaled outcome."""
-    from daemon.kafka_clients import build_producer
+    from daemon.kafka.clients import build_producer
 
     before = _last_control_seq(settings)
     producer = build_producer(settings.kafka)

@@ -44,7 +44,7 @@ from daemon.ingest.applier import (
     to_request,
 )
 from daemon.ingest.consumer import ControlHandler, FactConsumer, RunStats
-from daemon.kafka_clients import build_consumer, build_producer, ensure_topics
+from daemon.kafka.clients import build_consumer, build_producer, ensure_topics
 from daemon.records.history import History
 from daemon.records.journal import Journal, JournalEntry
 from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of

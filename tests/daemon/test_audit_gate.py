@@ -18,7 +18,7 @@ import torch
 from kafka import KafkaConsumer
 
 from daemon.config import load_settings
-from daemon.produce import events_from_requests
+from daemon.kafka.produce import events_from_requests
 from daemon.service import Daemon
 from editing.datasets import load_dataset
 from editing.editors.base import Editor, write_deltas

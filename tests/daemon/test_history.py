@@ -11,7 +11,7 @@ import torch
 from daemon.config import load_settings
 from daemon.control.commands import Revert, Rollback, encode_control
 from daemon.ingest.applier import EditApplier, to_request
-from daemon.produce import events_from_requests
+from daemon.kafka.produce import events_from_requests
 from daemon.service import Daemon, replay_journal
 from editing.datasets import load_dataset
 from editing.editors.base import Editor, write_deltas

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from daemon.config import KafkaSettings
 from daemon.ingest.events import SCHEMA_V1, FactCorrection, encode_event, parse_event
-from daemon.kafka_clients import build_producer
+from daemon.kafka.clients import build_producer
 from editing.requests import EditRequest
 
 MAX_PROBES = 10
