@@ -66,8 +66,8 @@ from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
 if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that audits needs it
-    from daemon.audit_schedule import AuditSchedule
-    from daemon.auditing import AuditRunner
+    from daemon.audits.runner import AuditRunner
+    from daemon.audits.schedule import AuditSchedule
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,7 @@ class Daemon:
         # The audit baseline needs the base weights: build it before any version is restored.
         auditor = None
         if audits_enabled(settings):
-            from daemon.auditing import build_auditor
+            from daemon.audits.runner import build_auditor
 
             auditor = build_auditor(settings, self.lm)
         self.versions = (
@@ -440,8 +440,8 @@ class Daemon:
         self.audits: AuditRunner | None = None
         self.schedule: AuditSchedule | None = None
         if auditor is not None:
-            from daemon.audit_schedule import AuditSchedule
-            from daemon.auditing import AuditRunner
+            from daemon.audits.runner import AuditRunner
+            from daemon.audits.schedule import AuditSchedule
             from daemon.operations import audit_reports_dir
 
             reports = audit_reports_dir(settings)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from daemon.auditing import AuditRunner
+from daemon.audits.runner import AuditRunner
 from daemon.config import load_settings
 from daemon.records.journal import Journal
 from monitoring.metrics import FactkeeperMetrics
@@ -89,7 +89,7 @@ def test_default_failure_quarantines_and_rolls_back(tmp_path: Path) -> None:
 def test_warn_keeps_the_edits_and_production(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="daemon.auditing"):
+    with caplog.at_level(logging.WARNING, logger="daemon.audits.runner"):
         report, versions, history, journal = _run(tmp_path, "warn")
     assert report.action == "warned"
     assert report.quarantined_event_ids == ()

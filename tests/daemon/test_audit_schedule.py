@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemon.audit_schedule import EDITS, REQUESTED, TIMER, AuditSchedule
+from daemon.audits.schedule import EDITS, REQUESTED, TIMER, AuditSchedule
 from daemon.config import AuditSettings
 
 pytestmark = pytest.mark.timeout(30)

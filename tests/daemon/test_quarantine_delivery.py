@@ -12,7 +12,7 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
-import daemon.auditing as auditing
+import daemon.audits.runner as auditing
 from daemon.control.commands import RunAudit, encode_control
 from daemon.errors import QuarantineDeliveryError
 from monitoring.gates import GateDecision

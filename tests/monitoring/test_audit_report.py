@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.audit_schedule import SCHEDULE_TRIGGERS
+from daemon.audits.schedule import SCHEDULE_TRIGGERS
 from monitoring.audit_report import (
     REPORT_SCHEMA,
     TRIGGERS,

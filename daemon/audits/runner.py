@@ -1,6 +1,6 @@
 """One audit between batches: measure, gate, then promote the version or roll back to production.
 
-The schedule (``daemon.audit_schedule``) only says an audit is due; the consumer loop calls
+The schedule (``daemon.audits.schedule``) only says an audit is due; the consumer loop calls
 ``AuditRunner.run`` between batches, so an audit never overlaps an edit. The run:
 
 1. snapshots the current weights (the version being judged becomes ``candidate``);
