@@ -1119,7 +1119,7 @@ def _broker(bootstrap: str | None, root: Path) -> Iterator[tuple[str, bool]]:
     if bootstrap is not None:
         yield bootstrap, False
         return
-    from daemon import kafka_broker
+    from daemon.devtools import kafka_broker
 
     port, controller_port = kafka_broker.free_loopback_ports(2)
     cfg = kafka_broker.LocalBrokerConfig(

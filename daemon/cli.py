@@ -80,7 +80,7 @@ def cmd_ask(ns: argparse.Namespace) -> int:
 
 def cmd_kafka(ns: argparse.Namespace) -> int:
     """Start, stop or inspect the local single-node Kafka broker (KRaft, 127.0.0.1)."""
-    from daemon import kafka_broker
+    from daemon.devtools import kafka_broker
 
     sasl = None
     if ns.sasl_ssl and ns.action != "stop":

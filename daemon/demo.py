@@ -15,9 +15,9 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from daemon import kafka_broker
 from daemon.config import Settings, load_settings
 from daemon.control.commands import Rollback, encode_control
+from daemon.devtools import kafka_broker
 from daemon.kafka.clients import ensure_topics
 from daemon.kafka.produce import events_from_requests, send
 from daemon.operations import audit_reports_dir, version_rows, write_daemon_report

@@ -13,7 +13,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.serializer import JsonSerializer
 from kafka.structs import OffsetAndMetadata
 
-from daemon.kafka_broker import (
+from daemon.devtools.kafka_broker import (
     BrokerError,
     BrokerStartError,
     JavaNotFoundError,

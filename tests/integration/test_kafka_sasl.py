@@ -21,15 +21,7 @@ import pytest
 from kafka.structs import OffsetAndMetadata
 
 from daemon.config import KafkaSettings, load_settings
-from daemon.kafka.clients import (
-    BrokerUnavailableError,
-    KafkaAuthenticationError,
-    KafkaTlsError,
-    build_consumer,
-    build_producer,
-    check_connection,
-)
-from daemon.kafka_broker import (
+from daemon.devtools.kafka_broker import (
     BrokerStartError,
     LocalBrokerConfig,
     SaslSslConfig,
@@ -40,6 +32,14 @@ from daemon.kafka_broker import (
     start,
     status,
     stop,
+)
+from daemon.kafka.clients import (
+    BrokerUnavailableError,
+    KafkaAuthenticationError,
+    KafkaTlsError,
+    build_consumer,
+    build_producer,
+    check_connection,
 )
 from daemon.logs import configure_logging
 from tests.fixtures.kafka import free_loopback_ports

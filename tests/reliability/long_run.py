@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from daemon.kafka_broker import LocalBrokerConfig, start, stop  # noqa: E402
+from daemon.devtools.kafka_broker import LocalBrokerConfig, start, stop  # noqa: E402
 from editing.bench import git_revision, json_default, machine_info, utc_now_iso  # noqa: E402
 from tests.daemon.harness import save_editable_tiny_model  # noqa: E402
 from tests.fixtures.kafka import free_loopback_ports  # noqa: E402

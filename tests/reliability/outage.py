@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.kafka_broker import LocalBrokerConfig, start, stop
+from daemon.devtools.kafka_broker import LocalBrokerConfig, start, stop
 from tests.daemon.builders import to_bytes
 from tests.daemon.harness import (
     committed_offsets,

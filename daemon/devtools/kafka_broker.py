@@ -48,8 +48,9 @@ from editing.paths import Paths
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-# The repository root: the package is installed editable, so the deploy files sit beside it.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+# The repository root (daemon/devtools/ is two levels down): the package is installed editable,
+# so the deploy files sit beside it.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 _RESOLVE_TIMEOUT_S = 600.0
 _MIN_JAVA_MAJOR = 17  # Kafka 4 brokers need Java 17+.
 _HEAP_RE = re.compile(r"^[1-9][0-9]*[kKmMgG]$")
@@ -631,7 +632,7 @@ def _write_server_properties(cfg: LocalBrokerConfig) -> None:
     }
     if cfg.sasl_ssl is not None:
         props.update(_sasl_ssl_properties(cfg.sasl_ssl))
-    text = "# Written by daemon/kafka_broker.py on every start; edits are overwritten.\n"
+    text = "# Written by daemon/devtools/kafka_broker.py on every start; edits are overwritten.\n"
     text += "".join(f"{key}={value}\n" for key, value in props.items())
     _write_private(cfg.server_properties, text)
 
