@@ -20,9 +20,10 @@ SNAPSHOT_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 EVENT_RESULTS = ("applied", "duplicate", "invalid", "failed", "quarantined", "rolled_back")
-#: Where an applied edit took (``daemon.ingest.applier``): in the call that first tried it, in a
-#: batch re-applied without its failed edits, alone with the configured editor, or on a ladder
-#: rung (at most ``daemon.config.MAX_RETRY_RUNGS`` of them, so the label stays bounded).
+#: Where an applied edit took (its ``AppliedUnit.stage`` in ``daemon.ingest.applier``): in the
+#: call that first tried it, in a batch re-applied without its failed edits, alone with the
+#: configured editor, or on a ladder rung (at most ``daemon.config.MAX_RETRY_RUNGS`` of them, so
+#: the label stays bounded). The label keeps its name, ``rung``, for dashboards and alerts.
 EDIT_RUNGS = ("first", "subset", "alone", "rung1", "rung2", "rung3", "rung4")
 
 

@@ -96,14 +96,15 @@ class TransientRetry:
         return self.backoff_s * 2 ** (attempt - 1)
 
 
-#: The ``step`` of an applied unit (the ``rung`` label of ``factkeeper_edits_by_rung``):
+#: The ``stage`` at which an applied unit took, on its way down the retry ladder (the ``rung``
+#: label of ``factkeeper_edits_by_rung``; the journal keeps only a rung's spec, ``retry_rung``):
 #: ``first`` the call that first tried the edit, ``subset`` a batch re-applied without the edits
 #: that failed, ``alone`` the configured editor alone after that, ``rung<i>`` the ladder's rungs.
 FIRST, SUBSET, ALONE = "first", "subset", "alone"
 
 
-def rung_step(index: int) -> str:
-    """The step label of the ladder's rung ``index`` (1-based)."""
+def rung_stage(index: int) -> str:
+    """The stage label of the ladder's rung ``index`` (1-based)."""
     return f"rung{index}"
 
 
@@ -127,8 +128,8 @@ class Rung:
     """For failure reasons, e.g. ``rung 1 (ft num_steps=40)``."""
 
     @property
-    def step(self) -> str:
-        return rung_step(self.index)
+    def stage(self) -> str:
+        return rung_stage(self.index)
 
 
 @dataclass
@@ -139,7 +140,8 @@ class AppliedUnit:
     events: list[FactCorrection]
     result: EditResult
     seconds: float
-    step: str = FIRST
+    stage: str = FIRST
+    """Where on the retry ladder the unit took (``FIRST``, ``SUBSET``, ``ALONE``, ``rung<i>``)."""
     rung: Rung | None = None
     """The ladder rung that applied the unit; None: the configured editor."""
 
@@ -223,7 +225,7 @@ class EditApplier:
         """
         subset = events
         for round_ in range(1 + self.subset_rounds):
-            attempt = self._try_unit(subset, outcome, step=FIRST if round_ == 0 else SUBSET)
+            attempt = self._try_unit(subset, outcome, stage=FIRST if round_ == 0 else SUBSET)
             if attempt.unit is not None:
                 outcome.applied.append(attempt.unit)
                 return
@@ -238,13 +240,13 @@ class EditApplier:
     def _climb(self, event: FactCorrection, outcome: BatchOutcome, *, tried_before: bool) -> None:
         """``event`` alone with the configured editor, then with each rung, until one takes."""
         tried: list[tuple[str, str]] = []
-        steps: list[Rung | None] = [None, *self.ladder]
-        for rung in steps:
+        editors: list[Rung | None] = [None, *self.ladder]
+        for rung in editors:
             if rung is None:
-                step, label = (ALONE if tried_before else FIRST), f"alone ({self.editor.name})"
+                stage, label = (ALONE if tried_before else FIRST), f"alone ({self.editor.name})"
             else:
-                step, label = rung.step, rung.label
-            attempt = self._try_unit([event], outcome, step=step, rung=rung)
+                stage, label = rung.stage, rung.label
+            attempt = self._try_unit([event], outcome, stage=stage, rung=rung)
             if attempt.unit is not None:
                 outcome.applied.append(attempt.unit)
                 return
@@ -296,8 +298,8 @@ class EditApplier:
         started = time.perf_counter()
         result = editor.apply(self.lm, [to_request(e) for e in events])
         seconds = time.perf_counter() - started
-        step = rung.step if rung is not None else FIRST
-        return AppliedUnit(batch_id, list(events), result, seconds, step, rung)
+        stage = rung.stage if rung is not None else FIRST
+        return AppliedUnit(batch_id, list(events), result, seconds, stage, rung)
 
     def replay_stored(
         self,
@@ -323,15 +325,15 @@ class EditApplier:
         previous = write_deltas(self.lm.model, stored)
         seconds = time.perf_counter() - started
         result = EditResult(stored, previous, seconds, {"replayed_from": "stored deltas"})
-        step = rung.step if rung is not None else FIRST
-        return AppliedUnit(batch_id, list(events), result, seconds, step, rung)
+        stage = rung.stage if rung is not None else FIRST
+        return AppliedUnit(batch_id, list(events), result, seconds, stage, rung)
 
     def _try_unit(
         self,
         events: list[FactCorrection],
         outcome: BatchOutcome,
         *,
-        step: str = FIRST,
+        stage: str = FIRST,
         rung: Rung | None = None,
     ) -> _Attempt:
         editor = rung.editor if rung is not None else self.editor
@@ -350,7 +352,7 @@ class EditApplier:
                 transient = self.retry.is_transient(exc)
                 log.exception(
                     "editor failed; rebuilding the weights from the journal",
-                    extra={"transient": transient, "attempt": attempt + 1, "step": step},
+                    extra={"transient": transient, "attempt": attempt + 1, "stage": stage},
                 )
                 self._rebuild_keeping(outcome.applied)
                 if transient and attempt < self.retry.retries:
@@ -365,7 +367,7 @@ class EditApplier:
             editor.undo(self.lm, result)
             return _Attempt(None, failures)
         seconds = time.perf_counter() - started
-        return _Attempt(AppliedUnit(uuid.uuid4().hex, events, result, seconds, step, rung), {})
+        return _Attempt(AppliedUnit(uuid.uuid4().hex, events, result, seconds, stage, rung), {})
 
     def _rebuild_keeping(self, kept: list[AppliedUnit]) -> None:
         """Journal state, then the units of this batch kept so far (not journaled yet)."""
@@ -374,7 +376,7 @@ class EditApplier:
         for i, unit in enumerate(kept):
             replayed = self.replay(unit.batch_id, unit.events, unit.retry_rung)
             kept[i] = AppliedUnit(
-                unit.batch_id, unit.events, replayed.result, unit.seconds, unit.step, unit.rung
+                unit.batch_id, unit.events, replayed.result, unit.seconds, unit.stage, unit.rung
             )
 
     def post_check(self, requests: Sequence[EditRequest]) -> dict[str, str]:

@@ -452,7 +452,7 @@ class FactConsumer:
             self.metrics.events.labels(result=result).inc()
             self.stats.count(result)
         for unit in outcome.applied:
-            self.metrics.edits_by_rung.labels(rung=unit.step).inc(len(unit.events))
+            self.metrics.edits_by_rung.labels(rung=unit.stage).inc(len(unit.events))
         if outcome.applied or outcome.failed:
             self.metrics.edit_duration.observe(seconds)
             self.metrics.edit_batch_size.observe(len(outcome.applied_ids) + len(outcome.failed))

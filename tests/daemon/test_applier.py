@@ -115,8 +115,8 @@ def weights(lm: LoadedModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in lm.model.state_dict().items()}
 
 
-def rung_count(metrics: FactkeeperMetrics, step: str) -> float:
-    value = metrics.registry.get_sample_value("factkeeper_edits_by_rung_total", {"rung": step})
+def rung_count(metrics: FactkeeperMetrics, stage: str) -> float:
+    value = metrics.registry.get_sample_value("factkeeper_edits_by_rung_total", {"rung": stage})
     return value or 0.0
 
 
@@ -140,7 +140,7 @@ def test_a_batch_keeps_the_edits_that_take_as_one_unit(tiny_model_dir):
     assert [sorted(e.id for e in u.events) for u in outcome.applied] == [
         ["fact:0", "fact:2", "fact:4"]
     ]
-    assert outcome.applied[0].step == "subset"  # re-applied together, not one at a time
+    assert outcome.applied[0].stage == "subset"  # re-applied together, not one at a time
     assert outcome.failed["fact:1"].startswith("edit did not take: model answers")
     kept = events(0, 2, 4)
     assert applier.post_check([applier_request(e) for e in kept]) == {}  # still in the weights
