@@ -54,6 +54,22 @@ class Command:
     args: tuple[Arg, ...] = ()
 
 
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option, kept for scripts: stores into the new option's ``dest`` and
+    says on stderr which option to use instead."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"{parser.prog}: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 # --- commands --------------------------------------------------------------------------------
 
 
@@ -124,7 +140,7 @@ def cmd_train_editor(ns: argparse.Namespace) -> int:
         model=ns.model,
         dataset=ns.dataset,
         device=ns.device,
-        batches=ns.steps,
+        batches=ns.turns,
         out=ns.out,
         state_dir=ns.state_dir,
         config_path=ns.config,
@@ -422,7 +438,14 @@ COMMANDS: dict[str, Command] = {
             _MODEL,
             arg("--dataset", default="counterfact", help="dataset whose train split is used"),
             arg("--device", default="cpu", help="cpu or cuda"),
-            arg("--steps", type=int, default=500, help="training turns (batches of edits)"),
+            arg("--turns", type=int, default=500, help="training turns (batches of edits)"),
+            arg(
+                "--steps",
+                dest="turns",
+                type=int,
+                action=DeprecatedAlias,
+                help="deprecated spelling of --turns",
+            ),
             arg("--out", default=None, help="checkpoint folder (default: editors dir/<model>)"),
             arg("--state-dir", default=None, help="resumable train state (default: --out)"),
             arg("--config", default=None, help="YAML of EMSEditConfig fields"),

@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,3 +61,26 @@ def test_ask_prints_only_the_answer(capsys):
     assert cli.main(["ask", "The capital of France is", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(" Paris")
+
+
+@pytest.mark.parametrize(
+    ("args", "turns", "deprecated"),
+    [([], 500, False), (["--turns", "7"], 7, False), (["--steps", "9"], 9, True)],
+)
+def test_train_editor_takes_turns_and_the_deprecated_steps(
+    monkeypatch, capsys, tmp_path, args, turns, deprecated
+):
+    import editing.emsedit.train as train
+
+    called = {}
+
+    def fake_train(**kwargs):
+        called.update(kwargs)
+        return SimpleNamespace(out=tmp_path / "editor")
+
+    monkeypatch.setattr(train, "train_from_dataset", fake_train)
+    assert cli.main(["train-editor", *args]) == cli.EXIT_OK
+    assert called["batches"] == turns
+    err = capsys.readouterr().err
+    warning = "factkeeper train-editor: --steps is deprecated; use --turns"
+    assert (warning in err) == deprecated

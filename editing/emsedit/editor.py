@@ -247,7 +247,7 @@ class EMSEditEditor(Editor):
     Args:
         checkpoint: folder of a trained editor (``editor.safetensors`` + ``editor.json``); None
             looks for the model's default checkpoint when the first edit comes.
-        steps: editing steps per batch; None = the trained value (``--steps 1`` is the
+        steps: editing steps per batch; None = the trained value (``emsedit:steps=1`` is the
             MALMEN-like ablation).
         device: where the hypernetwork runs (the LM stays where it is).
         untrained: no checkpoint: identity hypernetworks with step size ``lr_init`` (a step is
