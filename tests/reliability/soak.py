@@ -81,6 +81,10 @@ class SoakResult:
     threads_final_max: int = 0
     fds_baseline_max: int = 0
     fds_final_max: int = 0
+    fds_final_min: int = 0
+    """The end window's floor. Writing a unit's stored deltas holds two fds for a moment (the
+    temporary file, then its folder for fsync), so a sample may catch one more than the last;
+    a leak raises the floor, a write in progress does not."""
     series: list[tuple[float, int, float, int, int]] = field(default_factory=list)
     """(t s, journal rows, RSS MiB, threads, fds), every sample, for plotting."""
 
@@ -106,8 +110,10 @@ class SoakResult:
             )
         if self.threads_final_max > self.threads_baseline_max:
             problems.append(f"threads grew {self.threads_baseline_max} -> {self.threads_final_max}")
-        if self.fds_final_max > self.fds_baseline_max:
-            problems.append(f"open fds grew {self.fds_baseline_max} -> {self.fds_final_max}")
+        if self.fds_final_min > self.fds_baseline_max:
+            problems.append(
+                f"open fds grew {self.fds_baseline_max} -> at least {self.fds_final_min}"
+            )
         return problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +179,7 @@ def _judge(result: SoakResult, samples: list[ProcSample], config: SoakConfig) ->
     result.threads_final_max = max(s.threads for s in final)
     result.fds_baseline_max = max(s.fds for s in baseline)
     result.fds_final_max = max(s.fds for s in final)
+    result.fds_final_min = min(s.fds for s in final)
 
 
 def _slope(samples: list[ProcSample]) -> float | None:

@@ -38,8 +38,17 @@ def test_the_judge_accepts_a_flat_series_and_flags_growth_and_leaks():
     assert any("RSS grew" in f for f in growing.failures())
 
     leaking = _samples([400.0] * 100)
-    leaking[-5:] = [replace(s, threads=s.threads + 1, fds=s.fds + 3) for s in leaking[-5:]]
+    leaking[-10:] = [replace(s, threads=s.threads + 1, fds=s.fds + 3) for s in leaking[-10:]]
     assert {f.split()[0] for f in _judged(leaking).failures()} == {"threads", "open"}
+
+
+def test_a_file_open_for_a_moment_is_not_a_leak():
+    """One sample catching a stored-deltas write (one more fd) at the end is not a leak."""
+    samples = _samples([400.0] * 100)
+    samples[-3] = replace(samples[-3], fds=samples[-3].fds + 1)
+    result = _judged(samples)
+    assert result.fds_final_max == result.fds_baseline_max + 1
+    assert result.failures() == []
 
 
 @pytest.mark.kafka
@@ -53,4 +62,4 @@ def test_draining_a_backlog_keeps_memory_threads_and_fds_flat(
     assert result.failures() == [], {k: v for k, v in result.to_dict().items() if k != "series"}
     assert result.rss_growth is not None and result.rss_growth <= SHORT.max_rss_growth
     assert result.threads_final_max <= result.threads_baseline_max
-    assert result.fds_final_max <= result.fds_baseline_max
+    assert result.fds_final_min <= result.fds_baseline_max
