@@ -15,8 +15,6 @@ Writes ``bench/results/nse-leaks.json``. Run it alone; each NSE batch of 20 take
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -27,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
+from editing.bench import RunRecord, seed_everything
 from editing.checks import answer_matches
 from editing.datasets import load_dataset
 from editing.generation import greedy_token_ids
@@ -96,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "nse-leaks.json")
     args = parser.parse_args(argv)
 
+    record = RunRecord.start("bench/nse_leaks.py", argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)
-    loadavg_start = list(os.getloadavg())
     lm = load_model("smollm2")
     requests = load_dataset("counterfact", "val", limit=args.edits)
     probes = [p.prompt for p in load_probe_set(None)]
@@ -152,24 +150,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} tok {v:.3f}" for k, v in runs[spec]["neighbours_kept_first_tokens"].items()
             )
         )
-    out = {
-        "command": " ".join(["python", "bench/nse_leaks.py", *(argv or sys.argv[1:])]),
-        "dataset": "counterfact",
-        "split": "val",
-        "n_edits": len(requests),
-        "n_probes": n_probes,
-        "n_neighbours": len(neighbours),
-        "threads": args.threads,
-        "runs": runs,
-        "git_rev": git_revision(),
-        "machine": machine_info(),
-        "torch_version": torch.__version__,
-        "started_at": utc_now_iso(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": list(os.getloadavg()),
-    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=json_default) + "\n")
+    record.write(
+        args.out,
+        {
+            "dataset": "counterfact",
+            "split": "val",
+            "n_edits": len(requests),
+            "n_probes": n_probes,
+            "n_neighbours": len(neighbours),
+            "threads": args.threads,
+            "runs": runs,
+            "torch_version": torch.__version__,
+        },
+    )
     print(f"-> {args.out}")
     return 0
 
