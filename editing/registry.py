@@ -70,6 +70,13 @@ def get_editor(name: str, **options: Any) -> Editor:
     guard_fields = set(SafeguardConfig.__dataclass_fields__) if guards else set()
     guard_options = {k: v for k, v in spec_options.items() if k in guard_fields}
     inner_options = {k: v for k, v in spec_options.items() if k not in guard_fields}
+    known = cls.option_names()
+    unknown = sorted(set(inner_options) - known)
+    if unknown:  # before the constructor, whose TypeError would not say which spec is wrong
+        raise EditError(
+            f"method {name!r}: {', '.join(unknown)} is not an option of {base} "
+            f"(its options: {', '.join(sorted(known)) or 'none'})"
+        )
     editor = cls(**{**inner_options, **options})
     if not guards:
         return editor

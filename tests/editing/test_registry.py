@@ -43,6 +43,15 @@ def test_an_unknown_method_names_the_known_ones() -> None:
         get_editor("memit")
 
 
+def test_a_mistyped_spec_option_names_the_key_and_the_options() -> None:
+    with pytest.raises(EditError, match=r"num_stepz is not an option of ft .*num_steps"):
+        get_editor("ft:num_stepz=1")
+    with pytest.raises(EditError, match=r"lamda is not an option of nse"):
+        get_editor("nse:lamda=5")
+    assert get_editor("ft:num_steps=3").config.num_steps == 3  # a known one still passes
+    get_editor("emsedit+safeguards:mask_p=0.8")  # safeguard fields are not the editor's
+
+
 def test_names_need_no_torch_and_an_editor_module_imports_on_its_own() -> None:
     """Checking names imports no editor; an editor module imported first (before the registry
     ever was) loads without an import-order shim, and the registry hands out that same class."""
