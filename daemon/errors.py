@@ -1,6 +1,6 @@
 """Typed errors of the daemon, so callers catch exactly the failure they can handle.
 
-The CLI maps these onto exit codes (2 for configuration, 4 for failed checks, ...). Invalid
+The CLI turns them into a one-line message and exit code 2 (``daemon/cli.py``). Invalid
 payloads carry a short machine-readable ``reason_code`` that travels as a DLQ header and a metric
 label, plus a ``detail`` for humans.
 """

@@ -29,6 +29,7 @@ from typing import Any
 from daemon.records.journal import STATUSES
 from daemon.versions.registry import CANDIDATE, PRODUCTION, VersionInfo, audit_label
 from editing.errors import FactkeeperError
+from monitoring.audit_report import REPORT_SCHEMA
 from monitoring.report_plots import (
     FAIL_COLOR,
     PASS_COLOR,
@@ -42,7 +43,6 @@ from monitoring.report_plots import (
 
 log = logging.getLogger(__name__)
 
-AUDIT_SCHEMA = "factkeeper-audit/v1"
 AUDIT_GLOB = "audit-*.json"
 MAX_TABLE_ROWS = 40
 """Rows per table; older rows are summarised in one line so the page stays one page."""
@@ -172,8 +172,8 @@ def parse_audit(raw: Any) -> AuditPoint:
     """
     if not isinstance(raw, Mapping):
         raise AuditFormatError(f"is a JSON {type(raw).__name__}, not an object")
-    if raw.get("schema") != AUDIT_SCHEMA:
-        raise AuditFormatError(f"schema is {raw.get('schema')!r}, expected {AUDIT_SCHEMA!r}")
+    if raw.get("schema") != REPORT_SCHEMA:
+        raise AuditFormatError(f"schema is {raw.get('schema')!r}, expected {REPORT_SCHEMA!r}")
     started = raw.get("started_at")
     try:
         started_at = datetime.fromisoformat(started) if isinstance(started, str) else None
