@@ -206,8 +206,10 @@ def test_method_spec_options_override_the_preset(trained_lm: LoadedModel) -> Non
     config = editor.config_for(trained_lm)
     assert (config.v_optimiser, config.v_num_grad_steps) == ("normalised", 4)
     assert config.lam == PRESETS["tiny"].lam
-    with pytest.raises(EditError, match="unknown NSE option"):
+    with pytest.raises(EditError, match="no_such_knob is not an option of nse"):
         get_editor("nse:no_such_knob=1")
+    with pytest.raises(EditError, match="unknown NSE option"):  # built directly, too
+        NSEEditor(no_such_knob=1)
 
 
 def test_normalised_steps_reach_the_target_in_few_steps(trained_lm: LoadedModel) -> None:
