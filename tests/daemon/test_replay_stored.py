@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,15 +220,24 @@ def guarded(lm: LoadedModel, stats_dir: Path) -> GuardedEditor:
     return GuardedEditor(get_editor("ft", **FT_OPTIONS), config, stats=stats, originals=originals)
 
 
-def test_a_memory_editor_gets_its_memory_rebuilt_for_the_stored_units(tiny_model_dir, tmp_path):
+@contextmanager
+def applied_through_safeguards(
+    tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[tuple[LoadedModel, GuardedEditor, Journal, UnitDeltaStore]]:
+    """BATCHES consumed through the guarded editor, their deltas stored, the journal open."""
     path = tmp_path / "journal.sqlite3"
     store = UnitDeltaStore.beside(path)
     lm = load_model(str(tiny_model_dir))
     editor = guarded(lm, tmp_path / "stats")
     with Journal.open(path) as journal:
         consume(settings_in(tmp_path), EditApplier(lm, editor), journal, BATCHES, store)
+        assert len(unit_ids(journal)) >= 2, "the test needs units applied through the safeguards"
+        yield lm, editor, journal, store
+
+
+def test_a_memory_editor_gets_its_memory_rebuilt_for_the_stored_units(tiny_model_dir, tmp_path):
+    with applied_through_safeguards(tiny_model_dir, tmp_path) as (lm, editor, journal, store):
         ids = unit_ids(journal)
-        assert len(ids) >= 2, "the test needs units applied through the safeguards"
         held = [to_request(e.event) for e in journal.applied_events()]
 
         fresh = load_model(str(tiny_model_dir))
@@ -257,14 +267,8 @@ def test_a_memory_editor_gets_its_memory_rebuilt_for_the_stored_units(tiny_model
 
 
 def test_a_memory_editor_re_editing_a_unit_first_catches_its_memory_up(tiny_model_dir, tmp_path):
-    path = tmp_path / "journal.sqlite3"
-    store = UnitDeltaStore.beside(path)
-    lm = load_model(str(tiny_model_dir))
-    editor = guarded(lm, tmp_path / "stats")
-    with Journal.open(path) as journal:
-        consume(settings_in(tmp_path), EditApplier(lm, editor), journal, BATCHES, store)
+    with applied_through_safeguards(tiny_model_dir, tmp_path) as (lm, editor, journal, store):
         ids = unit_ids(journal)
-        assert len(ids) >= 2, "the test needs units applied through the safeguards"
         store.path_for(ids[-1]).unlink()  # the last unit is re-edited after stored ones
 
         fresh = load_model(str(tiny_model_dir))
