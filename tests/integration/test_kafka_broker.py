@@ -130,7 +130,8 @@ def test_stop_then_status_and_warm_restart(tmp_path: Path) -> None:
 
 def test_missing_java_is_a_broker_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no java on it
-    cfg = LocalBrokerConfig(port=free_loopback_ports(1)[0], data_dir=tmp_path / "k")
+    port, controller_port = free_loopback_ports(2)  # port + 1 may be someone else's
+    cfg = LocalBrokerConfig(port=port, controller_port=controller_port, data_dir=tmp_path / "k")
     with pytest.raises(JavaNotFoundError, match="Java was not found") as caught:
         start(cfg)
     assert isinstance(caught.value, BrokerError)
@@ -138,8 +139,10 @@ def test_missing_java_is_a_broker_error(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_missing_libs_without_maven_is_a_broker_error(tmp_path: Path) -> None:
+    port, controller_port = free_loopback_ports(2)
     cfg = LocalBrokerConfig(
-        port=free_loopback_ports(1)[0],
+        port=port,
+        controller_port=controller_port,
         data_dir=tmp_path / "k",
         libs_dir=tmp_path / "no-libs",
         mvn_bin=str(tmp_path / "no-mvn"),
