@@ -68,6 +68,9 @@ class Editor(ABC):
     keeps_edit_memory: ClassVar[bool] = False
     """The editor's deltas depend on state beyond the weights (original weights, a memory of
     past edits' keys) that the daemon must set up and rebuild for it."""
+    supports_consolidation: ClassVar[bool] = False
+    """``consolidate`` places a whole set of requests jointly from the base weights (one solve),
+    instead of one batch on top of the drift of all earlier ones."""
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -96,6 +99,16 @@ class Editor(ABC):
     def undo(self, lm: LoadedModel, result: EditResult) -> None:
         """Restore the weights ``result`` changed to their exact previous values."""
         restore(lm.model, result.previous)
+
+    def consolidate(self, lm: LoadedModel, held: Sequence[EditRequest]) -> EditResult:
+        """Place every request of ``held`` jointly and write the result, like ``apply``.
+
+        The caller first sets the edited matrices to their base weights, so the result's deltas
+        are relative to the base: the edited weights become a function of the live set alone,
+        without the interference that sequential batches accumulate. An editor that keeps a
+        memory of past edits resets it to ``held``.
+        """
+        raise EditError(f"{self.name} has no joint solve to consolidate with")
 
     # -- the state of editors that keep a memory (``keeps_edit_memory``); no-ops otherwise --
 

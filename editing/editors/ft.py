@@ -13,6 +13,7 @@ Adam steps run only the blocks from the edited one up (``editing.residual``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editing.adapters import MlpRole
-from editing.editors.base import EditError, Editor
+from editing.editors.base import EditError, Editor, EditResult
 from editing.hooks import frozen_parameters
 from editing.models import LoadedModel
 from editing.requests import EditRequest, continuation
@@ -47,14 +48,17 @@ class FTConfig:
     """L-inf bound on each weight's change (SmolLM2 down-projection weights have std ~0.19)."""
     stop_nll: float = 0.05
     """Stop once the mean per-token NLL of the targets is below this."""
+    consolidate_steps: int = 40
+    """Adam steps at most of ``consolidate``: one joint fit of the whole live set from the base
+    weights, under the same L-inf bound (sequential edits stack one bound per batch)."""
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
             raise ValueError("FTConfig.layer must be >= 0")
         if not 0.0 <= self.depth <= 1.0:
             raise ValueError("FTConfig.depth must be in [0, 1]")
-        if self.num_steps < 1:
-            raise ValueError("FTConfig.num_steps must be >= 1")
+        if self.num_steps < 1 or self.consolidate_steps < 1:
+            raise ValueError("FTConfig.num_steps and consolidate_steps must be >= 1")
         if self.lr <= 0 or self.norm_constraint <= 0:
             raise ValueError("FTConfig.lr and norm_constraint must be > 0")
         if self.stop_nll < 0:
@@ -72,6 +76,7 @@ class FineTuneL(Editor):
 
     name = "ft"
     supports_batch = True
+    supports_consolidation = True
 
     def __init__(self, config: FTConfig | None = None, **options: Any) -> None:
         self.config = config or FTConfig(**options)
@@ -134,6 +139,11 @@ class FineTuneL(Editor):
         result = super().apply(lm, requests)
         result.info.update(self.last_info)
         return result
+
+    def consolidate(self, lm: LoadedModel, held: Sequence[EditRequest]) -> EditResult:
+        """One fit of every held request at once, ``consolidate_steps`` Adam steps."""
+        joint = FineTuneL(dataclasses.replace(self.config, num_steps=self.config.consolidate_steps))
+        return joint.apply(lm, held)
 
 
 def _teacher_forcing_batch(

@@ -55,6 +55,7 @@ class NSEEditor(Editor):
     # than the batches that built it, so later deltas differ in their last bits; replay checks
     # the journaled norms with a tolerance instead of the hash.
     replay_bit_exact = False
+    supports_consolidation = True
 
     def __init__(
         self,
@@ -260,6 +261,24 @@ class NSEEditor(Editor):
             seconds,
         )
         return EditResult(deltas, previous, seconds, info)
+
+    def consolidate(self, lm: LoadedModel, held: Sequence[EditRequest]) -> EditResult:
+        """One round over the whole live set from the original weights with an empty memory.
+
+        The targets z were computed on the original weights when each request was first edited
+        (the z cache), so a consolidation costs key passes and the solves, not the value
+        optimisation; the memory afterwards holds exactly the keys of ``held``.
+        """
+        state = self.state_for(lm)
+        before, seen = state.memory_copy(), state.edits_seen
+        state.restore_memory_({layer: torch.zeros_like(m) for layer, m in before.items()}, 0)
+        try:
+            result = self.apply(lm, held)
+        except BaseException:
+            state.restore_memory_(before, seen)
+            raise
+        result.info[_MEMORY_KEY], result.info[_SEEN_KEY] = before, seen  # undo: the old memory
+        return result
 
     def undo(self, lm: LoadedModel, result: EditResult) -> None:
         """Restore the weights and the past-edit memory to their values before ``apply``."""

@@ -81,3 +81,23 @@ def test_ft_edits_one_zsre_fact_on_smollm2(smollm2_paths):
     editor.undo(lm, result)
     after = lm.model.state_dict()[lm.adapter.weight_name(lm.adapter.roles()[-1], 20)]
     assert torch.equal(after, before)
+
+
+def test_consolidate_fits_the_live_set_jointly_under_one_bound():
+    lm = tiny_loaded("llama")
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    other = EditRequest("r1", "The capital of Spain is", "Spain", "Oslo")
+    editor = FineTuneL(STRONG)
+    editor.apply(lm, [REQUEST])
+    editor.apply(lm, [other])  # each batch may move the weights by the bound again
+    [key] = editor.compute_deltas(lm, [REQUEST])
+    assert float((lm.model.state_dict()[key] - base[key]).abs().max()) > STRONG.norm_constraint
+
+    lm.model.load_state_dict(base)  # the caller resets to the base weights
+    result = editor.consolidate(lm, [REQUEST, other])
+    assert float((lm.model.state_dict()[key] - base[key]).abs().max()) <= STRONG.norm_constraint
+    assert result.info["steps"] <= STRONG.consolidate_steps
+    scorer = TeacherForcedScorer(lm.model, lm.tokenizer, lm.adapter)
+    assert all(
+        s.all_correct for s in scorer.score([(r.prompt, r.target_new) for r in (REQUEST, other)])
+    )

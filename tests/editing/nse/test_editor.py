@@ -271,3 +271,30 @@ def test_stats_tokens_sizes_the_default_key_statistics(tmp_path: Path) -> None:
     editor = get_editor("nse:stats_tokens=8192", paths=Paths(tmp_path))
     assert editor._default_stats().max_tokens == 8192
     assert NSEEditor(paths=Paths(tmp_path))._default_stats().max_tokens == 65_536
+
+
+def test_consolidate_equals_one_joint_batch_from_the_originals(
+    trained_lm: LoadedModel, trained_state: dict[str, torch.Tensor], small_stats: KeyStatistics
+) -> None:
+    from editing.tiny import tiny_loaded
+
+    editor = _editor(small_stats)
+    editor.apply(trained_lm, [EDIT])
+    editor.apply(trained_lm, [SECOND])  # two sequential batches: the second on the drift
+    sequential = _weights(trained_lm)
+    trained_lm.model.load_state_dict(trained_state)  # the caller resets to the base weights
+    consolidated = editor.consolidate(trained_lm, [EDIT, SECOND])
+    assert _answers(trained_lm) == ["Japan", "Japan", "Rome"]
+    assert editor.state is not None and editor.state.edits_seen == 2
+
+    fresh = tiny_loaded("llama")
+    fresh.model.load_state_dict(trained_state)
+    joint = _editor(small_stats).apply(fresh, [EDIT, SECOND])
+    assert all(torch.equal(consolidated.deltas[k], joint.deltas[k]) for k in joint.deltas)
+    assert any(not torch.equal(sequential[k], _weights(trained_lm)[k]) for k in joint.deltas)
+
+    editor.undo(trained_lm, consolidated)  # back to the base and the two-batch memory
+    assert editor.state.edits_seen == 2
+    assert all(
+        torch.equal(trained_lm.model.state_dict()[k], trained_state[k]) for k in joint.deltas
+    )
