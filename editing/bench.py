@@ -92,6 +92,38 @@ class BenchConfig:
             raise BenchError("--edits, --batch, --turn-size and threads must be >= 1")
         if self.turn_size % self.batch_size:
             raise BenchError("--turn-size must be a multiple of --batch")
+        for method in self.methods:
+            every = split_consolidation(method)[1]
+            if every % self.batch_size:
+                raise BenchError(
+                    f"method {method!r}: {CONSOLIDATE_OPTION} is not a multiple of --batch"
+                )
+
+
+CONSOLIDATE_OPTION = "consolidate_every"
+
+
+def split_consolidation(spec: str) -> tuple[str, int]:
+    """``ft:consolidate_every=100`` -> ("ft", 100); 0 when the spec does not consolidate.
+
+    The option belongs to the benchmark, not to the editor: every that many edits the bench
+    sets the edited weights back to the base and re-solves all edits so far jointly
+    (``Editor.consolidate``), as the daemon's consolidation does with its live set.
+    """
+    head, *items = spec.split(":")
+    kept, every = [], 0
+    for item in items:
+        key, _, raw = item.partition("=")
+        if key != CONSOLIDATE_OPTION:
+            kept.append(item)
+            continue
+        try:
+            every = int(raw)
+        except ValueError:
+            raise BenchError(f"method {spec!r}: {CONSOLIDATE_OPTION} must be an integer") from None
+        if every < 1:
+            raise BenchError(f"method {spec!r}: {CONSOLIDATE_OPTION} must be >= 1")
+    return ":".join([head, *kept]), every
 
 
 def seed_everything(seed: int) -> None:
@@ -195,9 +227,7 @@ class Benchmark:
                 "dataset has %d requests, fewer than --edits %d", len(requests), cfg.n_edits
             )
         self.base_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-        editors = {
-            name: get_editor(name, **cfg.editor_options.get(name, {})) for name in cfg.methods
-        }
+        editors = {name: self._editor(name) for name in cfg.methods}
 
         probe_layers = self._probe_resume_layers(requests[:1])
         text_path = (cfg.data_dir or default_data_dir()) / WIKITEXT_TEST
@@ -260,6 +290,14 @@ class Benchmark:
 
     # -- steps --
 
+    def _editor(self, name: str) -> Editor:
+        """The editor of method ``name`` (the bench's own options taken out of the spec)."""
+        spec, every = split_consolidation(name)
+        editor = get_editor(spec, **self.config.editor_options.get(name, {}))
+        if every and not editor.supports_consolidation:
+            raise BenchError(f"method {name!r}: {editor.name} has no joint solve to consolidate")
+        return editor
+
     def _probe_resume_layers(self, first: Sequence[Any]) -> dict[str, int]:
         """Apply and undo one edit per method to learn the lowest block it changes.
 
@@ -270,7 +308,7 @@ class Benchmark:
         cfg = self.config
         layers = {}
         for name in cfg.methods:
-            editor = get_editor(name, **cfg.editor_options.get(name, {}))
+            editor = self._editor(name)
             try:
                 result = editor.apply(self.lm, first)
             except EditError:
@@ -302,6 +340,9 @@ class Benchmark:
         eval_seconds = 0.0
         turn_edit_seconds = 0.0
         turn_immediate: list[float] = []
+        every = split_consolidation(name)[1]
+        held: list[Any] = []  # the requests applied so far (not refused): the live set
+        consolidations: list[dict[str, Any]] = []
         bar = tqdm(total=len(requests), desc=f"{cfg.dataset} {name}", disable=not progress)
         for start in range(0, len(requests), cfg.batch_size):
             batch = requests[start : start + cfg.batch_size]
@@ -312,6 +353,7 @@ class Benchmark:
                 refused.append({"first_edit": start, "size": len(batch), "reason": str(exc)})
                 turn_edit_seconds += time.perf_counter() - t_edit
             else:
+                held += batch
                 touched |= set(result.deltas)
                 edit_seconds.append(result.seconds)
                 turn_edit_seconds += result.seconds
@@ -325,6 +367,10 @@ class Benchmark:
             turn_immediate += eff
             done = start + len(batch)
             bar.update(len(batch))
+            if every and done % every == 0 and held:
+                consolidations.append(self._consolidate(editor, held, touched))
+                touched |= set(consolidations[-1].pop("touched"))
+                state = self._state(touched)
             if done % cfg.turn_size == 0 or done == len(requests):
                 t0 = time.perf_counter()
                 retention = mean(evaluator.retained(requests[:done], state))
@@ -386,6 +432,8 @@ class Benchmark:
                 "editor_config": _editor_config(editor),
                 "editor_info_mean": _mean_info(infos),
                 "refused_examples": refused[:5],
+                "consolidate_every": every or None,
+                "consolidations": consolidations,
                 "curve": curve,
             }
         )
@@ -396,6 +444,22 @@ class Benchmark:
     def _state(self, touched: set[str]) -> ModelState:
         assert self.lm is not None
         return ModelState.from_touched(self.lm.adapter, touched)
+
+    def _consolidate(
+        self, editor: Editor, held: Sequence[Any], touched: set[str]
+    ) -> dict[str, Any]:
+        """Base weights back into everything edited so far, then one joint solve of ``held``."""
+        assert self.lm is not None
+        started = time.perf_counter()
+        params = dict(self.lm.model.named_parameters())
+        with torch.no_grad():
+            for key in touched:
+                params[key].copy_(self.base_state[key])
+        result = editor.consolidate(self.lm, held)
+        seconds = time.perf_counter() - started
+        log.info("consolidated", extra={"held": len(held), "seconds": round(seconds, 1)})
+        info = {k: v for k, v in result.info.items() if isinstance(v, int | float)}
+        return {"held": len(held), "seconds": seconds, "info": info, "touched": list(result.deltas)}
 
     def _restore_base(self) -> None:
         """Copy the base weights back into every parameter that differs (bit-exact)."""

@@ -99,6 +99,10 @@ def test_config_is_checked():
         BenchConfig(dataset="zsre", methods=("none",), batch_size=3, turn_size=10)
     with pytest.raises(BenchError, match="unknown"):
         BenchConfig(dataset="zsre", methods=("rome",))
+    with pytest.raises(BenchError, match="consolidate_every is not a multiple"):
+        BenchConfig(dataset="zsre", methods=("ft:consolidate_every=3",), batch_size=2)
+    with pytest.raises(BenchError, match="must be an integer"):
+        BenchConfig(dataset="zsre", methods=("ft:consolidate_every=x",))
 
 
 def test_cli_has_bench():
@@ -129,6 +133,29 @@ def test_refused_edits_are_counted_and_leave_the_model_alone(tmp_path):
         "edit_seconds_p50": None,
         "edit_seconds_p95": None,
     }
+
+
+def test_consolidating_methods_re_solve_the_live_set_from_the_base(tmp_path):
+    """``consolidate_every``: a joint fit of every edit so far replaces the sequential drift."""
+    common = dict(
+        n_edits=8,
+        batch_size=2,
+        turn_size=4,
+        model=tiny_loaded("llama"),
+        out_dir=tmp_path,
+        data_dir=FIXTURE,
+        eval_config=EvalConfig(fluency_prompts=1, fluency_new_tokens=4),
+        editor_options={"ft:consolidate_every=4": {"norm_constraint": 0.5, "lr": 0.05}},
+        progress=False,
+        command="test",
+    )
+    result = run_bench("zsre", ["ft:consolidate_every=4"], **common)
+    method = result["methods"]["ft:consolidate_every=4"]
+    assert method["consolidate_every"] == 4
+    assert [c["held"] for c in method["consolidations"]] == [4, 8]
+    assert all(c["seconds"] > 0 and c["info"]["steps"] >= 1 for c in method["consolidations"])
+    with pytest.raises(BenchError, match="no joint solve"):
+        run_bench("zsre", ["none:consolidate_every=4"], **common)
 
 
 def test_counterfact_rome_reports_the_unseen_cases_apart(tmp_path):
