@@ -244,6 +244,13 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     return _control(ns, RunAudit(command="audit"))
 
 
+def cmd_consolidate(ns: argparse.Namespace) -> int:
+    """Ask the running daemon to re-solve every live edit jointly from the base weights."""
+    from daemon.control.commands import Consolidate
+
+    return _control(ns, Consolidate(command="consolidate"))
+
+
 def cmd_rollback(ns: argparse.Namespace) -> int:
     """Ask the running daemon to return to VERSION and point `production` at it."""
     from daemon.control.commands import Rollback
@@ -406,6 +413,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "snapshot": Command(cmd_snapshot, (_CONFIG, _WAIT)),
     "audit": Command(cmd_audit, (_CONFIG, _WAIT)),
+    "consolidate": Command(cmd_consolidate, (_CONFIG, _WAIT)),
     "rollback": Command(
         cmd_rollback,
         (

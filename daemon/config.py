@@ -554,6 +554,23 @@ class AuditSettings(_HoldsConfig):
     editor that does not meet the floors yet, where quarantine would undo every edit."""
 
 
+class ConsolidationSettings(_Section):
+    """When to re-solve the live set jointly from the base weights (0 disables a trigger).
+
+    Runs only with audits on (a consolidation is judged by auditing the weights before and
+    after it) and an editor with a joint solve; otherwise the daemon logs why at start."""
+
+    every_n_edits: int = Field(default=500, ge=0)
+    every_minutes: float = Field(default=0.0, ge=0.0)
+    tolerance: float = Field(default=0.0, ge=0.0, le=1.0)
+    """How far retention or locality may fall below the current weights' for the consolidated
+    version to be accepted anyway."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_edits > 0 or self.every_minutes > 0
+
+
 class MetricsSettings(_Section):
     """The Prometheus endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
 
@@ -634,6 +651,7 @@ class Settings(_Section):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    consolidation: ConsolidationSettings = Field(default_factory=ConsolidationSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)

@@ -191,6 +191,10 @@ class HistoryError(DaemonError):
     """A rollback or revert was refused (unknown version, edit not applied, other base)."""
 
 
+class ConsolidationError(DaemonError):
+    """The editor's joint solve of the live set failed; the weights are as they were."""
+
+
 class QuarantineDeliveryError(DaemonError):
     """The broker did not take a quarantine record (issue 17b, item 3).
 

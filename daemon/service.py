@@ -26,8 +26,16 @@ import torch
 
 from daemon.config import Settings
 from daemon.control.admin import AdminServer, ControlInbox
-from daemon.control.commands import ControlCommand, Revert, Rollback, RunAudit, TakeSnapshot
+from daemon.control.commands import (
+    Consolidate,
+    ControlCommand,
+    Revert,
+    Rollback,
+    RunAudit,
+    TakeSnapshot,
+)
 from daemon.errors import (
+    ConsolidationError,
     HistoryError,
     JournalMismatchError,
     MissingUnitDeltasError,
@@ -66,6 +74,7 @@ from monitoring.http import Heartbeat, MetricsServer, Readiness
 from monitoring.metrics import FactkeeperMetrics
 
 if TYPE_CHECKING:  # audits import the audit library lazily: only a daemon that audits needs it
+    from daemon.audits.consolidation import Consolidator
     from daemon.audits.runner import AuditRunner
     from daemon.audits.schedule import AuditSchedule
 
@@ -461,6 +470,8 @@ class Daemon:
                     "last_audit": last_audit.isoformat() if last_audit else "never",
                 },
             )
+        self.consolidator = self._build_consolidator()
+        self._applied_since_consolidation = self.replay.events
         self.inbox: ControlInbox | None = None
         self._admin: AdminServer | None = None
         if settings.admin.enabled:
@@ -471,6 +482,33 @@ class Daemon:
         self._applied_since_snapshot = self.replay.events
         s = settings.snapshots
         self._snapshot_backoff = SnapshotBackoff(s.retry_initial_s, s.retry_max_s)
+
+    def _build_consolidator(self) -> Consolidator | None:
+        """Consolidation needs versions, audits and an editor with a joint solve."""
+        missing = [
+            why
+            for why, ok in (
+                ("versioning is off", self.versions is not None),
+                ("audits are off", self.audits is not None),
+                (f"{self.editor.name} has no joint solve", self.editor.supports_consolidation),
+            )
+            if not ok
+        ]
+        if missing:
+            if self.settings.consolidation.enabled:
+                log.warning("consolidation off", extra={"because": "; ".join(missing)})
+            return None
+        from daemon.audits.consolidation import Consolidator
+
+        assert self.versions is not None and self.audits is not None
+        return Consolidator(
+            self.settings.consolidation,
+            self.editor,
+            self.journal,
+            self.versions,
+            self.audits,
+            self.metrics,
+        )
 
     def _prepare_statistics(self) -> None:
         """Compute the editor's key statistics (safeguards, NSE) now, in one pass, before ready.
@@ -613,6 +651,7 @@ class Daemon:
         applied = len(outcome.applied_ids)
         self.metrics.edits_applied.inc(applied)
         self._applied_since_snapshot += applied
+        self._applied_since_consolidation += applied
         if self.schedule is not None:
             self.schedule.note_applied(applied)
         self._snapshot_if_due()
@@ -667,6 +706,29 @@ class Daemon:
             trigger = self.schedule.take()
             if trigger is not None:
                 self.run_audit(trigger)
+        if (
+            self.consolidator is not None
+            and self.settings.consolidation.enabled
+            and self.consolidator.due(self._applied_since_consolidation)
+        ):
+            self.consolidate()
+
+    def consolidate(self) -> str:
+        """Consolidate now (between batches); returns the outcome line."""
+        if self.consolidator is None:
+            return "unsupported: consolidation needs versioning, audits and a joint solve"
+        try:
+            report = self.consolidator.run()
+        except RegistryUnavailableError as exc:
+            log.warning("consolidation deferred: MLflow unavailable", extra={"error": str(exc)})
+            return f"failed: {exc}"
+        except ConsolidationError as exc:
+            log.error("consolidation failed", extra={"error": str(exc)})
+            return f"failed: {exc}"
+        finally:
+            self._applied_since_consolidation = 0
+        self._applied_since_snapshot = 0
+        return report.line()
 
     def run_audit(self, trigger: str) -> str:
         """Audit now (between batches) and act on the gate; returns the outcome line."""
@@ -683,9 +745,12 @@ class Daemon:
         return f"done: audit of version {report.version} {verdict}; action {report.action}"
 
     def handle_control(self, command: ControlCommand) -> str:
-        """Execute ``audit``, ``snapshot``, ``rollback`` and ``revert``; returns the outcome."""
+        """Execute ``audit``, ``consolidate``, ``snapshot``, ``rollback`` and ``revert``;
+        returns the outcome line."""
         if isinstance(command, RunAudit):
             return self.run_audit("requested")
+        if isinstance(command, Consolidate):
+            return self.consolidate()
         if self.versions is None or self.history is None:
             return f"unsupported: {command.command} needs versioning (snapshots) on"
         try:

@@ -27,8 +27,9 @@ from monitoring.statistics import (
 
 REPORT_SCHEMA = "factkeeper-audit/v1"
 
-Trigger = Literal["edits", "timer", "requested", "shutdown"]
-Action = Literal["promoted", "rolled_back", "warned", "none"]
+Trigger = Literal["edits", "timer", "requested", "shutdown", "consolidation"]
+Action = Literal["promoted", "rolled_back", "warned", "discarded", "none"]
+"""``discarded``: a consolidation's version lost to the weights it would replace."""
 TRIGGERS: tuple[str, ...] = get_args(Trigger)
 ACTIONS: tuple[str, ...] = get_args(Action)
 

@@ -135,6 +135,19 @@ class FactkeeperMetrics:
             "Unix time of the last snapshot registered in MLflow.",
             registry=r,
         )
+        self.consolidations = Counter(
+            "factkeeper_consolidations",
+            "Consolidations (joint re-solves of the live set from the base weights), by outcome:"
+            " accepted, rejected (lost to the weights it would replace) or failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.consolidation_duration = Histogram(
+            "factkeeper_consolidation_duration_seconds",
+            "Wall time of one consolidation, both audits included.",
+            buckets=AUDIT_SECONDS_BUCKETS,
+            registry=r,
+        )
         self.weight_delta_norm = Gauge(
             "factkeeper_weight_delta_norm",
             "Frobenius norm of the accumulated delta of each edited module vs the base weights.",

@@ -117,7 +117,7 @@ class AuditRunner:
             self.versions.snapshot(f"audit ({trigger})")
             version = self.versions.current_version
         applied = self.journal.applied_events()
-        result = self.auditor.run(audit_facts(applied), resume_layer=self._resume_layer())
+        result = self.auditor.run(audit_facts(applied), resume_layer=self.resume_layer())
         decision = evaluate_gate(result, self.thresholds, self.last_good)
         production = self.versions.production() if self.versions else None
         action, rolled_back_to, quarantined = "none", None, ()
@@ -169,7 +169,7 @@ class AuditRunner:
         )
         return report
 
-    def _resume_layer(self) -> int:
+    def resume_layer(self) -> int:
         """Blocks below the lowest edited one hold base weights: the auditor reuses their output."""
         if self.versions is None:
             return 0

@@ -1,4 +1,5 @@
-"""Control commands (``pause``, ``resume``, ``audit``, ``snapshot``, ``rollback``, ``revert``).
+"""Control commands (``pause``, ``resume``, ``audit``, ``snapshot``, ``consolidate``,
+``rollback``, ``revert``).
 
 Commands arrive on the control topic or the admin endpoint and change what the daemon does, so
 they are validated as strictly as events: one JSON object whose ``command`` field selects the
@@ -60,6 +61,13 @@ class TakeSnapshot(_Command):
     command: Literal["snapshot"]
 
 
+class Consolidate(_Command):
+    """Re-solve every live edit jointly from the base weights now, rather than on schedule;
+    the result is kept only if its audit is at least as good as the current weights'."""
+
+    command: Literal["consolidate"]
+
+
 class Rollback(_Command):
     """Move ``production`` to an earlier registered-model version and reload it."""
 
@@ -80,13 +88,14 @@ class Revert(_Command):
 
 
 ControlCommand = Annotated[
-    Pause | Resume | RunAudit | TakeSnapshot | Rollback | Revert, Field(discriminator="command")
+    Pause | Resume | RunAudit | TakeSnapshot | Consolidate | Rollback | Revert,
+    Field(discriminator="command"),
 ]
 _ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 #: The accepted ``command`` values, read off the variants so the list cannot drift.
 COMMAND_NAMES: tuple[str, ...] = tuple(
     get_args(variant.model_fields["command"].annotation)[0]
-    for variant in (Pause, Resume, RunAudit, TakeSnapshot, Rollback, Revert)
+    for variant in (Pause, Resume, RunAudit, TakeSnapshot, Consolidate, Rollback, Revert)
 )
 
 

@@ -43,6 +43,11 @@ from monitoring.metrics import FactkeeperMetrics
 
 log = logging.getLogger(__name__)
 
+CONSOLIDATION_TAG = "consolidation"
+"""Tag of a version made by a consolidation: ``pending`` when registered, then ``accepted`` or
+``rejected`` (by its audit or the comparison with the weights it would replace). Only an
+accepted one is ever restored, so a crash before the verdict restores the weights before it."""
+
 
 @dataclass(frozen=True)
 class Restored:
@@ -199,7 +204,7 @@ class VersionKeeper:
         newest_seq = self.journal.last_seq()
         for info in self.registry.versions():  # newest first
             tags = info.tags
-            if tags.get("base_hash") != self.lm.base_hash:
+            if tags.get("base_hash") != self.lm.base_hash or _unaccepted(tags):
                 continue
             if int(tags.get("journal_seq", -1)) > newest_seq:
                 continue  # the journal lost rows this version holds: do not trust it
@@ -258,7 +263,7 @@ class VersionKeeper:
     def newest_usable_before(self, seq: int) -> tuple[str, SnapshotMeta] | None:
         """The newest version whose edits all come before journal ``seq`` and still stand."""
         for info in self.registry.versions():
-            if info.tags.get("base_hash") != self.lm.base_hash:
+            if info.tags.get("base_hash") != self.lm.base_hash or _unaccepted(info.tags):
                 continue
             if int(info.tags.get("journal_seq", -1)) >= seq:
                 continue
@@ -282,10 +287,21 @@ class VersionKeeper:
         by_time = s.every_minutes > 0 and applied_since > 0 and minutes >= s.every_minutes
         return by_count or by_time
 
-    def snapshot(self, reason: str, kafka_offsets: dict[str, int] | None = None) -> str | None:
-        """Register the current weights as a new version; None when nothing changed since."""
+    def snapshot(
+        self,
+        reason: str,
+        kafka_offsets: dict[str, int] | None = None,
+        *,
+        force: bool = False,
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
+        """Register the current weights as a new version; None when nothing changed since.
+
+        ``force`` registers even when the journal did not move (the weights were rebuilt, as by
+        a consolidation); ``tags`` are added to the version's tags.
+        """
         seq = self.journal.last_seq()
-        if seq == self.snapshot_seq and self.current_version is not None:
+        if seq == self.snapshot_seq and self.current_version is not None and not force:
             return None
         started = time.perf_counter()
         tensors = edited_tensors(self.lm.model, self.base, self.names)
@@ -316,6 +332,7 @@ class VersionKeeper:
                 "reason": reason,
                 "created_at": meta.created_at,
                 **self.runtime_tags(),
+                **(tags or {}),
             }
             version = self.registry.register(folder, tags, {"edits": len(applied)})
         self.journal.assign_model_version(version, seq)
@@ -333,3 +350,8 @@ class VersionKeeper:
         if self.on_snapshot is not None:
             self.on_snapshot(seq)
         return version
+
+
+def _unaccepted(tags: dict[str, str]) -> bool:
+    """A consolidation's version that is not (yet) accepted."""
+    return tags.get(CONSOLIDATION_TAG, "accepted") != "accepted"

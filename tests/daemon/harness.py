@@ -77,6 +77,8 @@ def env_for(tmp_path: Path, bootstrap: str, topic: str, model_dir: Path, **extra
         # Audits off too (a test that needs them turns them on): the baseline costs seconds.
         "FACTKEEPER_AUDIT__EVERY_N_EDITS": "0",
         "FACTKEEPER_AUDIT__EVERY_MINUTES": "0",
+        "FACTKEEPER_CONSOLIDATION__EVERY_N_EDITS": "0",
+        "FACTKEEPER_CONSOLIDATION__EVERY_MINUTES": "0",
     }
     env.update(extra)
     return env

@@ -74,7 +74,7 @@ def _run(tmp_path: Path, on_failure: str | None) -> tuple[Any, FakeVersions, Fak
         FactkeeperMetrics(),
         tmp_path / "audits",
     )
-    runner._resume_layer = lambda: 0  # type: ignore[method-assign]
+    runner.resume_layer = lambda: 0  # type: ignore[method-assign]
     return runner.run("requested", producer=None), versions, history, journal
 
 

@@ -161,7 +161,7 @@ def test_a_misspelt_editor_option_fails_at_load_with_its_name(
         "editor.retry_ladder.1.options.x",
     }
     message = str(caught.value)
-    ft_options = "depth, layer, lr, norm_constraint, num_steps, stop_nll"
+    ft_options = "consolidate_steps, depth, layer, lr, norm_constraint, num_steps, stop_nll"
     assert f"editor.options.num_stepz: not an option of ft (its options: {ft_options})" in message
     assert "not an option of none (its options: none)" in message
 

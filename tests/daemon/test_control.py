@@ -77,6 +77,7 @@ def test_command_names_match_the_schema() -> None:
             "resume",
             "audit",
             "snapshot",
+            "consolidate",
             "rollback",
             "revert",
         }
