@@ -47,6 +47,23 @@ class EditResult:
         return deltas_sha256(self.deltas)
 
 
+@dataclass(frozen=True)
+class EditMaterial:
+    """What ``consolidate`` needs to re-place one request without recomputing it (NSE: the
+    target value z, found by an optimisation on the original weights), computed once when the
+    request is first edited. ``fingerprint`` names everything the tensors depend on besides the
+    base weights (the request and the editor's settings), so material made under other settings
+    is never used."""
+
+    fingerprint: str
+    tensors: dict[str, torch.Tensor]
+
+    def sha256(self) -> str:
+        """The tensors' ``deltas_sha256`` bound to the fingerprint: what the journal keeps."""
+        step = f"{self.fingerprint}|{deltas_sha256(self.tensors)}"
+        return hashlib.sha256(step.encode("utf-8")).hexdigest()
+
+
 def deltas_sha256(deltas: Mapping[str, torch.Tensor]) -> str:
     """sha256 over ``name|dtype|shape|`` and the raw bytes of each tensor, sorted by name."""
     digest = hashlib.sha256()
@@ -109,6 +126,17 @@ class Editor(ABC):
         memory of past edits resets it to ``held``.
         """
         raise EditError(f"{self.name} has no joint solve to consolidate with")
+
+    def edit_material(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, EditMaterial]:
+        """Per request id, the material ``consolidate`` would otherwise recompute; empty for an
+        editor whose joint solve needs nothing beyond the requests (FT-L)."""
+        return {}
+
+    def take_material(self, lm: LoadedModel, request: EditRequest, material: EditMaterial) -> bool:
+        """Use stored material for ``request``; False when it was made under other settings."""
+        return False
 
     # -- the state of editors that keep a memory (``keeps_edit_memory``); no-ops otherwise --
 

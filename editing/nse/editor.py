@@ -24,6 +24,7 @@ from editing.adapters import MlpRole
 from editing.edit_state import EditState
 from editing.editors.base import (
     EditError,
+    EditMaterial,
     Editor,
     EditResult,
     OriginalWeights,
@@ -279,6 +280,27 @@ class NSEEditor(Editor):
             raise
         result.info[_MEMORY_KEY], result.info[_SEEN_KEY] = before, seen  # undo: the old memory
         return result
+
+    def edit_material(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, EditMaterial]:
+        """Each request's target z (computed now if not cached), fingerprinted by its cache key."""
+        self.targets(lm, requests)
+        state = self.state_for(lm)
+        return {
+            r.request_id: EditMaterial(key, {"z": state.targets[key]})
+            for r in requests
+            for key in [self.target_key(r)]
+        }
+
+    def take_material(self, lm: LoadedModel, request: EditRequest, material: EditMaterial) -> bool:
+        """Put a stored z into the cache when it was computed under this editor's settings."""
+        state = self.state_for(lm)
+        key = self.target_key(request)
+        if material.fingerprint != key or set(material.tensors) != {"z"}:
+            return False
+        state.targets[key] = material.tensors["z"]
+        return True
 
     def undo(self, lm: LoadedModel, result: EditResult) -> None:
         """Restore the weights and the past-edit memory to their values before ``apply``."""

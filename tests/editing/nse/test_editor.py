@@ -298,3 +298,39 @@ def test_consolidate_equals_one_joint_batch_from_the_originals(
     assert all(
         torch.equal(trained_lm.model.state_dict()[k], trained_state[k]) for k in joint.deltas
     )
+
+
+def test_stored_material_spares_the_value_optimisation_and_gives_the_same_solve(
+    trained_lm: LoadedModel,
+    trained_state: dict[str, torch.Tensor],
+    small_stats: KeyStatistics,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from editing.nse import editor as nse_editor
+    from editing.tiny import tiny_loaded
+
+    first = _editor(small_stats)
+    first.apply(trained_lm, [EDIT])
+    material = first.edit_material(trained_lm, [EDIT, SECOND])
+    assert set(material) == {"e1", "e2"} and material["e1"].tensors["z"].ndim == 1
+    expected = first.consolidate(_reset(trained_lm, trained_state), [EDIT, SECOND]).deltas
+
+    fresh = tiny_loaded("llama")
+    fresh.model.load_state_dict(trained_state)
+    second = _editor(small_stats)
+
+    def no_optimisation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("z was recomputed")
+
+    monkeypatch.setattr(nse_editor, "compute_targets", no_optimisation)
+    assert all(second.take_material(fresh, r, material[r.request_id]) for r in (EDIT, SECOND))
+    got = second.consolidate(fresh, [EDIT, SECOND]).deltas
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    other = NSEEditor(PRESETS["tiny"], stats=small_stats, v_num_grad_steps=3)
+    assert not other.take_material(fresh, EDIT, material["e1"])  # other settings, other z
+
+
+def _reset(lm: LoadedModel, state: dict[str, torch.Tensor]) -> LoadedModel:
+    lm.model.load_state_dict(state)
+    return lm
