@@ -53,6 +53,7 @@ from daemon.ingest.applier import (
 )
 from daemon.ingest.consumer import ControlHandler, FactConsumer, RunStats
 from daemon.kafka.clients import build_consumer, build_producer, ensure_topics
+from daemon.records.edit_material import MaterialStore
 from daemon.records.history import History
 from daemon.records.journal import Journal, JournalEntry
 from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
@@ -397,6 +398,12 @@ class Daemon:
         self.unit_deltas = (
             UnitDeltaStore.beside(settings.journal.path) if settings.journal.store_deltas else None
         )
+        # Edit material (NSE's z) is what a consolidation after a restart would recompute.
+        self.material = (
+            MaterialStore.beside(settings.journal.path)
+            if self.editor.supports_consolidation
+            else None
+        )
         # The audit baseline needs the base weights: build it before any version is restored.
         auditor = None
         if audits_enabled(settings):
@@ -508,6 +515,7 @@ class Daemon:
             self.versions,
             self.audits,
             self.metrics,
+            material=self.material,
         )
 
     def _prepare_statistics(self) -> None:
@@ -595,6 +603,8 @@ class Daemon:
         """Keep the stored deltas of the applied units after ``covered_seq`` (the journal seq
         of the version a restart restores), drop the rest: those units come with the version,
         and reverted, rolled-back, quarantined or never-journaled units are not replayed."""
+        if self.material is not None:  # every live event's, for the next consolidation
+            self.material.prune(e.event_id for e in self.journal.applied_events() if e.event_id)
         if self.unit_deltas is None:
             return
         keep = {e.batch_id for e in self.journal.applied_events(covered_seq) if e.batch_id}
@@ -627,6 +637,7 @@ class Daemon:
             ),
             accept_journal_mismatch=self.accept_journal_mismatch,
             unit_deltas=self.unit_deltas,
+            material=self.material,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}

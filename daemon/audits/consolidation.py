@@ -37,10 +37,12 @@ from daemon.audits.runner import AuditRunner, audit_facts
 from daemon.config import ConsolidationSettings
 from daemon.errors import ConsolidationError
 from daemon.ingest.applier import to_request
+from daemon.records.edit_material import MaterialStore
 from daemon.records.journal import Journal, JournalEntry
 from daemon.versions.keeper import CONSOLIDATION_TAG, VersionKeeper
 from daemon.versions.snapshots import edited_tensors, load_into
 from editing.editors.base import EditError, Editor
+from editing.requests import EditRequest
 from monitoring.audit_report import AuditReport, write_audit_report
 from monitoring.gates import GateDecision, evaluate_gate
 from monitoring.metrics import FactkeeperMetrics
@@ -95,8 +97,10 @@ class Consolidator:
         versions: VersionKeeper,
         audits: AuditRunner,
         metrics: FactkeeperMetrics,
+        material: MaterialStore | None = None,
     ) -> None:
         self.settings = settings
+        self.material = material
         self.editor = editor
         self.journal = journal
         self.versions = versions
@@ -124,6 +128,8 @@ class Consolidator:
                 "skipped", len(live), reasons=(f"{self.editor.name} has no joint solve",)
             )
         lm, keeper = self.versions.lm, self.versions
+        requests = [to_request(e.event) for e in live]
+        reused = self._take_material(live, requests)
         source = keeper.snapshot("before consolidation") or keeper.current_version
         facts = audit_facts(live)
         before = self.audits.auditor.run(facts, resume_layer=self.audits.resume_layer())
@@ -131,7 +137,7 @@ class Consolidator:
 
         load_into(lm.model, keeper.base, {}, reset=keeper.names)
         try:
-            result = self.editor.consolidate(lm, [to_request(e.event) for e in live])
+            result = self.editor.consolidate(lm, requests)
         except BaseException as exc:  # a failed solve never half-applies (its memory neither)
             load_into(lm.model, keeper.base, saved, reset=keeper.names)
             self.metrics.consolidations.labels(outcome="failed").inc()
@@ -186,6 +192,7 @@ class Consolidator:
                 "version": version,
                 "from": source,
                 "live": len(live),
+                "material_reused": reused,
                 "promoted": promoted,
                 "before": report.before,
                 "after": report.after,
@@ -193,6 +200,19 @@ class Consolidator:
             },
         )
         return report
+
+    def _take_material(self, live: list[JournalEntry], requests: list[EditRequest]) -> int:
+        """Hand the editor each live event's stored material; returns how many it took (the
+        rest it recomputes, e.g. after a change of its settings)."""
+        if self.material is None:
+            return 0
+        taken = 0
+        for entry, request in zip(live, requests, strict=True):
+            if entry.material_sha256 and entry.event_id:
+                material = self.material.read(entry.event_id, entry.material_sha256)
+                lm = self.versions.lm
+                taken += bool(material and self.editor.take_material(lm, request, material))
+        return taken
 
     def _worse(self, before: AuditReport, after: AuditReport) -> list[str]:
         """Sentences for each figure the consolidated weights lost beyond the tolerance."""

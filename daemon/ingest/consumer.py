@@ -22,7 +22,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -39,8 +39,9 @@ from daemon.errors import (
     InvalidEventError,
     JournalMismatchError,
 )
-from daemon.ingest.applier import BatchOutcome, EditApplier
+from daemon.ingest.applier import BatchOutcome, EditApplier, to_request
 from daemon.ingest.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
+from daemon.records.edit_material import MaterialStore
 from daemon.records.journal import EventRecord, Journal, control_source
 from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from monitoring.http import Readiness
@@ -98,10 +99,13 @@ class FactConsumer:
         ensure_topics: Callable[[], object] | None = None,
         accept_journal_mismatch: bool = False,
         unit_deltas: UnitDeltaStore | None = None,
+        material: MaterialStore | None = None,
     ) -> None:
         self.settings = settings
         self.unit_deltas = unit_deltas
         """Where each applied unit's deltas are kept for replay (None: replay re-edits)."""
+        self.material = material
+        """Where each applied event's edit material is kept for consolidation (None: not)."""
         self.accept_journal_mismatch = accept_journal_mismatch
         self.topics = settings.kafka.topics
         self.applier = applier
@@ -324,7 +328,8 @@ class FactConsumer:
         try:
             self._send_rejections(pending, outcome)
             self._store_unit_deltas(outcome)
-            self.journal.record_batch(self._rows(pending, outcome))
+            materials = self._store_material(outcome)
+            self.journal.record_batch(self._rows(pending, outcome, materials))
         except Exception:
             # The journal is the truth: an edit it does not hold must not stay in the weights.
             for unit in reversed(outcome.applied):
@@ -388,7 +393,27 @@ class FactConsumer:
                 # committed: the batch is undone and consumed again, never silently dropped.
                 future.get(timeout=0)
 
-    def _rows(self, pending: list[_Pending], outcome: BatchOutcome) -> list[EventRecord]:
+    def _store_material(self, outcome: BatchOutcome) -> dict[str, str]:
+        """Each applied event's edit material, before its journal row (as the unit deltas);
+        returns event id -> the sha256 its row records."""
+        if self.material is None:
+            return {}
+        stored = {}
+        for unit in outcome.applied:
+            editor = self.applier.editor_of(unit)
+            requests = [to_request(e) for e in unit.events]
+            for event_id, material in editor.edit_material(self.applier.lm, requests).items():
+                digest = self.material.try_write(event_id, material)
+                if digest is not None:
+                    stored[event_id] = digest
+        return stored
+
+    def _rows(
+        self,
+        pending: list[_Pending],
+        outcome: BatchOutcome,
+        materials: Mapping[str, str] | None = None,
+    ) -> list[EventRecord]:
         """One row per record; the applied ones in the order their units were applied."""
         units = {e.id: unit for unit in outcome.applied for e in unit.events}
         now = datetime.now(UTC)
@@ -418,6 +443,7 @@ class FactConsumer:
                         delta_sha256=unit.result.delta_sha256(),
                         batch_id=unit.batch_id,
                         retry_rung=unit.retry_rung,
+                        material_sha256=(materials or {}).get(p.event.id),
                         **base,
                     )
                 )

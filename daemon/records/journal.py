@@ -123,11 +123,17 @@ _MIGRATIONS += (
     # configured editor), so replay re-applies the unit with the same editor.
     ("ALTER TABLE events ADD COLUMN retry_rung TEXT",),
 )
+_MIGRATIONS += (
+    # 5: the sha256 of each applied event's edit material beside the journal
+    # (``daemon.records.edit_material``), which a consolidation reuses instead of recomputing.
+    ("ALTER TABLE events ADD COLUMN material_sha256 TEXT",),
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _EVENT_COLUMNS = (
     'seq, event_id, topic, "partition", "offset", status, reason, payload, received_at, '
-    "applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256, retry_rung"
+    "applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256, retry_rung, "
+    "material_sha256"
 )
 _CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 
@@ -154,6 +160,7 @@ class EventRecord:
     batch_id: str | None = None
     delta_sha256: str | None = None  # of the unit the event was applied in (applied only)
     retry_rung: str | None = None  # the ladder rung that applied the unit; None: the editor
+    material_sha256: str | None = None  # of the event's stored edit material (applied only)
 
     def __post_init__(self) -> None:
         if self.status not in ARRIVAL_STATUSES:
@@ -196,6 +203,7 @@ class JournalEntry:
     batch_id: str | None
     delta_sha256: str | None = None
     retry_rung: str | None = None
+    material_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -672,8 +680,8 @@ class Journal:
         cursor = self._conn.execute(
             'INSERT INTO events (event_id, topic, "partition", "offset", status, reason, '
             "payload, received_at, applied_at, edit_seconds, delta_norms, model_version, "
-            "batch_id, delta_sha256, retry_rung) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, delta_sha256, retry_rung, material_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.event_id,
                 row.topic,
@@ -690,6 +698,7 @@ class Journal:
                 row.batch_id,
                 row.delta_sha256,
                 row.retry_rung,
+                row.material_sha256,
             ),
         )
         return _rowid(cursor)
@@ -719,7 +728,7 @@ def _rowid(cursor: sqlite3.Cursor) -> int:
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
     (seq, event_id, topic, partition, offset, status, reason, payload, received_at) = row[:9]
     (applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256) = row[9:15]
-    retry_rung = row[15]
+    retry_rung, material_sha256 = row[15:17]
     return JournalEntry(
         seq=seq,
         event_id=event_id,
@@ -737,4 +746,5 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         batch_id=batch_id,
         delta_sha256=delta_sha256,
         retry_rung=retry_rung,
+        material_sha256=material_sha256,
     )

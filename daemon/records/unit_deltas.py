@@ -102,25 +102,10 @@ class UnitDeltaStore:
             "delta_sha256": deltas_sha256(tensors),
             "lineage": lineage,
         }
-        target = self.path_for(batch_id)
-        temp: str | None = None
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            data = save(tensors, metadata=meta)
-            fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=SUFFIX, dir=self.folder)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, target)
-            temp = None
-            _fsync_dir(self.folder)
+            return write_durably(self.path_for(batch_id), tensors, meta)
         except (OSError, SafetensorError, ValueError) as exc:
             raise UnitDeltasError(f"cannot store the deltas of unit {batch_id}: {exc}") from exc
-        finally:
-            if temp is not None:
-                _unlink(Path(temp))
-        return target
 
     def try_write(self, batch_id: str, deltas: Mapping[str, torch.Tensor], lineage: str) -> bool:
         """``write``, with a failure logged instead of raised: it only costs the next replay
@@ -173,7 +158,7 @@ class UnitDeltaStore:
     def discard(self, batch_ids: Iterable[str]) -> None:
         """Remove the files of ``batch_ids`` (a batch the journal did not take)."""
         for batch_id in batch_ids:
-            _unlink(self.path_for(batch_id))
+            unlink_quietly(self.path_for(batch_id))
 
     def prune(self, keep: Iterable[str]) -> int:
         """Remove every file except those of the units in ``keep``; returns how many went.
@@ -188,7 +173,7 @@ class UnitDeltaStore:
             if path.name in wanted or not path.is_file():
                 continue
             if path.suffix == SUFFIX or path.name.startswith(_TEMP_PREFIX):
-                removed += _unlink(path)
+                removed += unlink_quietly(path)
         if removed:
             log.info("stored unit deltas pruned", extra={"removed": removed, "kept": len(wanted)})
         return removed
@@ -201,6 +186,31 @@ class UnitDeltaStore:
         return len(files), sum(p.stat().st_size for p in files)
 
 
+def write_durably(target: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write a safetensors file so a reader sees all of it or none: a temporary file in the
+    same folder, fsynced, renamed over ``target``, and the folder fsynced.
+
+    Raises:
+        OSError, SafetensorError, ValueError: nothing is left half-written.
+    """
+    temp: str | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = save(dict(tensors), metadata=meta)
+        fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=SUFFIX, dir=target.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+        temp = None
+        _fsync_dir(target.parent)
+    finally:
+        if temp is not None:
+            unlink_quietly(Path(temp))
+    return target
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename durable: without it a crash can lose the directory entry."""
     fd = os.open(folder, os.O_RDONLY)
@@ -210,7 +220,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _unlink(path: Path) -> int:
+def unlink_quietly(path: Path) -> int:
     try:
         path.unlink()
     except FileNotFoundError:
