@@ -7,6 +7,7 @@ it is migrated.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.config import load_settings
 from daemon.ingest.events import encode_event
 from daemon.records import journal as journal_module
 from daemon.records.journal import SCHEMA_VERSION, EventRecord, Journal
 from daemon.records.live_set import fact_key
+from daemon.status import daemon_status
 from tests.daemon.builders import make_event
 from tests.daemon.test_journal import T0, TOPIC
 
@@ -146,3 +149,16 @@ def test_the_migration_links_the_corrections_an_older_journal_holds(tmp_path: Pa
         assert links(journal, "c1", "c2") == ["c2", "c3"]
         journal.record_batch([correction("c4", 9)])
         assert [e.event_id for e in journal.live_events()] == ["x", "c4"]
+
+
+def test_status_counts_superseded_corrections_beside_the_statuses(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing answers on: the daemon is not running
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"FACTKEEPER_HOME": str(tmp_path), "FACTKEEPER_METRICS__PORT": str(port)}
+    settings = load_settings(None, env=env)
+    with Journal.open(settings.journal.path) as journal:
+        journal.record_batch([correction("c1", 0), correction("c2", 1), correction("c3", 2)])
+    report = daemon_status(settings, timeout_s=0.5)
+    assert report["events"]["applied"] == 3
+    assert report["superseded"] == 2
