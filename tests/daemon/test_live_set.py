@@ -12,16 +12,20 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from daemon.audits.runner import AuditRunner
 from daemon.config import load_settings
 from daemon.ingest.events import encode_event
 from daemon.records import journal as journal_module
 from daemon.records.journal import SCHEMA_VERSION, EventRecord, Journal
 from daemon.records.live_set import fact_key
 from daemon.status import daemon_status
+from monitoring.metrics import FactkeeperMetrics
 from tests.daemon.builders import make_event
+from tests.daemon.test_audit_on_failure import FAILING, FakeHistory, FakeVersions
 from tests.daemon.test_journal import T0, TOPIC
 
 PROMPT = "The mother tongue of Danielle Darrieux is"
@@ -162,3 +166,30 @@ def test_status_counts_superseded_corrections_beside_the_statuses(tmp_path: Path
     report = daemon_status(settings, timeout_s=0.5)
     assert report["events"]["applied"] == 3
     assert report["superseded"] == 2
+
+
+def test_the_audit_checks_only_the_live_correction_of_a_fact(tmp_path: Path) -> None:
+    settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path)})
+    seen = []
+
+    def run(facts, resume_layer=0):
+        seen.extend(facts)
+        return FAILING
+
+    with Journal.open(tmp_path / "journal.sqlite3") as journal:
+        for i, target in enumerate(["English", "German", "Italian"], start=1):
+            journal.record_batch([correction(f"c{i}", i, target_new=target)])
+        runner = AuditRunner(
+            settings,
+            SimpleNamespace(run=run),  # type: ignore[arg-type]
+            journal,
+            FakeVersions(),  # type: ignore[arg-type]
+            FakeHistory(),  # type: ignore[arg-type]
+            FactkeeperMetrics(),
+            tmp_path / "audits",
+        )
+        runner._resume_layer = lambda: 0  # type: ignore[method-assign]
+        report = runner.run("requested", producer=None)
+        assert [(f.event_id, f.target) for f in seen] == [("c3", "Italian")]
+        # A failed gate still quarantines every edit production lacks, superseded ones too.
+        assert set(report.quarantined_event_ids) == {"c1", "c2", "c3"}
