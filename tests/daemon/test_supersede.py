@@ -1,0 +1,171 @@
+"""Superseding corrections on a daemon (tiny model, FT-L, MLflow on SQLite, fake Kafka clients).
+
+Corrections go through the real consumer (stage, flush, journal, the daemon's after-batch
+hook); only the Kafka clients are stand-ins, so no broker is needed. A fact corrected three
+times keeps only the third live; removing the third makes the second live again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from daemon.config import load_settings
+from daemon.control.commands import Revert
+from daemon.ingest.consumer import FactConsumer
+from daemon.service import Daemon
+from editing.checks import Judge
+from tests.daemon.builders import event_dict, to_bytes
+from tests.daemon.harness import config_file, env_for
+from tests.daemon.test_applier import FakeConsumer, FakeProducer
+
+SUBJECT = "Zorblax7"
+PROMPT = f"The capital of {SUBJECT} is"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: a revert re-edits, and the same summation order gives the same bits."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class Feed:
+    """A daemon's consumer on fake Kafka clients: ``send`` stages records, ``flush`` journals."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.consumer = FactConsumer(
+            daemon.settings,
+            daemon.applier,
+            daemon.journal,
+            FakeConsumer(),
+            FakeProducer(),
+            daemon.metrics,
+            daemon.readiness,
+            on_control=daemon.handle_control,
+            after_batch=daemon._after_batch,
+            between_batches=daemon._between_batches,
+            unit_deltas=daemon.unit_deltas,
+        )
+        daemon.consumer = self.consumer
+        self.offset = 0
+
+    def send(self, *events: dict) -> None:
+        topic = self.daemon.settings.kafka.topics.corrections
+        for event in events:
+            record = SimpleNamespace(
+                topic=topic,
+                partition=0,
+                offset=self.offset,
+                value=to_bytes(event),
+                key=None,
+                headers=[],
+                timestamp=self.offset,
+            )
+            self.consumer._stage(record)
+            self.offset += 1
+        self.consumer.flush()
+
+
+def correction(event_id: str, target_new: str, target_old: str | None = None, **extra) -> dict:
+    return event_dict(
+        event_id,
+        subject=SUBJECT,
+        prompt=PROMPT,
+        target_new=target_new,
+        target_old=target_old,
+        rephrases=[],
+        locality_probes=[],
+        **extra,
+    )
+
+
+def other_fact(event_id: str = "other") -> dict:
+    return event_dict(
+        event_id,
+        subject="Zorblax2",
+        prompt="The capital of Zorblax2 is",
+        target_new="Rome",
+        target_old=None,
+        rephrases=[],
+        locality_probes=[],
+    )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Daemon]:
+    env = env_for(
+        tmp_path,
+        "127.0.0.1:1",  # never dialled: the consumer's clients are stand-ins
+        "corrections",
+        tiny_model_dir,
+        FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="100",  # versioning on; only history registers
+    )
+    settings = load_settings(config_file(tmp_path / "home"), env=env)
+    started = Daemon(settings, serve_metrics=False)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def weights(daemon: Daemon) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in daemon.lm.model.state_dict().items()}
+
+
+def says(daemon: Daemon, target: str) -> bool:
+    [verdict] = Judge(daemon.lm).judge([(PROMPT, target)])
+    return verdict.ok
+
+
+def live_ids(daemon: Daemon) -> list[str]:
+    return [e.event_id for e in daemon.journal.live_events()]
+
+
+def test_a_fact_corrected_three_times_keeps_the_third_live_and_reverting_it_the_second(
+    daemon: Daemon,
+) -> None:
+    feed = Feed(daemon)
+    feed.send(other_fact())
+    for i, target in enumerate(["Paris", "Rome", "Berlin"], start=1):
+        feed.send(correction(f"c{i}", target))
+    journal = daemon.journal
+    assert [journal.get(f"c{i}").status for i in (1, 2, 3)] == ["applied"] * 3
+    assert live_ids(daemon) == ["other", "c3"]
+    assert [journal.get(f"c{i}").superseded_by for i in (1, 2, 3)] == ["c2", "c3", None]
+    assert says(daemon, "Berlin")
+
+    outcome = daemon.handle_control(Revert(command="revert", event_id="c3"))
+
+    assert outcome.startswith("done"), outcome
+    assert journal.get("c3").status == "reverted"
+    assert live_ids(daemon) == ["other", "c2"]
+    assert journal.get("c2").superseded_by is None
+    assert says(daemon, "Rome")
+
+
+def test_several_edits_are_reverted_in_one_rebuild_and_one_version(daemon: Daemon) -> None:
+    feed = Feed(daemon)
+    feed.send(other_fact())
+    before = weights(daemon)
+    feed.send(correction("c1", "Paris"))
+    feed.send(correction("c2", "Rome"))
+    versions = len(daemon.versions.registry.versions())
+
+    report = daemon.history.revert_many(["c2", "c1"], "test")
+
+    assert report.event_ids == ("c2", "c1")
+    assert len(daemon.versions.registry.versions()) == versions + 1
+    assert [daemon.journal.get(i).status for i in ("c1", "c2")] == ["reverted"] * 2
+    assert live_ids(daemon) == ["other"]
+    after = weights(daemon)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the other edit, re-made
