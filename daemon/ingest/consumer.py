@@ -11,6 +11,10 @@ the records are consumed again (stored deltas no row names are pruned); a crash 
 is covered by seeking past journaled offsets when partitions are assigned. DLQ delivery is
 therefore at-least-once.
 
+Two corrections of one fact (``daemon.records.live_set.fact_key``) never share a batch: staging
+the second flushes the batch that holds the first, so the newer one is edited on top of the
+older one and journaled after it (where it supersedes it), never solved jointly against it.
+
 Shutdown flips ``stop_requested``; the loop finishes the batch in flight, journals and commits
 it, and closes the consumer without auto-committing. ``run`` takes ``max_messages`` and
 ``idle_timeout_s`` so tests can drive it.
@@ -42,6 +46,7 @@ from daemon.errors import (
 from daemon.ingest.applier import BatchOutcome, EditApplier
 from daemon.ingest.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
 from daemon.records.journal import EventRecord, Journal, control_source
+from daemon.records.live_set import fact_key
 from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
@@ -297,6 +302,8 @@ class FactConsumer:
                 pending.conflicting = previous is not None and encode_event(
                     previous
                 ) != encode_event(pending.event)
+            elif self._fact_staged(pending.event):
+                self.flush()  # the older correction of this fact first, in a batch of its own
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(pending)
@@ -306,6 +313,14 @@ class FactConsumer:
             if p.event is not None and not p.duplicate_of_journal and p.event.id == event_id:
                 return p.event
         return None
+
+    def _fact_staged(self, event: FactCorrection) -> bool:
+        """Whether a staged correction (not a duplicate) is of the same fact as ``event``."""
+        key = fact_key(event)
+        return any(
+            p.event is not None and not p.duplicate_of_journal and fact_key(p.event) == key
+            for p in self._pending
+        )
 
     def _valid_pending(self) -> int:
         return sum(1 for p in self._pending if p.event is not None and not p.duplicate_of_journal)

@@ -16,9 +16,14 @@ import torch
 
 from daemon.config import load_settings
 from daemon.control.commands import Revert
+from daemon.ingest.applier import BatchOutcome
 from daemon.ingest.consumer import FactConsumer
+from daemon.ingest.events import FactCorrection
+from daemon.records.journal import Journal
 from daemon.service import Daemon
 from editing.checks import Judge
+from monitoring.http import Readiness
+from monitoring.metrics import FactkeeperMetrics
 from tests.daemon.builders import event_dict, to_bytes
 from tests.daemon.harness import config_file, env_for
 from tests.daemon.test_applier import FakeConsumer, FakeProducer
@@ -39,11 +44,16 @@ def one_thread() -> Iterator[None]:
 
 
 class Feed:
-    """A daemon's consumer on fake Kafka clients: ``send`` stages records, ``flush`` journals."""
+    """A consumer on fake Kafka clients: ``send`` stages records, then flushes what is left."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.consumer = FactConsumer(
+    def __init__(self, consumer: FactConsumer) -> None:
+        self.consumer = consumer
+        self.offset = 0
+
+    @classmethod
+    def of(cls, daemon: Daemon) -> Feed:
+        """The daemon's own consumer, wired to its callbacks as ``Daemon.run`` wires it."""
+        consumer = FactConsumer(
             daemon.settings,
             daemon.applier,
             daemon.journal,
@@ -56,11 +66,11 @@ class Feed:
             between_batches=daemon._between_batches,
             unit_deltas=daemon.unit_deltas,
         )
-        daemon.consumer = self.consumer
-        self.offset = 0
+        daemon.consumer = consumer
+        return cls(consumer)
 
-    def send(self, *events: dict) -> None:
-        topic = self.daemon.settings.kafka.topics.corrections
+    def stage(self, *events: dict) -> None:
+        topic = self.consumer.settings.kafka.topics.corrections
         for event in events:
             record = SimpleNamespace(
                 topic=topic,
@@ -73,6 +83,9 @@ class Feed:
             )
             self.consumer._stage(record)
             self.offset += 1
+
+    def send(self, *events: dict) -> None:
+        self.stage(*events)
         self.consumer.flush()
 
 
@@ -134,7 +147,7 @@ def live_ids(daemon: Daemon) -> list[str]:
 def test_a_fact_corrected_three_times_keeps_the_third_live_and_reverting_it_the_second(
     daemon: Daemon,
 ) -> None:
-    feed = Feed(daemon)
+    feed = Feed.of(daemon)
     feed.send(other_fact())
     for i, target in enumerate(["Paris", "Rome", "Berlin"], start=1):
         feed.send(correction(f"c{i}", target))
@@ -154,7 +167,7 @@ def test_a_fact_corrected_three_times_keeps_the_third_live_and_reverting_it_the_
 
 
 def test_several_edits_are_reverted_in_one_rebuild_and_one_version(daemon: Daemon) -> None:
-    feed = Feed(daemon)
+    feed = Feed.of(daemon)
     feed.send(other_fact())
     before = weights(daemon)
     feed.send(correction("c1", "Paris"))
@@ -169,3 +182,35 @@ def test_several_edits_are_reverted_in_one_rebuild_and_one_version(daemon: Daemo
     assert live_ids(daemon) == ["other"]
     after = weights(daemon)
     assert all(torch.equal(after[k], before[k]) for k in before)  # the other edit, re-made
+
+
+class Recorder:
+    """An applier that records the batches it is given and applies none of them."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def apply(self, events: list[FactCorrection]) -> BatchOutcome:
+        self.batches.append([e.id for e in events])
+        return BatchOutcome(failed={e.id: "not applied (test)" for e in events})
+
+
+def test_a_second_correction_of_a_staged_fact_flushes_the_first(tmp_path: Path) -> None:
+    settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path)})
+    recorder = Recorder()
+    with Journal.open(tmp_path / "journal.sqlite3") as journal:
+        consumer = FactConsumer(
+            settings,
+            recorder,  # type: ignore[arg-type]
+            journal,
+            FakeConsumer(),  # type: ignore[arg-type]
+            FakeProducer(),  # type: ignore[arg-type]
+            FactkeeperMetrics(),
+            Readiness("model_loaded"),
+        )
+        feed = Feed(consumer)
+        same_fact = {**correction("c2", "Rome"), "prompt": f"the capital of {SUBJECT} is:"}
+        feed.stage(correction("c1", "Paris"), other_fact(), same_fact, other_fact("again"))
+        assert recorder.batches == [["c1", "other"]]
+        consumer.flush()
+        assert recorder.batches == [["c1", "other"], ["c2", "again"]]
