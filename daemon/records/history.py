@@ -21,9 +21,10 @@ journal describes (a version whose edits no longer match the journal is never re
   a unit of its own (in the journal, at its original position) and the rebuild is replayed
   again; a sibling that still does not hold alone is marked ``failed`` with the reason and left
   out by one more rebuild. The revert's report lists both (``resplit``, ``failed``).
-  ``revert_many`` removes several edits in one rebuild and one new version (the edits of a fact
-  whose correction restores its original answer). Siblings a newer correction of the same fact
-  superseded are not checked: their answer is no longer theirs to hold.
+  ``revert_many`` removes several edits in one rebuild and one new version: ``remove_restored``
+  uses it for the edits of a fact whose newest correction restores its original answer.
+  Siblings a newer correction of the same fact superseded are not checked: their answer is no
+  longer theirs to hold.
 """
 
 from __future__ import annotations
@@ -258,6 +259,25 @@ class History:
                 "version": new_version,
                 "seconds": round(report.seconds, 2),
             },
+        )
+        return report
+
+    def remove_restored(self) -> RevertReport | None:
+        """Revert the edits of every fact whose newer correction restored its original answer
+        (``Journal.awaiting_removal``), in one rebuild and one version; None when there are none.
+
+        The journal says what to revert until it is done, so a crash or a failure here (raised
+        as from ``revert_many``) is caught up by calling this again.
+        """
+        pending = self.journal.awaiting_removal()
+        if not pending:
+            return None
+        ids = [event_id for edits in pending.values() for event_id in edits]
+        reason = f"superseded by {', '.join(pending)}, which restores the original answer"
+        report = self.revert_many(ids, reason[:500])
+        log.info(
+            "original answers restored",
+            extra={"restored_by": list(pending), "reverted": ids, "version": report.new_version},
         )
         return report
 

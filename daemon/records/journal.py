@@ -17,7 +17,9 @@ next newer applied correction of the same fact, set in the transaction that jour
 one and linked again in any transaction that changes a status (``mark``), so the live set
 (``live_events``: applied, not superseded) never holds two corrections of one fact. The older
 row stays ``applied``: its edit is still in the weights' history that replay, rollback and
-versions count.
+versions count. A correction that restores the original answer is journaled ``applied`` without
+a unit and linked to itself (``restores_original``): replay skips it, and the edits of its fact
+before it (``awaiting_removal``) are reverted right after its batch (``History.remove_restored``).
 
 Thread-safety: one writer thread. A ``Journal`` must be used only by the thread that opened it
 (sqlite3 enforces this); other processes and threads (``factkeeper status``) open their own.
@@ -212,6 +214,7 @@ class EventRecord:
     batch_id: str | None = None
     delta_sha256: str | None = None  # of the unit the event was applied in (applied only)
     retry_rung: str | None = None  # the ladder rung that applied the unit; None: the editor
+    restores_original: bool = False  # applied without an edit: its fact's edits are reverted
 
     def __post_init__(self) -> None:
         if self.status not in ARRIVAL_STATUSES:
@@ -227,6 +230,10 @@ class EventRecord:
         for stamp in (self.received_at, self.applied_at):
             if stamp is not None and stamp.tzinfo is None:
                 raise ValueError("timestamps must be timezone-aware")
+        if self.restores_original and (
+            self.status != "applied" or self.batch_id is not None or self.delta_sha256 is not None
+        ):
+            raise ValueError("a correction that restores the original answer is applied, no unit")
 
     @property
     def event_id(self) -> str | None:
@@ -255,6 +262,12 @@ class JournalEntry:
     delta_sha256: str | None = None
     retry_rung: str | None = None
     superseded_by: str | None = None  # the newer correction of the same fact; None: live
+
+    @property
+    def restores_original(self) -> bool:
+        """Journaled without an edit of its own: it put its fact's original answer back, by
+        reverting the fact's earlier edits (it links to itself; ``live_set.links``)."""
+        return self.event_id is not None and self.superseded_by == self.event_id
 
 
 @dataclass(frozen=True)
@@ -549,6 +562,34 @@ class Journal:
         ).fetchall()
         return [_entry(row) for row in rows]
 
+    def fact_chain(self, event: FactCorrection) -> list[JournalEntry]:
+        """The applied corrections of ``event``'s fact since the last one that restored the
+        original answer, in seq order: the chain a new correction of the fact extends."""
+        chain: list[JournalEntry] = []
+        for entry in self._fact_entries(event.subject, fact_key(event)):
+            chain = [] if entry.restores_original else [*chain, entry]
+        return chain
+
+    def awaiting_removal(self) -> dict[str, list[str]]:
+        """Per applied correction that restores the original answer, the applied edits of its
+        fact journaled before it (in seq order): what ``History.remove_restored`` reverts."""
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events "
+            "WHERE status = 'applied' AND superseded_by = event_id ORDER BY seq"
+        ).fetchall()
+        pending: dict[str, list[str]] = {}
+        for restoring in map(_entry, rows):
+            event = restoring.event
+            assert event is not None and restoring.event_id is not None  # an applied row
+            edits = [
+                e.event_id
+                for e in self._fact_entries(event.subject, fact_key(event))
+                if e.seq < restoring.seq and not e.restores_original and e.event_id
+            ]
+            if edits:
+                pending[restoring.event_id] = edits
+        return pending
+
     def superseded_count(self) -> int:
         """Applied corrections a newer one of the same fact superseded (counted in
         ``applied`` too: their edits are still in the weights' history)."""
@@ -749,6 +790,16 @@ class Journal:
         ).fetchone()
         return row is not None
 
+    def _fact_entries(self, subject: str, key: str) -> list[JournalEntry]:
+        """The applied rows of one fact (``fact_key``), in seq order."""
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'applied' "
+            "AND json_extract(payload, '$.subject') = ? ORDER BY seq",
+            (subject,),
+        ).fetchall()
+        entries = (_entry(row) for row in rows)
+        return [e for e in entries if e.event is not None and fact_key(e.event) == key]
+
     def _subjects(self, event_ids: Iterable[str]) -> set[str]:
         """The subjects of claimed events (to link their facts again)."""
         subjects = set()
@@ -773,8 +824,8 @@ class Journal:
         cursor = self._conn.execute(
             'INSERT INTO events (event_id, topic, "partition", "offset", status, reason, '
             "payload, received_at, applied_at, edit_seconds, delta_norms, model_version, "
-            "batch_id, delta_sha256, retry_rung) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, delta_sha256, retry_rung, superseded_by) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.event_id,
                 row.topic,
@@ -791,6 +842,7 @@ class Journal:
                 row.batch_id,
                 row.delta_sha256,
                 row.retry_rung,
+                row.event_id if row.restores_original else None,
             ),
         )
         return _rowid(cursor)

@@ -13,8 +13,9 @@ spaces dropped. "The capital of X is" and "the capital of  X is:" are one fact; 
 was" is another, and so is the same prompt about another subject string.
 
 Links (``links``): within one fact, each applied row is superseded by the next newer applied
-row, and the newest is live. A row that restores the original answer holds no edit of its own
-and points at itself: it is never live, and the rows before it are superseded.
+row, and the newest is live. A row that restores the original answer (``daemon.ingest.restores``)
+holds no edit of its own and points at itself: it is never live, and the rows before it are
+superseded, their edits reverted.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import pytest
 from daemon.audits.runner import AuditRunner
 from daemon.config import load_settings
 from daemon.ingest.events import encode_event
+from daemon.ingest.restores import restores_original, same_answer
 from daemon.records import journal as journal_module
 from daemon.records.journal import SCHEMA_VERSION, EventRecord, Journal
 from daemon.records.live_set import fact_key
@@ -193,3 +194,43 @@ def test_the_audit_checks_only_the_live_correction_of_a_fact(tmp_path: Path) -> 
         assert [(f.event_id, f.target) for f in seen] == [("c3", "Italian")]
         # A failed gate still quarantines every edit production lacks, superseded ones too.
         assert set(report.quarantined_event_ids) == {"c1", "c2", "c3"}
+
+
+def test_a_correction_that_restores_the_original_answer_leaves_nothing_live(
+    journal: Journal,
+) -> None:
+    for i, target in enumerate(["English", "German"], start=1):
+        journal.record_batch([correction(f"c{i}", i, target_new=target)])
+    restoring = correction("r", 3, target_new="French", target_old="German")
+    journal.record_batch([EventRecord(**{**restoring.__dict__, "restores_original": True})])
+
+    assert journal.live_events() == []
+    assert links(journal, "c1", "c2", "r") == ["c2", "r", "r"]
+    assert journal.get("r").restores_original and not journal.get("c2").restores_original
+    assert journal.awaiting_removal() == {"r": ["c1", "c2"]}
+    assert journal.fact_chain(make_event("next")) == []  # restored: a new chain starts
+    assert journal.superseded_count() == 2
+
+    journal.record_batch([correction("c4", 4, target_new="Italian")])
+    assert [e.event_id for e in journal.live_events()] == ["c4"]
+    assert [e.event_id for e in journal.fact_chain(make_event("next"))] == ["c4"]
+    journal.mark(["c1", "c2"], "reverted", "restored")
+    assert journal.awaiting_removal() == {}
+    assert links(journal, "r", "c4") == ["r", None]
+
+
+def test_a_restoring_record_has_no_unit() -> None:
+    with pytest.raises(ValueError, match="restores the original answer"):
+        EventRecord(**{**correction("r", 0).__dict__, "restores_original": True, "batch_id": "b"})
+
+
+def test_the_judge_decides_whether_an_answer_is_the_original_one() -> None:
+    assert same_answer("French", " French ")
+    assert not same_answer("French", "french")
+    assert not same_answer("French", "French Creole")  # the whole answer, not a prefix
+    chain = [make_event("c1", target_new="English", target_old="French"), make_event("c2")]
+    assert restores_original(make_event("r", target_new="French", target_old="German"), chain)
+    assert not restores_original(make_event("r", target_new="German"), chain)
+    back = make_event("r", target_new="French", target_old="English")
+    assert not restores_original(back, [])  # no chain
+    assert not restores_original(back, [make_event("c1", target_new="English", target_old=None)])

@@ -21,6 +21,7 @@ from daemon.ingest.consumer import FactConsumer
 from daemon.ingest.events import FactCorrection
 from daemon.records.journal import Journal
 from daemon.service import Daemon
+from daemon.versions.registry import RegistryUnavailableError
 from editing.checks import Judge
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
@@ -65,6 +66,7 @@ class Feed:
             after_batch=daemon._after_batch,
             between_batches=daemon._between_batches,
             unit_deltas=daemon.unit_deltas,
+            restore_originals=daemon.history is not None,
         )
         daemon.consumer = consumer
         return cls(consumer)
@@ -114,17 +116,22 @@ def other_fact(event_id: str = "other") -> dict:
     )
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Daemon]:
+def start(tmp_path: Path, tiny_model_dir: Path) -> Daemon:
+    """A daemon with versioning on (only history registers versions); a second call on the
+    same ``tmp_path`` is a restart."""
     env = env_for(
         tmp_path,
         "127.0.0.1:1",  # never dialled: the consumer's clients are stand-ins
         "corrections",
         tiny_model_dir,
-        FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="100",  # versioning on; only history registers
+        FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS="100",
     )
-    settings = load_settings(config_file(tmp_path / "home"), env=env)
-    started = Daemon(settings, serve_metrics=False)
+    return Daemon(load_settings(config_file(tmp_path / "home"), env=env), serve_metrics=False)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Daemon]:
+    started = start(tmp_path, tiny_model_dir)
     try:
         yield started
     finally:
@@ -133,6 +140,10 @@ def daemon(tmp_path: Path, tiny_model_dir: Path) -> Iterator[Daemon]:
 
 def weights(daemon: Daemon) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in daemon.lm.model.state_dict().items()}
+
+
+def same_weights(daemon: Daemon, expected: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, expected[k]) for k, v in daemon.lm.model.state_dict().items())
 
 
 def says(daemon: Daemon, target: str) -> bool:
@@ -180,8 +191,7 @@ def test_several_edits_are_reverted_in_one_rebuild_and_one_version(daemon: Daemo
     assert len(daemon.versions.registry.versions()) == versions + 1
     assert [daemon.journal.get(i).status for i in ("c1", "c2")] == ["reverted"] * 2
     assert live_ids(daemon) == ["other"]
-    after = weights(daemon)
-    assert all(torch.equal(after[k], before[k]) for k in before)  # the other edit, re-made
+    assert same_weights(daemon, before)  # the other fact's edit, re-made on the base
 
 
 class Recorder:
@@ -214,3 +224,63 @@ def test_a_second_correction_of_a_staged_fact_flushes_the_first(tmp_path: Path) 
         assert recorder.batches == [["c1", "other"]]
         consumer.flush()
         assert recorder.batches == [["c1", "other"], ["c2", "again"]]
+
+
+def test_a_correction_back_to_the_original_answer_removes_the_facts_edits(
+    daemon: Daemon,
+) -> None:
+    feed = Feed.of(daemon)
+    feed.send(other_fact())
+    without_chain = weights(daemon)
+    feed.send(correction("c1", "Rome", target_old="Paris"))
+    feed.send(correction("c2", "Berlin", target_old="Rome"))
+    assert says(daemon, "Berlin")
+    versions = len(daemon.versions.registry.versions())
+
+    feed.send(correction("c3", "Paris", target_old="Berlin"))
+
+    journal = daemon.journal
+    restoring = journal.get("c3")
+    assert (restoring.status, restoring.restores_original) == ("applied", True)
+    assert restoring.batch_id is None and restoring.delta_sha256 is None
+    assert [journal.get(i).status for i in ("c1", "c2")] == ["reverted"] * 2
+    assert [journal.get(i).superseded_by for i in ("c1", "c2")] == ["c2", "c3"]
+    assert live_ids(daemon) == ["other"]  # nothing live for the fact
+    assert journal.awaiting_removal() == {}
+    assert same_weights(daemon, without_chain)
+    assert len(daemon.versions.registry.versions()) == versions + 1  # one rebuild, one version
+
+    feed.send(correction("c4", "Rome", target_old="Paris"))  # a new chain starts
+    assert live_ids(daemon) == ["other", "c4"]
+    assert says(daemon, "Rome")
+
+
+def test_edits_left_by_a_crash_before_the_revert_are_removed_at_the_restart(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = start(tmp_path, tiny_model_dir)
+    try:
+        feed = Feed.of(daemon)
+        feed.send(other_fact())
+        without_chain = weights(daemon)
+        feed.send(correction("c1", "Rome", target_old="Paris"))
+        feed.send(correction("c2", "Berlin", target_old="Rome"))
+
+        def away() -> None:
+            raise RegistryUnavailableError("MLflow is away (test)")
+
+        monkeypatch.setattr(daemon.history, "remove_restored", away)
+        feed.send(correction("c3", "Paris", target_old="Berlin"))
+        assert daemon.journal.awaiting_removal() == {"c3": ["c1", "c2"]}
+        assert live_ids(daemon) == ["other"]  # the journal already says so
+        assert says(daemon, "Berlin")  # the weights do not yet
+    finally:
+        daemon.close()
+
+    restarted = start(tmp_path, tiny_model_dir)  # replays c1 and c2, skips c3, then reverts
+    try:
+        assert restarted.journal.awaiting_removal() == {}
+        assert [restarted.journal.get(i).status for i in ("c1", "c2")] == ["reverted"] * 2
+        assert same_weights(restarted, without_chain)
+    finally:
+        restarted.close()
