@@ -252,6 +252,9 @@ def replay_journal(
     units = stored = 0
     memory_behind = False  # the editor's memory lacks units applied from stored deltas
     for batch_id, group in replay_units(entries):
+        if group[0].restores_original:  # no edit of its own (``daemon.ingest.restores``)
+            lineage = extend_lineage(lineage, [(e.event_id, e.batch_id, None) for e in group])
+            continue
         events = [e.event for e in group]
         deltas = None if rehash else _stored_deltas(store, batch_id, group, lineage)
         digest = group[0].delta_sha256
@@ -334,7 +337,9 @@ def rebuild_memory(applier: EditApplier, journal: Journal, before_seq: int | Non
     held = [
         to_request(e.event)
         for e in journal.applied_events()
-        if e.event is not None and (before_seq is None or e.seq < before_seq)
+        if e.event is not None
+        and not e.restores_original
+        and (before_seq is None or e.seq < before_seq)
     ]
     started = time.perf_counter()
     editor.reset_memory(applier.lm, held)
@@ -450,6 +455,9 @@ class Daemon:
             if self.history is None:
                 raise HistoryError("starting from a version needs versioning (snapshots) on")
             self.history.rollback(start_version, "start")
+        s = settings.snapshots
+        self._removals = SnapshotBackoff(s.retry_initial_s, s.retry_max_s)
+        self._remove_restored()  # a crash came before a restoring correction's revert
         self.metrics.edits_applied.set(len(self.journal.applied_events()))
         version = self.versions.current_version if self.versions else None
         self.metrics.set_model_version(version or "base", self.lm.name)
@@ -590,7 +598,11 @@ class Daemon:
         if not self.editor.keeps_edit_memory:
             return
         entries = (self.journal.get(i) for i in event_ids)
-        held = [to_request(e.event) for e in entries if e is not None and e.event is not None]
+        held = [
+            to_request(e.event)
+            for e in entries
+            if e is not None and e.event is not None and not e.restores_original
+        ]
         self.editor.reset_memory(self.lm, held)
 
     def _replay_after(self, seq: int) -> int:
@@ -638,6 +650,7 @@ class Daemon:
             accept_journal_mismatch=self.accept_journal_mismatch,
             unit_deltas=self.unit_deltas,
             material=self.material,
+            restore_originals=self.history is not None,
         )
         self.consumer = consumer
         previous = self._install_signals(consumer) if handle_signals else {}
@@ -659,6 +672,7 @@ class Daemon:
 
     def _after_batch(self, outcome: BatchOutcome) -> None:
         self.heartbeat.beat()
+        self._remove_restored()  # before the next batch, so it is edited on the reverted weights
         applied = len(outcome.applied_ids)
         self.metrics.edits_applied.inc(applied)
         self._applied_since_snapshot += applied
@@ -713,6 +727,8 @@ class Daemon:
                 self.inbox.complete(item.id, outcome)
         if self._snapshot_backoff.consecutive_failures:
             self._snapshot_if_due()  # MLflow may be back: do not wait for the next edit
+        if self._removals.consecutive_failures:
+            self._remove_restored()
         if self.schedule is not None:
             trigger = self.schedule.take()
             if trigger is not None:
@@ -740,6 +756,22 @@ class Daemon:
             self._applied_since_consolidation = 0
         self._applied_since_snapshot = 0
         return report.line()
+
+    def _remove_restored(self) -> None:
+        """Revert the edits of facts whose newest correction restored the original answer
+        (``History.remove_restored``); MLflow away or a refusal is retried with backoff."""
+        if self.history is None or not self._removals.ready():
+            return
+        try:
+            self.history.remove_restored()
+        except (HistoryError, RegistryUnavailableError) as exc:
+            wait = self._removals.failed()
+            log.warning(
+                "could not revert the edits a restoring correction superseded; retrying",
+                extra={"retry_in_s": round(wait, 1), "error": str(exc)},
+            )
+            return
+        self._removals.succeeded()
 
     def run_audit(self, trigger: str) -> str:
         """Audit now (between batches) and act on the gate; returns the outcome line."""

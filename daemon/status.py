@@ -12,11 +12,17 @@ from daemon.records.journal import Journal
 
 
 def daemon_status(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any]:
-    """Journal counts, last offsets and readiness (``ready`` is False when nothing answers)."""
+    """Journal counts, last offsets and readiness (``ready`` is False when nothing answers).
+
+    ``superseded`` counts the applied corrections that a newer one of the same fact replaced;
+    they are in ``events["applied"]`` too.
+    """
     report: dict[str, Any] = {"journal": str(settings.journal.path)}
     if settings.journal.path.exists():
         with Journal.open(settings.journal.path, create=False) as journal:
             report["events"] = journal.counts_by_status()
+            # Not a status: applied corrections a newer one of the same fact replaced.
+            report["superseded"] = journal.superseded_count()
             report["last_offsets"] = {
                 f"{topic}:{partition}": offset
                 for (topic, partition), offset in sorted(journal.last_offsets().items())

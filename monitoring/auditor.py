@@ -3,8 +3,9 @@
 An edit is checked when it is applied, but later edits can undo earlier ones and slowly damage
 unrelated knowledge. An audit measures, on the current weights:
 
-* retention: each applied fact's greedy answer passes the judge (``editing.checks``), plus the
-  teacher-forced token accuracy of its target; every fact up to ``sample_cap``, beyond it a seeded
+* retention: each fact's greedy answer passes the judge (``editing.checks``), plus the
+  teacher-forced token accuracy of its target (the daemon passes the newest correction of each
+  fact, its live set); every fact up to ``sample_cap``, beyond it a seeded
   sample stratified by edit age, with a 95 % Wilson interval (``monitoring.statistics``);
 * generalisation: the same exact match on the facts' rephrases (by default the first of each);
 * locality: the share of a fixed probe set (``monitoring.probes``) whose greedy answer is still
@@ -170,7 +171,7 @@ class Auditor:
         """Audit the current weights.
 
         Args:
-            facts: every applied edit, oldest first, one per prompt (its newest target).
+            facts: the facts to check, oldest first, one per fact (the daemon: its live set).
             resume_layer: blocks below this index hold the base weights (the lowest edited
                 block, ``ModelState.from_touched(...).resume_layer``); 0 runs every block.
 

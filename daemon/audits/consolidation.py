@@ -120,7 +120,7 @@ class Consolidator:
         """Consolidate the live set now; the weights change only if the result is accepted."""
         started = time.perf_counter()
         self.last_run = time.monotonic()
-        live = self.journal.applied_events()
+        live = self.journal.live_events()
         if not live:
             return ConsolidationReport("skipped", 0, reasons=("no live edits",))
         if not self.editor.supports_consolidation:

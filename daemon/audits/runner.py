@@ -4,8 +4,9 @@ The schedule (``daemon.audits.schedule``) only says an audit is due; the consume
 ``AuditRunner.run`` between batches, so an audit never overlaps an edit. The run:
 
 1. snapshots the current weights (the version being judged becomes ``candidate``);
-2. audits retention of the applied edits (newest correction per prompt), generalisation on their
-   rephrases, locality on the probe set and perplexity drift (``monitoring.auditor``);
+2. audits retention of the live set (``Journal.live_events``: the newest applied correction of
+   each fact; superseded ones are not audited), generalisation on their rephrases, locality on
+   the probe set and perplexity drift (``monitoring.auditor``);
 3. gates the figures against the floors and the last good audit (``monitoring.gates``);
 4. pass: ``production`` moves to the version. Fail: the edits since ``production`` are sent to
    the quarantine topic with the audit figures, marked ``quarantined`` in the journal, and the
@@ -51,14 +52,10 @@ QUARANTINE_REASON = "audit-gate"
 
 
 def audit_facts(entries: list[JournalEntry]) -> list[AuditFact]:
-    """The newest applied correction per prompt, in journal order (older ones were superseded)."""
-    newest: dict[str, JournalEntry] = {}
-    for entry in entries:
-        newest.pop(entry.event.prompt, None)
-        newest[entry.event.prompt] = entry
+    """What the auditor checks of the live set's corrections (``Journal.live_events``)."""
     return [
         AuditFact(e.event_id, e.event.prompt, e.event.target_new, tuple(e.event.rephrases))
-        for e in newest.values()
+        for e in entries
     ]
 
 
@@ -116,8 +113,9 @@ class AuditRunner:
         if self.versions is not None:
             self.versions.snapshot(f"audit ({trigger})")
             version = self.versions.current_version
-        applied = self.journal.applied_events()
-        result = self.auditor.run(audit_facts(applied), resume_layer=self.resume_layer())
+        applied = self.journal.applied_events()  # every edit the weights hold, for quarantine
+        live = audit_facts(self.journal.live_events())
+        result = self.auditor.run(live, resume_layer=self.resume_layer())
         decision = evaluate_gate(result, self.thresholds, self.last_good)
         production = self.versions.production() if self.versions else None
         action, rolled_back_to, quarantined = "none", None, ()

@@ -25,8 +25,9 @@ retried a bounded number of times with a doubling backoff, the weights rebuilt f
 before each try; only then are its events failed. Other unexpected errors fail them at once,
 without climbing the ladder.
 
-A correction for a prompt an earlier edit already changed is applied on top of it (the earlier
-edit stays in the weights and in the journal); audits expect the newest target for each prompt.
+A correction of a fact an earlier edit already changed is applied on top of it (the earlier
+edit stays in the weights and in the journal, superseded: ``daemon.records.live_set``); audits
+check only the newest correction of each fact.
 """
 
 from __future__ import annotations

@@ -11,6 +11,17 @@ the records are consumed again (stored deltas no row names are pruned); a crash 
 is covered by seeking past journaled offsets when partitions are assigned. DLQ delivery is
 therefore at-least-once.
 
+Two corrections of one fact (``daemon.records.live_set.fact_key``) never share a batch: staging
+the second flushes the batch that holds the first, so the newer one is edited on top of the
+older one and journaled after it (where it supersedes it), never solved jointly against it.
+
+With ``restore_originals`` (the daemon sets it when versioning is on, since only ``History`` can
+take edits out), a correction back to its fact's original answer (``daemon.ingest.restores``) is
+not edited: it is journaled as applied without a unit, after the batch's units, in the same
+transaction that supersedes the fact's earlier corrections. Their edits are still in the weights
+until ``after_batch`` reverts them (``History.remove_restored``), before the next batch is
+consumed; a crash in that window leaves the journal saying what to revert, and the restart does.
+
 Shutdown flips ``stop_requested``; the loop finishes the batch in flight, journals and commits
 it, and closes the consumer without auto-committing. ``run`` takes ``max_messages`` and
 ``idle_timeout_s`` so tests can drive it.
@@ -41,8 +52,10 @@ from daemon.errors import (
 )
 from daemon.ingest.applier import BatchOutcome, EditApplier, to_request
 from daemon.ingest.events import DlqReason, FactCorrection, dlq_headers, encode_event, parse_event
+from daemon.ingest.restores import RESTORES_REASON, restores_original
 from daemon.records.edit_material import MaterialStore
 from daemon.records.journal import EventRecord, Journal, control_source
+from daemon.records.live_set import fact_key
 from daemon.records.unit_deltas import UnitDeltaStore, extend_lineage, lineage_of
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
@@ -100,8 +113,11 @@ class FactConsumer:
         accept_journal_mismatch: bool = False,
         unit_deltas: UnitDeltaStore | None = None,
         material: MaterialStore | None = None,
+        restore_originals: bool = False,
     ) -> None:
         self.settings = settings
+        self.restore_originals = restore_originals
+        """Journal corrections back to the original answer without an edit (module docstring)."""
         self.unit_deltas = unit_deltas
         """Where each applied unit's deltas are kept for replay (None: replay re-edits)."""
         self.material = material
@@ -301,6 +317,8 @@ class FactConsumer:
                 pending.conflicting = previous is not None and encode_event(
                     previous
                 ) != encode_event(pending.event)
+            elif self._fact_staged(pending.event):
+                self.flush()  # the older correction of this fact first, in a batch of its own
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(pending)
@@ -310,6 +328,14 @@ class FactConsumer:
             if p.event is not None and not p.duplicate_of_journal and p.event.id == event_id:
                 return p.event
         return None
+
+    def _fact_staged(self, event: FactCorrection) -> bool:
+        """Whether a staged correction (not a duplicate) is of the same fact as ``event``."""
+        key = fact_key(event)
+        return any(
+            p.event is not None and not p.duplicate_of_journal and fact_key(p.event) == key
+            for p in self._pending
+        )
 
     def _valid_pending(self) -> int:
         return sum(1 for p in self._pending if p.event is not None and not p.duplicate_of_journal)
@@ -322,14 +348,15 @@ class FactConsumer:
             return
         pending, self._pending = self._pending, []
         events = [p.event for p in pending if p.event is not None and not p.duplicate_of_journal]
+        restoring = self._restoring(events)
         started = time.perf_counter()
-        outcome = self.applier.apply(events)
+        outcome = self.applier.apply([e for e in events if e.id not in restoring])
         seconds = time.perf_counter() - started
         try:
             self._send_rejections(pending, outcome)
             self._store_unit_deltas(outcome)
             materials = self._store_material(outcome)
-            self.journal.record_batch(self._rows(pending, outcome, materials))
+            self.journal.record_batch(self._rows(pending, outcome, restoring, materials))
         except Exception:
             # The journal is the truth: an edit it does not hold must not stay in the weights.
             for unit in reversed(outcome.applied):
@@ -344,6 +371,26 @@ class FactConsumer:
         self._count(pending, outcome, seconds)
         if self.after_batch is not None:
             self.after_batch(outcome)
+
+    def _restoring(self, events: list[FactCorrection]) -> set[str]:
+        """The ids of ``events`` that restore their fact's original answer (none unless
+        ``restore_originals``); a chain is the journal's plus earlier events of the batch."""
+        if not self.restore_originals:
+            return set()
+        found: set[str] = set()
+        chains: dict[str, list[FactCorrection]] = {}
+        for event in events:
+            key = fact_key(event)
+            if key not in chains:
+                chains[key] = [e.event for e in self.journal.fact_chain(event) if e.event]
+            if restores_original(event, chains[key]):
+                found.add(event.id)
+                chains[key] = []  # restored: a later correction starts a new chain
+            else:
+                chains[key].append(event)
+        if found:
+            log.info("corrections restore the original answer", extra={"events": sorted(found)})
+        return found
 
     def _store_unit_deltas(self, outcome: BatchOutcome) -> None:
         """Each applied unit's deltas, before its journal rows: a crash in between leaves a
@@ -412,9 +459,12 @@ class FactConsumer:
         self,
         pending: list[_Pending],
         outcome: BatchOutcome,
+        restoring: set[str],
         materials: Mapping[str, str] | None = None,
     ) -> list[EventRecord]:
-        """One row per record; the applied ones in the order their units were applied."""
+        """One row per record; the applied ones in the order their units were applied, then
+        the ones that restore an original answer (no unit: last, so the units' stored lineage
+        is the journal's order)."""
         units = {e.id: unit for unit in outcome.applied for e in unit.events}
         now = datetime.now(UTC)
         rows = []
@@ -431,6 +481,17 @@ class FactConsumer:
             elif p.duplicate_of_journal:
                 reason = "conflicting-duplicate" if p.conflicting else "duplicate"
                 rows.append(EventRecord(status="duplicate", event=p.event, reason=reason, **base))
+            elif p.event.id in restoring:
+                rows.append(
+                    EventRecord(
+                        status="applied",
+                        event=p.event,
+                        reason=RESTORES_REASON,
+                        applied_at=now,
+                        restores_original=True,
+                        **base,
+                    )
+                )
             elif p.event.id in units:
                 unit = units[p.event.id]
                 rows.append(
@@ -450,7 +511,10 @@ class FactConsumer:
             else:
                 reason = outcome.failed.get(p.event.id, "edit did not take")
                 rows.append(EventRecord(status="failed", event=p.event, reason=reason, **base))
-        return _in_unit_order(rows, outcome)
+        ordered = _in_unit_order(rows, outcome)
+        return [r for r in ordered if not r.restores_original] + [
+            r for r in ordered if r.restores_original
+        ]
 
     def _commit(self, pending: list[_Pending]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -739,7 +803,7 @@ def _in_unit_order(rows: list[EventRecord], outcome: BatchOutcome) -> list[Event
     rung) must come after it, whatever the records' offsets.
     """
     order = {event_id: i for i, event_id in enumerate(outcome.applied_ids)}
-    slots = [i for i, row in enumerate(rows) if row.status == "applied"]
+    slots = [i for i, row in enumerate(rows) if row.status == "applied" and row.event_id in order]
     applied = sorted((rows[i] for i in slots), key=lambda row: order[row.event_id])
     reordered = list(rows)
     for slot, row in zip(slots, applied, strict=True):

@@ -21,13 +21,17 @@ journal describes (a version whose edits no longer match the journal is never re
   a unit of its own (in the journal, at its original position) and the rebuild is replayed
   again; a sibling that still does not hold alone is marked ``failed`` with the reason and left
   out by one more rebuild. The revert's report lists both (``resplit``, ``failed``).
+  ``revert_many`` removes several edits in one rebuild and one new version: ``remove_restored``
+  uses it for the edits of a fact whose newest correction restores its original answer.
+  Siblings a newer correction of the same fact superseded are not checked: their answer is no
+  longer theirs to hold.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +65,7 @@ class RollbackReport:
 
 @dataclass(frozen=True)
 class RevertReport:
-    event_id: str
+    event_id: str  # the first of ``event_ids``
     rebuilt_from: str | None  # version replayed from (None: base weights)
     replayed: int
     new_version: str | None
@@ -69,6 +73,7 @@ class RevertReport:
     promoted: bool = False  # production held the edit and now points at ``new_version``
     resplit: tuple[str, ...] = ()  # batch siblings that lost their edit; now units of their own
     failed: tuple[str, ...] = ()  # of those, the ones that did not hold alone either
+    event_ids: tuple[str, ...] = ()  # every edit reverted (``revert_many``)
 
 
 class History:
@@ -163,16 +168,32 @@ class History:
             HistoryError: the event is not an applied edit; nothing changed. If the rebuild
                 itself fails, the weights and the journal are restored before re-raising.
         """
+        return self.revert_many([event_id], reason)
+
+    def revert_many(self, event_ids: Sequence[str], reason: str) -> RevertReport:
+        """Remove several applied edits' effect in one rebuild, registered as one new version.
+
+        Rebuilds from the newest version before the earliest of them, as ``revert`` does for
+        one; their batch siblings are post-checked (and split) the same way.
+
+        Raises:
+            HistoryError: no ids, or one is not an applied edit; nothing changed. If the rebuild
+                itself fails, the weights and the journal are restored before re-raising.
+        """
         started = time.perf_counter()
-        entry = self.journal.get(event_id)
-        if entry is None or entry.status != "applied":
-            state = "unknown" if entry is None else entry.status
-            raise HistoryError(f"cannot revert {event_id!r}: it is not an applied edit ({state})")
-        before = self.versions.newest_usable_before(entry.seq)
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            raise HistoryError("nothing to revert")
+        entries = [self.journal.get(i) for i in ids]
+        for i, entry in zip(ids, entries, strict=True):
+            if entry is None or entry.status != "applied":
+                state = "unknown" if entry is None else entry.status
+                raise HistoryError(f"cannot revert {i!r}: it is not an applied edit ({state})")
+        before = self.versions.newest_usable_before(min(e.seq for e in entries))
         saved = {n: p.detach().clone() for n, p in self._editable_params().items()}
         previous_version = self.versions.current_version
-        siblings = self._siblings(entry)
-        self.journal.mark([event_id], "reverted", reason)
+        siblings = self._siblings(entries)
+        self.journal.mark(ids, "reverted", reason)
         resplit: list[str] = []
         failed: dict[str, str] = {}
         try:
@@ -190,7 +211,7 @@ class History:
                 replayed = self.replay(start_seq)
                 failed = self._post_check(siblings)
             if failed:
-                note = f"{reason} {event_id}: batch sibling no longer holds, even alone: "
+                note = f"{reason} {', '.join(ids)}: batch sibling no longer holds, even alone: "
                 self.journal.mark_many(
                     {i: ("failed", (note + why)[:500]) for i, why in failed.items()}
                 )
@@ -204,7 +225,7 @@ class History:
             self.journal.set_batch_ids({e.event_id: e.batch_id for e in siblings})
             self.journal.mark_many(
                 {
-                    event_id: ("applied", "revert failed; edit kept"),
+                    **dict.fromkeys(ids, ("applied", "revert failed; edit kept")),
                     **{i: ("applied", None) for i in failed},
                 }
             )
@@ -213,11 +234,11 @@ class History:
             self.metrics.events.labels(result="failed").inc(len(failed))
         self.versions.current_version = start_version
         self.versions.snapshot_seq = start_seq
-        new_version = self.versions.snapshot(f"revert {event_id}")
-        promoted = self._move_production_off(event_id, new_version)
+        new_version = self.versions.snapshot(f"revert {', '.join(ids)}"[:250])
+        promoted = self._move_production_off(ids, new_version)
         self.metrics.edits_applied.set(len(self.journal.applied_events()))
         report = RevertReport(
-            event_id,
+            ids[0],
             start_version,
             replayed,
             new_version,
@@ -225,11 +246,12 @@ class History:
             promoted=promoted,
             resplit=tuple(resplit),
             failed=tuple(failed),
+            event_ids=tuple(ids),
         )
         log.info(
             "reverted",
             extra={
-                "event_id": event_id,
+                "event_id": ", ".join(ids),
                 "resplit": len(resplit),
                 "failed": len(failed),
                 "rebuilt_from": start_version or "base",
@@ -240,19 +262,34 @@ class History:
         )
         return report
 
-    def _siblings(self, entry: JournalEntry) -> list[JournalEntry]:
-        """The other applied edits of ``entry``'s unit, in journal order, less those a later
-        correction of the same prompt superseded (their answer is no longer theirs to hold)."""
-        if entry.batch_id is None:
-            return []
-        applied = self.journal.applied_events()
-        newest = {e.event.prompt: e.seq for e in applied}
+    def remove_restored(self) -> RevertReport | None:
+        """Revert the edits of every fact whose newer correction restored its original answer
+        (``Journal.awaiting_removal``), in one rebuild and one version; None when there are none.
+
+        The journal says what to revert until it is done, so a crash or a failure here (raised
+        as from ``revert_many``) is caught up by calling this again.
+        """
+        pending = self.journal.awaiting_removal()
+        if not pending:
+            return None
+        ids = [event_id for edits in pending.values() for event_id in edits]
+        reason = f"superseded by {', '.join(pending)}, which restores the original answer"
+        report = self.revert_many(ids, reason[:500])
+        log.info(
+            "original answers restored",
+            extra={"restored_by": list(pending), "reverted": ids, "version": report.new_version},
+        )
+        return report
+
+    def _siblings(self, entries: Sequence[JournalEntry]) -> list[JournalEntry]:
+        """The other applied edits of ``entries``' units, in journal order, less those a later
+        correction of the same fact superseded (their answer is no longer theirs to hold)."""
+        units = {e.batch_id for e in entries if e.batch_id is not None}
+        reverted = {e.event_id for e in entries}
         return [
             e
-            for e in applied
-            if e.batch_id == entry.batch_id
-            and e.event_id != entry.event_id
-            and newest[e.event.prompt] == e.seq
+            for e in self.journal.live_events()
+            if e.batch_id in units and e.event_id not in reverted
         ]
 
     def _post_check(self, entries: list[JournalEntry]) -> dict[str, str]:
@@ -260,8 +297,8 @@ class History:
             return {}
         return self.check([e.event for e in entries])
 
-    def _move_production_off(self, event_id: str, new_version: str | None) -> bool:
-        """Point ``production`` at ``new_version`` if it still holds the reverted edit.
+    def _move_production_off(self, event_ids: Sequence[str], new_version: str | None) -> bool:
+        """Point ``production`` at ``new_version`` if it still holds a reverted edit.
 
         Otherwise serving replicas keep the edit, and a failed audit's rollback to
         ``production`` would bring it back.
@@ -270,7 +307,7 @@ class History:
         if production is None or new_version is None:
             return False
         _, meta = self.versions.read(production)
-        if event_id not in meta.event_ids:
+        if not set(event_ids) & set(meta.event_ids):
             return False
         self.versions.promote(new_version)
         log.info("production moved off a reverted edit", extra={"version": new_version})

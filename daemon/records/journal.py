@@ -12,6 +12,15 @@ first and journals a redelivery as ``duplicate``; if it tries to claim an id twi
 ``record_batch`` raises ``DuplicateEventError`` and writes nothing (the journal enforces the
 rule, the consumer decides what to do).
 
+Corrections of one fact (``daemon.records.live_set``): an applied row is ``superseded_by`` the
+next newer applied correction of the same fact, set in the transaction that journals the newer
+one and linked again in any transaction that changes a status (``mark``), so the live set
+(``live_events``: applied, not superseded) never holds two corrections of one fact. The older
+row stays ``applied``: its edit is still in the weights' history that replay, rollback and
+versions count. A correction that restores the original answer is journaled ``applied`` without
+a unit and linked to itself (``restores_original``): replay skips it, and the edits of its fact
+before it (``awaiting_removal``) are reverted right after its batch (``History.remove_restored``).
+
 Thread-safety: one writer thread. A ``Journal`` must be used only by the thread that opened it
 (sqlite3 enforces this); other processes and threads (``factkeeper status``) open their own.
 
@@ -33,7 +42,7 @@ import re
 import socket
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +61,7 @@ from daemon.errors import (
     UnknownEventError,
 )
 from daemon.ingest.events import FactCorrection, encode_event, stored_event
+from daemon.records.live_set import fact_key, links
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +82,10 @@ _MIN_SQLITE = (3, 37, 0)  # STRICT tables
 _STATUS_SQL = ", ".join(f"'{status}'" for status in STATUSES)
 _UNCLAIMED_SQL = ", ".join(f"'{status}'" for status in sorted(UNCLAIMED_STATUSES))
 
+#: A migration step: SQL, or a function run on the connection in the same transaction.
+MigrationStep = str | Callable[[sqlite3.Connection], None]
 #: ``_MIGRATIONS[i]`` takes the schema from ``user_version`` i to i + 1; append, never edit.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+_MIGRATIONS: tuple[tuple[MigrationStep, ...], ...] = (
     (
         f"""CREATE TABLE events (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -123,8 +135,55 @@ _MIGRATIONS += (
     # configured editor), so replay re-applies the unit with the same editor.
     ("ALTER TABLE events ADD COLUMN retry_rung TEXT",),
 )
+
+
+def _relink(conn: sqlite3.Connection, subjects: Iterable[str]) -> None:
+    """Set ``superseded_by`` of the applied rows of these subjects' facts as ``links`` says.
+
+    Only applied rows are linked: a row that left the applied set keeps its last link for the
+    record, and one that comes back (a roll forward) is linked again with the others.
+    """
+    for subject in sorted(set(subjects)):
+        rows = conn.execute(
+            "SELECT event_id, payload, superseded_by FROM events WHERE status = 'applied' "
+            "AND json_extract(payload, '$.subject') = ? ORDER BY seq",
+            (subject,),
+        ).fetchall()
+        facts: dict[str, list[tuple[str, bool]]] = {}
+        current: dict[str, str | None] = {}
+        for event_id, payload, superseded_by in rows:
+            key = fact_key(stored_event(payload))
+            facts.setdefault(key, []).append((event_id, superseded_by == event_id))
+            current[event_id] = superseded_by
+        for chain in facts.values():
+            for event_id, target in links(chain).items():
+                if current[event_id] != target:
+                    conn.execute(
+                        "UPDATE events SET superseded_by = ? "
+                        "WHERE event_id = ? AND status = 'applied'",
+                        (target, event_id),
+                    )
+
+
+def _link_existing(conn: sqlite3.Connection) -> None:
+    """Link the corrections journaled before ``superseded_by`` existed."""
+    subjects = conn.execute(
+        "SELECT DISTINCT json_extract(payload, '$.subject') FROM events WHERE status = 'applied'"
+    ).fetchall()
+    _relink(conn, (subject for (subject,) in subjects if subject is not None))
+
+
 _MIGRATIONS += (
-    # 5: the sha256 of each applied event's edit material beside the journal
+    # 5: the newer correction of the same fact that replaced an applied one (NULL: live;
+    # ``daemon.records.live_set``), linked for the rows already journaled.
+    (
+        "ALTER TABLE events ADD COLUMN superseded_by TEXT",
+        "CREATE INDEX events_by_subject ON events (json_extract(payload, '$.subject'))",
+        _link_existing,
+    ),
+)
+_MIGRATIONS += (
+    # 6: the sha256 of each applied event's edit material beside the journal
     # (``daemon.records.edit_material``), which a consolidation reuses instead of recomputing.
     ("ALTER TABLE events ADD COLUMN material_sha256 TEXT",),
 )
@@ -133,7 +192,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _EVENT_COLUMNS = (
     'seq, event_id, topic, "partition", "offset", status, reason, payload, received_at, '
     "applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256, retry_rung, "
-    "material_sha256"
+    "superseded_by, material_sha256"
 )
 _CONTROL_ADAPTER: TypeAdapter[ControlCommand] = TypeAdapter(ControlCommand)
 
@@ -160,6 +219,7 @@ class EventRecord:
     batch_id: str | None = None
     delta_sha256: str | None = None  # of the unit the event was applied in (applied only)
     retry_rung: str | None = None  # the ladder rung that applied the unit; None: the editor
+    restores_original: bool = False  # applied without an edit: its fact's edits are reverted
     material_sha256: str | None = None  # of the event's stored edit material (applied only)
 
     def __post_init__(self) -> None:
@@ -176,6 +236,10 @@ class EventRecord:
         for stamp in (self.received_at, self.applied_at):
             if stamp is not None and stamp.tzinfo is None:
                 raise ValueError("timestamps must be timezone-aware")
+        if self.restores_original and (
+            self.status != "applied" or self.batch_id is not None or self.delta_sha256 is not None
+        ):
+            raise ValueError("a correction that restores the original answer is applied, no unit")
 
     @property
     def event_id(self) -> str | None:
@@ -204,6 +268,13 @@ class JournalEntry:
     delta_sha256: str | None = None
     retry_rung: str | None = None
     material_sha256: str | None = None
+    superseded_by: str | None = None  # the newer correction of the same fact; None: live
+
+    @property
+    def restores_original(self) -> bool:
+        """Journaled without an edit of its own: it put its fact's original answer back, by
+        reverting the fact's earlier edits (it links to itself; ``live_set.links``)."""
+        return self.event_id is not None and self.superseded_by == self.event_id
 
 
 @dataclass(frozen=True)
@@ -326,6 +397,9 @@ class Journal:
     def record_batch(self, rows: Sequence[EventRecord]) -> list[int]:
         """Journal a batch of records in ONE transaction: all rows become durable, or none.
 
+        An applied row supersedes the live correction of its fact in the same transaction, so
+        no crash leaves two live corrections of one fact.
+
         Returns:
             The sequence numbers of the rows, in order.
 
@@ -352,6 +426,7 @@ class Journal:
                         f"duplicate of {row.event_id!r}, but no row claims that id"
                     )
                 seqs.append(self._insert(row))
+            _relink(self._conn, (r.event.subject for r in rows if r.status == "applied"))
         return seqs
 
     def mark(self, event_ids: Sequence[str], status: EventStatus, reason: str | None) -> int:
@@ -365,6 +440,9 @@ class Journal:
 
     def mark_many(self, changes: Mapping[str, tuple[EventStatus, str | None]]) -> int:
         """Set several events' status and reason in one transaction (rollback, roll forward).
+
+        The facts of the changed events are linked again in the same transaction: when the live
+        correction leaves the applied set, the newest applied one before it is live again.
 
         Raises:
             UnknownEventError: some id has no claiming row; nothing is changed.
@@ -383,6 +461,7 @@ class Journal:
                     f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
                     (status, reason, event_id),
                 )
+            _relink(self._conn, self._subjects(changes))
         return len(changes)
 
     def set_batch_ids(self, changes: Mapping[str, str | None]) -> int:
@@ -480,6 +559,52 @@ class Journal:
             (after_seq,),
         ).fetchall()
         return [_entry(row) for row in rows]
+
+    def live_events(self) -> list[JournalEntry]:
+        """The live set: applied corrections no newer one of the same fact superseded, in seq
+        order (at most one per fact; ``daemon.records.live_set``)."""
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events "
+            "WHERE status = 'applied' AND superseded_by IS NULL ORDER BY seq"
+        ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def fact_chain(self, event: FactCorrection) -> list[JournalEntry]:
+        """The applied corrections of ``event``'s fact since the last one that restored the
+        original answer, in seq order: the chain a new correction of the fact extends."""
+        chain: list[JournalEntry] = []
+        for entry in self._fact_entries(event.subject, fact_key(event)):
+            chain = [] if entry.restores_original else [*chain, entry]
+        return chain
+
+    def awaiting_removal(self) -> dict[str, list[str]]:
+        """Per applied correction that restores the original answer, the applied edits of its
+        fact journaled before it (in seq order): what ``History.remove_restored`` reverts."""
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events "
+            "WHERE status = 'applied' AND superseded_by = event_id ORDER BY seq"
+        ).fetchall()
+        pending: dict[str, list[str]] = {}
+        for restoring in map(_entry, rows):
+            event = restoring.event
+            assert event is not None and restoring.event_id is not None  # an applied row
+            edits = [
+                e.event_id
+                for e in self._fact_entries(event.subject, fact_key(event))
+                if e.seq < restoring.seq and not e.restores_original and e.event_id
+            ]
+            if edits:
+                pending[restoring.event_id] = edits
+        return pending
+
+    def superseded_count(self) -> int:
+        """Applied corrections a newer one of the same fact superseded (counted in
+        ``applied`` too: their edits are still in the weights' history)."""
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM events WHERE status = 'applied' "
+            "AND superseded_by IS NOT NULL AND superseded_by != event_id"
+        ).fetchone()
+        return int(row[0])
 
     def applied_lineage(
         self, upto_seq: int | None = None
@@ -641,8 +766,11 @@ class Journal:
             with self._write(f"migration to schema {target}"):
                 if int(self.pragma("user_version")) >= target:
                     continue  # another process (daemon, `status`) migrated it since we looked
-                for statement in _MIGRATIONS[target - 1]:
-                    self._conn.execute(statement)
+                for step in _MIGRATIONS[target - 1]:
+                    if callable(step):
+                        step(self._conn)
+                    else:
+                        self._conn.execute(step)
                 self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self._conn.execute(f"PRAGMA user_version = {target}")
             log.info("journal %s migrated to schema %d", self.path, target)
@@ -669,6 +797,29 @@ class Journal:
         ).fetchone()
         return row is not None
 
+    def _fact_entries(self, subject: str, key: str) -> list[JournalEntry]:
+        """The applied rows of one fact (``fact_key``), in seq order."""
+        rows = self._conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE status = 'applied' "
+            "AND json_extract(payload, '$.subject') = ? ORDER BY seq",
+            (subject,),
+        ).fetchall()
+        entries = (_entry(row) for row in rows)
+        return [e for e in entries if e.event is not None and fact_key(e.event) == key]
+
+    def _subjects(self, event_ids: Iterable[str]) -> set[str]:
+        """The subjects of claimed events (to link their facts again)."""
+        subjects = set()
+        for event_id in event_ids:
+            row = self._conn.execute(
+                "SELECT json_extract(payload, '$.subject') FROM events "
+                f"WHERE event_id = ? AND status NOT IN ({_UNCLAIMED_SQL})",
+                (event_id,),
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                subjects.add(row[0])
+        return subjects
+
     def _journaled(self, topic: str, partition: int, offset: int) -> bool:
         row = self._conn.execute(
             'SELECT 1 FROM events WHERE topic = ? AND "partition" = ? AND "offset" = ?',
@@ -680,8 +831,8 @@ class Journal:
         cursor = self._conn.execute(
             'INSERT INTO events (event_id, topic, "partition", "offset", status, reason, '
             "payload, received_at, applied_at, edit_seconds, delta_norms, model_version, "
-            "batch_id, delta_sha256, retry_rung, material_sha256) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, delta_sha256, retry_rung, superseded_by, material_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row.event_id,
                 row.topic,
@@ -698,6 +849,7 @@ class Journal:
                 row.batch_id,
                 row.delta_sha256,
                 row.retry_rung,
+                row.event_id if row.restores_original else None,
                 row.material_sha256,
             ),
         )
@@ -728,7 +880,7 @@ def _rowid(cursor: sqlite3.Cursor) -> int:
 def _entry(row: tuple[Any, ...]) -> JournalEntry:
     (seq, event_id, topic, partition, offset, status, reason, payload, received_at) = row[:9]
     (applied_at, edit_seconds, delta_norms, model_version, batch_id, delta_sha256) = row[9:15]
-    retry_rung, material_sha256 = row[15:17]
+    retry_rung, superseded_by, material_sha256 = row[15:18]
     return JournalEntry(
         seq=seq,
         event_id=event_id,
@@ -746,5 +898,6 @@ def _entry(row: tuple[Any, ...]) -> JournalEntry:
         batch_id=batch_id,
         delta_sha256=delta_sha256,
         retry_rung=retry_rung,
+        superseded_by=superseded_by,
         material_sha256=material_sha256,
     )
