@@ -30,6 +30,7 @@ CONFIG_SECTIONS = frozenset(
         "journal",
         "snapshots",
         "audit",
+        "consolidation",
         "metrics",
         "admin",
         "control",
