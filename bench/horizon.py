@@ -11,6 +11,9 @@ measured on the same edits. The JSON is rewritten after every checkpoint, so a r
 reports what it reached.
 
     python bench/horizon.py --methods emsedit,emsedit+safeguards --edits 10000 --threads 1
+
+A method ``nse:consolidate_every=500`` re-solves every edit so far jointly from the base weights
+every 500 edits (``Editor.consolidate``), the daemon's consolidation on a schedule.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from editing.bench import (
     machine_info,
     percentile,
     seed_everything,
+    split_consolidation,
     utc_now_iso,
 )
 from editing.datasets import load_dataset
@@ -97,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in lm.model.state_dict().items():
                 value.copy_(base[key])
         seed_everything(0)
-        editor = get_editor(name)
+        spec, every = split_consolidation(name)
+        editor = get_editor(spec)
+        if every and not editor.supports_consolidation:
+            raise SystemExit(f"{name}: {editor.name} has no joint solve to consolidate with")
         out["methods"][name] = run_method(
-            name, editor, lm, requests, sample_idx, evaluator, args, out
+            name, editor, lm, requests, sample_idx, evaluator, args, out, base, every
         )
     out["finished_at"] = utc_now_iso()
     out["loadavg_end"] = list(os.getloadavg())
@@ -109,13 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_method(name, editor, lm, requests, sample_idx, evaluator, args, out) -> dict[str, Any]:
-    """Edit the stream with one method, measuring at every checkpoint (JSON after each)."""
+def run_method(
+    name, editor, lm, requests, sample_idx, evaluator, args, out, base, every
+) -> dict[str, Any]:
+    """Edit the stream with one method, measuring at every checkpoint (JSON after each); with
+    ``every`` > 0, every that many edits the edited weights go back to ``base`` and all edits so
+    far are re-solved jointly (``Editor.consolidate``), as the daemon's consolidation does."""
     touched: set[str] = set()
+    applied: list[Any] = []
+    consolidations: list[dict[str, float]] = []
     seconds: list[float] = []
     refused = 0
     curve: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"curve": curve}
+    report: dict[str, Any] = {"curve": curve, "consolidate_every": every or None}
     out["methods"][name] = report
     started = time.perf_counter()
     for start in tqdm(range(0, len(requests), args.batch), desc=name):
@@ -126,10 +139,20 @@ def run_method(name, editor, lm, requests, sample_idx, evaluator, args, out) -> 
             refused += len(batch)
             log.info("refused %s: %s", start, exc)
         else:
+            applied += batch
             touched |= set(result.deltas)
             seconds.append(result.seconds)
             del result
         done = start + len(batch)
+        if every and done % every == 0 and applied:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                params = dict(lm.model.named_parameters())
+                for key in touched:
+                    params[key].copy_(base[key])
+            touched |= set(editor.consolidate(lm, applied).deltas)
+            consolidations.append({"held": len(applied), "seconds": time.perf_counter() - t0})
+            report["consolidations"] = consolidations
         if done % args.checkpoint and done != len(requests):
             continue
         state = ModelState.from_touched(lm.adapter, touched)
