@@ -565,6 +565,10 @@ class ConsolidationSettings(_Section):
     tolerance: float = Field(default=0.0, ge=0.0, le=1.0)
     """How far retention or locality may fall below the current weights' for the consolidated
     version to be accepted anyway."""
+    on_removal: bool = False
+    """Remove an edit (revert, a correction back to the original answer) by re-solving the live
+    set from the base weights instead of replaying every edit after the version before it. Off:
+    FT-L's joint fit holds far fewer facts than its sequential edits (README, Consolidation)."""
 
     @property
     def enabled(self) -> bool:

@@ -486,6 +486,9 @@ class Daemon:
                 },
             )
         self.consolidator = self._build_consolidator()
+        on_removal = settings.consolidation.on_removal
+        if self.consolidator is not None and self.history is not None and on_removal:
+            self.history.rebuild = self.consolidator.rebuild
         self._applied_since_consolidation = self.replay.events
         self.inbox: ControlInbox | None = None
         self._admin: AdminServer | None = None
@@ -811,6 +814,11 @@ class Daemon:
                 )
             if isinstance(command, Revert):
                 rev = self.history.revert(command.event_id)
+                if rev.consolidated:
+                    return (
+                        f"done: version {rev.new_version}; re-solved the {rev.replayed} live "
+                        f"edits jointly from the base in {rev.seconds:.1f} s"
+                    )
                 siblings = ""
                 if rev.resplit:
                     siblings = (
@@ -823,6 +831,8 @@ class Daemon:
                 )
         except HistoryError as exc:
             return f"refused: {exc}"
+        except ConsolidationError as exc:
+            return f"failed: {exc}; the edit is kept"
         return f"unsupported: {command.command}"
 
     def close(self) -> None:

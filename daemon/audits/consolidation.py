@@ -201,6 +201,42 @@ class Consolidator:
         )
         return report
 
+    def rebuild(self, reason: str) -> str:
+        """The live set re-solved from the base weights and registered as an accepted version,
+        unjudged: for a removal (``consolidation.on_removal``), where the weights it replaces
+        still hold the removed edit and cannot be what it is compared with.
+
+        Raises:
+            ConsolidationError: the joint solve failed; the weights are the base weights then
+                (the caller restores what it had).
+        """
+        lm, keeper = self.versions.lm, self.versions
+        live = self.journal.live_events()
+        requests = [to_request(e.event) for e in live]
+        self._take_material(live, requests)
+        source = keeper.current_version
+        load_into(lm.model, keeper.base, {}, reset=keeper.names)
+        if requests:
+            try:
+                self.editor.consolidate(lm, requests)
+            except EditError as exc:
+                raise ConsolidationError(f"the joint solve failed: {exc}") from exc
+        else:
+            self.editor.reset_memory(lm, [])
+        version = keeper.snapshot(
+            reason,
+            force=True,
+            tags={
+                CONSOLIDATION_TAG: "accepted",
+                "consolidated_from": source or "",
+                "live_set_sha256": live_set_sha256(live),
+                "live_set_size": str(len(live)),
+            },
+        )
+        assert version is not None
+        self.last_run = time.monotonic()
+        return version
+
     def _take_material(self, live: list[JournalEntry], requests: list[EditRequest]) -> int:
         """Hand the editor each live event's stored material; returns how many it took (the
         rest it recomputes, e.g. after a change of its settings)."""

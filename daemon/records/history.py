@@ -45,6 +45,8 @@ from monitoring.metrics import FactkeeperMetrics
 log = logging.getLogger(__name__)
 
 Replay = Callable[[int], int]  # replay applied entries after a seq; returns the events replayed
+#: Joint rebuild: the live set re-solved from the base weights and registered; returns the version.
+Rebuild = Callable[[str], str]
 #: Post-check: the events whose new target is not the model's answer, with the reason.
 Check = Callable[[list[FactCorrection]], dict[str, str]]
 
@@ -74,6 +76,7 @@ class RevertReport:
     resplit: tuple[str, ...] = ()  # batch siblings that lost their edit; now units of their own
     failed: tuple[str, ...] = ()  # of those, the ones that did not hold alone either
     event_ids: tuple[str, ...] = ()  # every edit reverted (``revert_many``)
+    consolidated: bool = False  # rebuilt by re-solving the live set (``replayed`` live edits)
 
 
 class History:
@@ -86,12 +89,16 @@ class History:
         replay: Replay,
         metrics: FactkeeperMetrics,
         check: Check | None = None,
+        rebuild: Rebuild | None = None,
     ) -> None:
         self.versions = versions
         self.journal = journal
         self.replay = replay
         self.metrics = metrics
         self.check = check
+        self.rebuild = rebuild
+        """Set (``consolidation.on_removal``): a revert re-solves the live set jointly from the
+        base weights instead of replaying every edit after the version before the removed one."""
 
     def rollback(self, version: str, reason: str, *, force: bool = False) -> RollbackReport:
         """Make ``version`` the model and ``production``; the journal follows it exactly.
@@ -189,6 +196,8 @@ class History:
             if entry is None or entry.status != "applied":
                 state = "unknown" if entry is None else entry.status
                 raise HistoryError(f"cannot revert {i!r}: it is not an applied edit ({state})")
+        if self.rebuild is not None:
+            return self._revert_by_consolidation(ids, reason, started)
         before = self.versions.newest_usable_before(min(e.seq for e in entries))
         saved = {n: p.detach().clone() for n, p in self._editable_params().items()}
         previous_version = self.versions.current_version
@@ -256,6 +265,44 @@ class History:
                 "failed": len(failed),
                 "rebuilt_from": start_version or "base",
                 "replayed": replayed,
+                "version": new_version,
+                "seconds": round(report.seconds, 2),
+            },
+        )
+        return report
+
+    def _revert_by_consolidation(self, ids: list[str], reason: str, started: float) -> RevertReport:
+        """The removed edits leave the live set, which is re-solved jointly from the base."""
+        assert self.rebuild is not None
+        saved = {n: p.detach().clone() for n, p in self._editable_params().items()}
+        previous_version = self.versions.current_version
+        self.journal.mark(ids, "reverted", reason)
+        try:
+            new_version = self.rebuild(f"revert {', '.join(ids)}"[:250])
+        except Exception:
+            with torch.no_grad():
+                for name, param in self._editable_params().items():
+                    param.copy_(saved[name])
+            self.versions.current_version = previous_version
+            self.journal.mark_many(dict.fromkeys(ids, ("applied", "revert failed; edit kept")))
+            raise
+        promoted = self._move_production_off(ids, new_version)
+        self.metrics.edits_applied.set(len(self.journal.applied_events()))
+        report = RevertReport(
+            ids[0],
+            None,
+            len(self.journal.live_events()),
+            new_version,
+            time.perf_counter() - started,
+            promoted=promoted,
+            event_ids=tuple(ids),
+            consolidated=True,
+        )
+        log.info(
+            "reverted by consolidation",
+            extra={
+                "event_id": ", ".join(ids),
+                "live": report.replayed,
                 "version": new_version,
                 "seconds": round(report.seconds, 2),
             },

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.control.commands import Consolidate
+from daemon.control.commands import Consolidate, Revert
 from daemon.ingest.applier import to_request
 from editing.editors.ft import FineTuneL, FTConfig
 from editing.models import load_model
@@ -149,3 +149,42 @@ def test_consolidation_is_refused_where_it_cannot_be_judged(
         assert outcome.startswith("unsupported: consolidation needs")
     finally:
         daemon.close()
+
+
+def test_a_revert_by_consolidation_is_the_joint_solve_of_the_rest(
+    kafka_broker, kafka_topic, tiny_model_dir, tmp_path
+):
+    create_topics(kafka_broker, kafka_topic)
+    produce(kafka_broker, kafka_topic, [to_bytes(fact(i)) for i in range(6)])
+    env = _env(tmp_path, kafka_broker, kafka_topic, tiny_model_dir)
+    env["FACTKEEPER_CONSOLIDATION__ON_REMOVAL"] = "true"
+    daemon = daemon_from_env(env)
+    try:
+        daemon.run(max_messages=6, idle_timeout_s=30.0, handle_signals=False)
+        applied = daemon.journal.live_events()
+        assert len(applied) >= 2, "too few edits took to revert one"
+        victim = applied[0].event_id
+
+        outcome = daemon.handle_control(Revert(command="revert", event_id=victim))
+
+        rest = daemon.journal.live_events()
+        assert outcome.startswith("done: version") and f"the {len(rest)} live" in outcome, outcome
+        assert daemon.journal.get(victim).status == "reverted"
+        assert victim not in {e.event_id for e in rest}
+        newest = daemon.versions.registry.versions()[0]
+        assert newest.tags["consolidation"] == "accepted"
+        assert newest.tags["live_set_size"] == str(len(rest))
+        rebuilt = _weights(daemon.lm.model)
+    finally:
+        daemon.close()
+
+    fresh = load_model(str(tiny_model_dir))
+    FineTuneL(FTConfig(**FT_OPTIONS)).consolidate(fresh, [to_request(e.event) for e in rest])
+    assert _equal(fresh.model, rebuilt)
+
+    restarted = daemon_from_env(env)
+    try:
+        assert restarted.restored.version == newest.version and restarted.replay.events == 0
+        assert _equal(restarted.lm.model, rebuilt)
+    finally:
+        restarted.close()
