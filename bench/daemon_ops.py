@@ -20,6 +20,12 @@ For each method this measures, on one real local Kafka broker and in one invocat
   the first batch journaled after the restart (group join, edit, post-check, journal; one
   record asked for, the whole batch it polled is flushed). Start = the worker's first line.
 
+The JSON's ``summary`` holds one object per method under the keys every later measurement of
+issue 20 uses: ``drain_applied_per_s`` (applied edits per second of the drain),
+``drain_ratio_vs_bare`` (that rate over the bare editor's in the same run),
+``restart_to_ready_seconds`` (the shipped restart, stored deltas on) and ``peak_rss_bytes`` (the
+largest ``ru_maxrss`` of the method's processes); a figure this run did not measure is null.
+
 Each daemon run and each bare run is its own spawned process, so one method's peak RSS (and
 allocator state) does not leak into the next, and the bare model is really a fresh copy. Results
 go to ``bench/results/daemon-ops.json`` with the command, machine, git revision and load average
@@ -790,6 +796,7 @@ def run_restart_task(task: RestartTask) -> dict[str, Any]:
             result["first_batch_results"] = dict(stats.results)
     finally:
         daemon.close()
+    result["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
 
@@ -1036,6 +1043,7 @@ def run_daemon_ops(
         "requests": source,
         "first_request_id": drain[0].request_id,
         "targets": _targets(runs),
+        "summary": _method_summary(runs, restarts),
         "methods": runs,
         "restart": restarts,
     }
@@ -1071,6 +1079,31 @@ def _add_ratios(run: dict[str, Any]) -> None:
                 if bare["edit_seconds_total"]
                 else None
             )
+
+
+def _method_summary(
+    runs: dict[str, dict[str, Any]], restarts: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, float | None]]:
+    """Per method, the issue's documented keys, read off the measurements above."""
+    summary = {}
+    for method in sorted(set(runs) | set(restarts)):
+        run = runs.get(method, {})
+        daemon = run.get("daemon", {}).get("default")
+        drain = daemon["drain"] if daemon else {}
+        restart = restarts.get(method, {}).get("stored", {})
+        rss = [
+            daemon["rss"]["ru_maxrss_bytes"] if daemon else None,
+            run["bare"]["rss"]["ru_maxrss_bytes"] if run.get("bare") else None,
+            restart.get("ru_maxrss_bytes"),
+        ]
+        measured = [r for r in rss if r is not None]
+        summary[method] = {
+            "drain_applied_per_s": drain.get("applied_edits_per_s"),
+            "drain_ratio_vs_bare": drain.get("ratio_applied_per_s_daemon_vs_bare"),
+            "restart_to_ready_seconds": restart.get("seconds_to_ready"),
+            "peak_rss_bytes": max(measured) if measured else None,
+        }
+    return summary
 
 
 def _targets(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -126,6 +126,12 @@ def test_small_run_accounts_for_every_event(
     )
     assert run["rss"]["ru_maxrss_bytes"] >= run["rss"]["vmrss_peak_bytes_by_phase"]["drain"] > 0
     assert "| ft | default | 6 |" in daemon_ops.render_table(out)
+    assert written["summary"]["ft"] == {
+        "drain_applied_per_s": drain["applied_edits_per_s"],
+        "drain_ratio_vs_bare": drain["ratio_applied_per_s_daemon_vs_bare"],
+        "restart_to_ready_seconds": None,  # not asked for
+        "peak_rss_bytes": max(run["rss"]["ru_maxrss_bytes"], bare["rss"]["ru_maxrss_bytes"]),
+    }
 
 
 @pytest.mark.slow
@@ -161,3 +167,7 @@ def test_restart_scenario_kills_mid_stream_and_restarts_from_stored_deltas(
     assert stored["seconds_to_first_batch"] > stored["seconds_to_ready"] > 0
     assert sum(stored["first_batch_results"].values()) >= 1  # the batch the one record came in
     assert "| ft | " in daemon_ops.render_restart_table(out)
+    summary = json.loads(config.out.read_text())["summary"]["ft"]
+    assert summary["restart_to_ready_seconds"] == stored["seconds_to_ready"]
+    assert summary["drain_applied_per_s"] is None  # --restart-only: no drain measured
+    assert summary["peak_rss_bytes"] == stored["ru_maxrss_bytes"] > 0
