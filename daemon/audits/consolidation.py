@@ -144,17 +144,7 @@ class Consolidator:
             if isinstance(exc, EditError):
                 raise ConsolidationError(f"the joint solve failed: {exc}") from exc
             raise
-        version = keeper.snapshot(
-            "consolidation",
-            force=True,
-            tags={
-                CONSOLIDATION_TAG: "pending",
-                "consolidated_from": source or "",
-                "live_set_sha256": live_set_sha256(live),
-                "live_set_size": str(len(live)),
-            },
-        )
-        assert version is not None
+        version = self._register("consolidation", "pending", live, source)
         after = self.audits.auditor.run(facts, resume_layer=self.audits.resume_layer())
         decision = evaluate_gate(after, self.audits.thresholds, self.audits.last_good)
         worse = self._worse(before, after)
@@ -223,18 +213,26 @@ class Consolidator:
                 raise ConsolidationError(f"the joint solve failed: {exc}") from exc
         else:
             self.editor.reset_memory(lm, [])
-        version = keeper.snapshot(
+        version = self._register(reason, "accepted", live, source)
+        self.last_run = time.monotonic()
+        return version
+
+    def _register(
+        self, reason: str, verdict: str, live: list[JournalEntry], source: str | None
+    ) -> str:
+        """The rebuilt weights as a version with their lineage: what they replaced and which
+        live set they hold."""
+        version = self.versions.snapshot(
             reason,
             force=True,
             tags={
-                CONSOLIDATION_TAG: "accepted",
+                CONSOLIDATION_TAG: verdict,
                 "consolidated_from": source or "",
                 "live_set_sha256": live_set_sha256(live),
                 "live_set_size": str(len(live)),
             },
         )
-        assert version is not None
-        self.last_run = time.monotonic()
+        assert version is not None  # forced: a version is always registered
         return version
 
     def _take_material(self, live: list[JournalEntry], requests: list[EditRequest]) -> int:
