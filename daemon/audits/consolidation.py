@@ -100,12 +100,12 @@ class Consolidator:
         material: MaterialStore | None = None,
     ) -> None:
         self.settings = settings
-        self.material = material
         self.editor = editor
         self.journal = journal
         self.versions = versions
         self.audits = audits
         self.metrics = metrics
+        self.material = material
         self.last_run = time.monotonic()
 
     def due(self, applied_since: int) -> bool:
@@ -240,11 +240,10 @@ class Consolidator:
         rest it recomputes, e.g. after a change of its settings)."""
         if self.material is None:
             return 0
-        taken = 0
+        lm, taken = self.versions.lm, 0
         for entry, request in zip(live, requests, strict=True):
             if entry.material_sha256 and entry.event_id:
                 material = self.material.read(entry.event_id, entry.material_sha256)
-                lm = self.versions.lm
                 taken += bool(material and self.editor.take_material(lm, request, material))
         return taken
 
