@@ -32,6 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from daemon.audits.runner import AuditRunner, audit_facts
 from daemon.config import ConsolidationSettings
@@ -271,31 +272,22 @@ class Consolidator:
         a = self.audits
         production = self.versions.production()
         now = datetime.now(UTC)
-        before_gate = evaluate_gate(before, a.thresholds, a.last_good)
-        write_audit_report(
-            a.reports_dir,
-            before.judged(
-                decision=before_gate,
+
+        def write(report: AuditReport, gate: GateDecision, of: str | None, **extra: Any) -> None:
+            judged = report.judged(
+                decision=gate,
                 thresholds=a.thresholds,
                 trigger=TRIGGER,
-                version=source,
+                version=of,
                 previous_good_version=production,
-            ),
-        )
+                **extra,
+            )
+            write_audit_report(a.reports_dir, judged)
+
+        write(before, evaluate_gate(before, a.thresholds, a.last_good), source)
         action = "promoted" if promoted else ("none" if accepted else "discarded")
-        write_audit_report(
-            a.reports_dir,
-            after.judged(
-                decision=decision,
-                thresholds=a.thresholds,
-                trigger=TRIGGER,
-                version=version,
-                previous_good_version=production,
-                action=action,
-                started_at=now,
-                seconds=time.perf_counter() - started,
-            ),
-        )
+        elapsed = time.perf_counter() - started
+        write(after, decision, version, action=action, started_at=now, seconds=elapsed)
         self.versions.registry.log_metrics(version, after.metrics())
         self.versions.registry.tag(version, "audit_passed", str(decision.passed).lower())
 

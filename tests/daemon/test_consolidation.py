@@ -55,6 +55,16 @@ def _equal(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
+def _assert_restart_restores(env: dict, version: str, weights: dict[str, torch.Tensor]) -> None:
+    """A fresh daemon on ``env`` loads ``version``, replays nothing and holds ``weights``."""
+    restarted = daemon_from_env(env)
+    try:
+        assert restarted.restored.version == version and restarted.replay.events == 0
+        assert _equal(restarted.lm.model, weights)
+    finally:
+        restarted.close()
+
+
 def test_an_accepted_consolidation_is_the_joint_solve_and_what_a_restart_restores(
     kafka_broker, kafka_topic, tiny_model_dir, tmp_path
 ):
@@ -95,12 +105,7 @@ def test_an_accepted_consolidation_is_the_joint_solve_and_what_a_restart_restore
     FineTuneL(FTConfig(**FT_OPTIONS)).consolidate(fresh, [to_request(e.event) for e in live])
     assert _equal(fresh.model, consolidated)
 
-    restarted = daemon_from_env(env)
-    try:
-        assert restarted.restored.version == new and restarted.replay.events == 0
-        assert _equal(restarted.lm.model, consolidated)
-    finally:
-        restarted.close()
+    _assert_restart_restores(env, new, consolidated)
 
 
 def test_a_rejected_consolidation_leaves_the_weights_and_is_never_restored(
@@ -130,12 +135,7 @@ def test_a_rejected_consolidation_leaves_the_weights_and_is_never_restored(
     finally:
         daemon.close()
 
-    restarted = daemon_from_env(env)
-    try:
-        assert restarted.restored.version == source
-        assert _equal(restarted.lm.model, sequential)
-    finally:
-        restarted.close()
+    _assert_restart_restores(env, source, sequential)
 
 
 def test_consolidation_is_refused_where_it_cannot_be_judged(
@@ -182,9 +182,4 @@ def test_a_revert_by_consolidation_is_the_joint_solve_of_the_rest(
     FineTuneL(FTConfig(**FT_OPTIONS)).consolidate(fresh, [to_request(e.event) for e in rest])
     assert _equal(fresh.model, rebuilt)
 
-    restarted = daemon_from_env(env)
-    try:
-        assert restarted.restored.version == newest.version and restarted.replay.events == 0
-        assert _equal(restarted.lm.model, rebuilt)
-    finally:
-        restarted.close()
+    _assert_restart_restores(env, newest.version, rebuilt)

@@ -29,24 +29,16 @@ from editing.models import LoadedModel, load_model
 from editing.registry import get_editor
 from editing.requests import EditRequest
 from editing.safeguards import GuardedEditor, SafeguardConfig
-from tests.daemon.harness import FT_OPTIONS, config_file
+from tests.daemon.harness import (
+    FT_OPTIONS,
+    config_file,
+    one_thread,  # noqa: F401 (autouse)
+)
 from tests.daemon.test_applier import consume, events, weights
 from tests.editing.conftest import small_key_statistics
 from tests.editing.test_safeguards import CORPUS
 
 BATCHES = [[0, 2, 4], [1], [3]]  # three units, the first of three edits
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: tiny models run faster so on a shared machine, and a re-edit must
-    reproduce the journaled hash, which fixes the summation order."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Counting(Editor):

@@ -26,22 +26,15 @@ from editing.checks import Judge
 from monitoring.http import Readiness
 from monitoring.metrics import FactkeeperMetrics
 from tests.daemon.builders import event_dict, to_bytes
-from tests.daemon.harness import config_file, env_for
+from tests.daemon.harness import (
+    config_file,
+    env_for,
+    one_thread,  # noqa: F401 (autouse)
+)
 from tests.daemon.test_applier import FakeConsumer, FakeProducer
 
 SUBJECT = "Zorblax7"
 PROMPT = f"The capital of {SUBJECT} is"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """One torch thread: a revert re-edits, and the same summation order gives the same bits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Feed:
