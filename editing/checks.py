@@ -20,10 +20,15 @@ The rule (``answer_matches``), applied to the greedy continuation of the prompt:
 Greedy decoding emits the teacher-forced argmax chain, so one teacher-forced pass usually decides
 the rule without decoding (``verdict_from_forced``): the target is scored followed by the
 end-of-text token, which also yields the argmax right after the target (the character that
-settles the word boundary). Only what that pass cannot settle (a different tokenisation of the
-same text, a token that splits a character) is decoded, for at most the target's tokens plus
-``DECODE_SLACK_TOKENS``. ``Judge`` runs the whole procedure in batches and also decides whether a
-prompt's greedy answer is still the one the base model gave (locality).
+settles the word boundary). What that pass cannot settle (an answer that begins with a newline,
+a different tokenisation of the same text, a token that splits a character) is continued by
+drafts: the greedy tokens proven so far plus a guess of the rest (the target's text after them),
+forced in one more pass, which proves the draft up to its first wrong token and the model's own
+token there (``proven_tokens``), for at most ``DRAFT_ROUNDS`` passes. Only what the drafts cannot
+settle is decoded, for at most the target's tokens plus ``DECODE_SLACK_TOKENS``; proven tokens
+are exactly the tokens decoding would emit, so the verdict is the same. ``Judge`` runs the whole
+procedure in batches and also decides whether a prompt's greedy answer is still the one the base
+model gave (locality), with drafts that continue the base answer.
 
 MQuAKE's multi-hop criterion is a different question (the answer appears anywhere in the first
 line of a free answer) and lives here too, as ``contains_answer``.
@@ -37,12 +42,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from editing.generation import greedy_generate, greedy_token_ids
+from editing.generation import end_ids, greedy_generate, greedy_token_ids
 from editing.models import LoadedModel
 from editing.scoring import Pair, Scored, TeacherForcedScorer
 
 DECODE_SLACK_TOKENS = 2
 """Tokens decoded beyond the target's own count when the forced pass cannot decide."""
+
+DRAFT_ROUNDS = 3
+"""Forced passes over guessed greedy answers (drafts) before the rest is decoded."""
 
 _UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
 
@@ -130,6 +138,49 @@ def verdict_from_forced(
     return None if want.startswith(text) else False
 
 
+def proven_tokens(draft: Sequence[int], argmax: Sequence[int]) -> list[int]:
+    """The greedy tokens a forced pass over ``draft`` proves.
+
+    ``argmax[t]`` is the model's top token after the prompt and ``draft[:t]``. Greedy decoding
+    emits the draft for as long as each draft token is that top token; at the first one that is
+    not, it emits the top token instead, and what follows is unknown.
+    """
+    for t, (d, a) in enumerate(zip(draft, argmax, strict=True)):
+        if d != a:
+            return [*draft[:t], a]
+    return list(draft)
+
+
+def target_decided(text: str, target: str, complete: bool) -> bool | None:
+    """``answer_matches`` of a greedy answer known only as far as ``text`` (None: not yet).
+
+    Args:
+        text: the decoded text of the greedy tokens proven so far.
+        target: the target text.
+        complete: ``text`` is the whole answer decoding would give (end token or budget).
+    """
+    if complete:
+        return answer_matches(text, target)
+    if "\ufffd" in text:
+        return None
+    got = unicodedata.normalize("NFC", text).lstrip()
+    want = unicodedata.normalize("NFC", target).strip()
+    if len(got) > len(want):
+        return answer_matches(text, target)
+    # More text may still compose with the last character (a combining mark): only a mismatch
+    # before it is final.
+    return None if want.startswith(got[:-1]) else False
+
+
+def unchanged_decided(text: str, base_answer: str, complete: bool) -> bool | None:
+    """Whether a greedy answer known as far as ``text`` is ``base_answer`` (None: not yet)."""
+    if complete:
+        return text == base_answer
+    if "\ufffd" in text or base_answer.startswith(text[:-1]):
+        return None  # decoding more tokens may still rewrite the last character
+    return False
+
+
 def unchanged_from_forced(
     scored: Scored, base_answer: str, piece: Callable[[int], str]
 ) -> bool | None:
@@ -178,6 +229,23 @@ class BaseAnswers:
     """The generated tokens (an end token included where generation stopped early)."""
 
 
+@dataclass
+class _Draft:
+    """A greedy answer being proven by forced passes: the tokens proven so far, and the rest."""
+
+    prompt: str
+    budget: int
+    """Tokens decoding would emit at most."""
+    chain: list[int]
+    """Greedy tokens proven so far."""
+    expected_ids: tuple[int, ...]
+    """Tokens the answer is guessed to be (used while the chain follows them)."""
+    rest: Callable[[str], str]
+    """The text still expected after the chain's text ("" when there is no guess)."""
+    decide: Callable[[str, bool], bool | None]
+    """The verdict on the chain's text, whether it is complete (None: not yet)."""
+
+
 class Judge:
     """Runs the rule over many checks on one model: one forced pass, decoding only the rest."""
 
@@ -199,8 +267,12 @@ class Judge:
         self._special = set(tok.all_special_ids) - {self.end_token}
         self._sentinel: str = tok.eos_token or ""
         self._pieces: dict[int, str] = {}
+        self._ends = end_ids(lm.model, tok)
+        self._filler = next(iter(sorted(self._ends)), tok.pad_token_id or 0)
         self.decoded = 0
-        """Prompts decoded so far (the forced pass could not decide them)."""
+        """Prompts decoded so far (the forced passes could not decide them)."""
+        self.drafted = 0
+        """Drafts forced so far (``DRAFT_ROUNDS``)."""
 
     def piece(self, token: int) -> str:
         if token not in self._pieces:
@@ -231,6 +303,7 @@ class Judge:
             scored = self.scorer.score(extended, resume_layer=resume_layer)
             forced = dict(zip(extended, scored, strict=True))
         own: dict[Pair, tuple[Scored, int | None]] = {}
+        proven: dict[Pair, list[int]] = {}  # greedy tokens the forced pass proves
         again: list[Pair] = []
         for check, ext in zip(unique, extended, strict=True):
             s = forced[ext]
@@ -243,9 +316,13 @@ class Judge:
                 own[check] = (s, None)
             else:  # the end token merged into the target's last token: score it plainly
                 again.append(check)
+                continue
+            proven[check] = proven_tokens(s.answer_ids, s.argmax_ids)
         if again:
             rescored = self.scorer.score(again, resume_layer=resume_layer)
-            own.update((c, (s, None)) for c, s in zip(again, rescored, strict=True))
+            for c, s in zip(again, rescored, strict=True):
+                own[c] = (s, None)
+                proven[c] = proven_tokens(s.answer_ids, s.argmax_ids)
 
         verdicts: dict[Pair, Verdict] = {}
         undecided: list[Pair] = []
@@ -258,11 +335,87 @@ class Judge:
                 undecided.append(check)
             else:
                 verdicts[check] = Verdict(v, scored)
-        jobs = [(c[0], len(own[c][0].answer_ids) + DECODE_SLACK_TOKENS) for c in undecided]
-        for check, text in zip(undecided, self.generate(jobs), strict=True):
+        drafts = [
+            self._target_draft(c, proven[c], len(own[c][0].answer_ids) + DECODE_SLACK_TOKENS)
+            for c in undecided
+        ]
+        todo = []
+        for check, draft, (v, text) in zip(
+            undecided, drafts, self._prove(drafts, resume_layer), strict=True
+        ):
+            if v is None:
+                todo.append((check, draft.budget))
+            else:
+                verdicts[check] = Verdict(v, own[check][0], text)
+        texts = self.generate([(c[0], budget) for c, budget in todo])
+        for (check, _), text in zip(todo, texts, strict=True):
             verdicts[check] = Verdict(answer_matches(text, check[1]), own[check][0], text, True)
-        self.decoded += len(undecided)
+        self.decoded += len(todo)
         return [verdicts[c] for c in checks]
+
+    def _target_draft(self, check: Pair, chain: list[int], budget: int) -> _Draft:
+        """The draft that continues a check's proven tokens with the rest of its target."""
+        target = check[1]
+        want = unicodedata.normalize("NFC", target).strip()
+
+        def rest(text: str) -> str:
+            got = unicodedata.normalize("NFC", text).lstrip()
+            return want[len(got) :] if want.startswith(got) else ""
+
+        return _Draft(
+            check[0],
+            budget,
+            chain,
+            self.scorer.encode(check).ids[self.scorer.encode(check).n_prompt :],
+            rest,
+            lambda text, complete: target_decided(text, target, complete),
+        )
+
+    def _answer_text(self, chain: Sequence[int], budget: int) -> tuple[str, bool]:
+        """The text decoding gives for proven tokens, and whether decoding would stop there."""
+        stop = next((i for i, t in enumerate(chain) if t in self._ends), None)
+        if stop is not None and stop < budget:
+            return self.lm.tokenizer.decode(chain[: stop + 1], skip_special_tokens=True), True
+        cut = chain[:budget]
+        return self.lm.tokenizer.decode(cut, skip_special_tokens=True), len(chain) >= budget
+
+    def _prove(self, drafts: Sequence[_Draft], resume_layer: int) -> list[tuple[bool | None, str]]:
+        """Each draft's verdict (None: still open) and its text, after up to ``DRAFT_ROUNDS``
+        forced passes over its proven tokens plus the guessed rest."""
+        results: list[tuple[bool | None, str]] = [(None, "")] * len(drafts)
+        open_ = list(range(len(drafts)))
+        for round_ in range(DRAFT_ROUNDS + 1):
+            still = []
+            for i in open_:
+                text, complete = self._answer_text(drafts[i].chain, drafts[i].budget)
+                results[i] = (drafts[i].decide(text, complete), text)
+                if results[i][0] is None:
+                    still.append(i)
+            open_ = still
+            if not open_ or round_ == DRAFT_ROUNDS:
+                break
+            items = []
+            for i in open_:
+                d = drafts[i]
+                items.append((d.prompt, self._draft_tokens(d, results[i][1])))
+            scored = self.scorer.score_tokens(items, resume_layer=resume_layer)
+            self.drafted += len(items)
+            for i, (_, tokens), s in zip(open_, items, scored, strict=True):
+                drafts[i].chain = proven_tokens(tokens, s.argmax_ids)
+        return results
+
+    def _draft_tokens(self, d: _Draft, text: str) -> list[int]:
+        """Proven tokens, the guessed rest, and a filler whose position yields the next token."""
+        n = len(d.chain)
+        if tuple(d.chain) == d.expected_ids[:n]:
+            guess = list(d.expected_ids[n:])
+        else:
+            rest = d.rest(text) if "\ufffd" not in text else ""
+            guess = self.lm.tokenizer(rest, add_special_tokens=False).input_ids if rest else []
+        tokens = (d.chain + guess)[: d.budget]
+        if len(tokens) < d.budget:
+            tokens.append(self._filler)
+        return tokens
 
     def base_answers(self, prompts: Sequence[str], budgets: Sequence[int]) -> BaseAnswers:
         """Greedy answers of ``budgets[i]`` tokens; call on the BASE weights.
@@ -329,14 +482,34 @@ class Judge:
         verdicts: list[bool | None] = []
         for p, a, ok in zip(base.prompts, base.answers, base.forceable, strict=True):
             verdicts.append(unchanged_from_forced(forced[(p, a)], a, self.piece) if ok else None)
+        undecided = [i for i, v in enumerate(verdicts) if v is None]
+        drafts = [self._unchanged_draft(base, i, forced) for i in undecided]
+        decoded: list[str | None] = [None] * len(verdicts)
+        for i, (v, text) in zip(undecided, self._prove(drafts, resume_layer), strict=True):
+            verdicts[i] = v
+            if v is not None:
+                decoded[i] = text
         todo = [i for i, v in enumerate(verdicts) if v is None]
         texts = self.generate([(base.prompts[i], base.max_new_tokens[i]) for i in todo])
-        decoded: list[str | None] = [None] * len(verdicts)
         for i, text in zip(todo, texts, strict=True):
             verdicts[i] = text == base.answers[i]
             decoded[i] = text
         self.decoded += len(todo)
         return [bool(v) for v in verdicts], decoded
+
+    def _unchanged_draft(self, base: BaseAnswers, i: int, forced: dict[Pair, Scored]) -> _Draft:
+        """The draft that continues prompt ``i``'s proven tokens with the base answer's."""
+        prompt, answer = base.prompts[i], base.answers[i]
+        s = forced.get((prompt, answer)) if base.forceable[i] else None
+        chain = proven_tokens(s.answer_ids, s.argmax_ids) if s is not None else []
+        return _Draft(
+            prompt,
+            base.max_new_tokens[i],
+            chain,
+            tuple(base.answer_ids[i]) if base.answer_ids else (),
+            lambda text: answer[len(text) :] if answer.startswith(text) else "",
+            lambda text, complete: unchanged_decided(text, answer, complete),
+        )
 
     def answer_length(self, pair: Pair) -> int:
         """Tokens of ``pair``'s answer after its prompt."""
@@ -367,12 +540,16 @@ def forced_map(
 
 __all__ = [
     "DECODE_SLACK_TOKENS",
+    "DRAFT_ROUNDS",
     "BaseAnswers",
     "Judge",
     "Verdict",
     "answer_matches",
     "contains_answer",
     "forced_map",
+    "proven_tokens",
+    "target_decided",
+    "unchanged_decided",
     "unchanged_from_forced",
     "verdict_from_forced",
 ]

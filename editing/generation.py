@@ -33,7 +33,7 @@ def greedy_token_ids(
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     outputs: list[list[int]] = []
-    ends = _end_ids(model, tokenizer)
+    ends = end_ids(model, tokenizer)
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
@@ -56,7 +56,7 @@ def greedy_token_ids(
     return outputs
 
 
-def _end_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
+def end_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
     """Every token id generation stops at (the tokenizer's and the generation config's)."""
     ends = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

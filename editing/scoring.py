@@ -165,18 +165,46 @@ class TeacherForcedScorer:
                 entering these blocks for later resumed passes (free: the pass runs anyway).
         """
         unique = list(dict.fromkeys(pairs))
-        encoded = [self.encode(p) for p in unique]
         capture = [c for c in capture_layers if c > 0] if self.resumable else []
         if capture and resume_layer > 0:
             raise ValueError("capture_layers needs a full pass (resume_layer=0)")
-        results: dict[Pair, Scored] = {}
+        scored = self._score_encoded([self.encode(p) for p in unique], resume_layer, capture)
+        results = dict(zip(unique, scored, strict=True))
+        return [results[p] for p in pairs]
+
+    @torch.inference_mode()
+    def score_tokens(
+        self, items: Sequence[tuple[str, Sequence[int]]], resume_layer: int = 0
+    ) -> list[Scored]:
+        """Teacher-forced scores of (prompt, answer token ids), in order; nothing is cached.
+
+        For one-off continuations (a guessed greedy answer): their block inputs are computed
+        when resuming but not kept, so the residual cache holds only pairs that come back.
+        """
+        encoded = []
+        for prompt, answer_ids in items:
+            prompt_ids = self.tokenizer(prompt).input_ids
+            if not prompt_ids or not answer_ids:
+                raise ValueError(f"empty prompt or answer tokens for {prompt!r}")
+            encoded.append(_Encoded(tuple(prompt_ids) + tuple(answer_ids), len(prompt_ids)))
+        return self._score_encoded(encoded, resume_layer, (), keep_residuals=False)
+
+    def _score_encoded(
+        self,
+        encoded: list[_Encoded],
+        resume_layer: int,
+        capture: Sequence[int],
+        *,
+        keep_residuals: bool = True,
+    ) -> list[Scored]:
+        results: list[Scored | None] = [None] * len(encoded)
         for batch in self._batches(self._rows(encoded)):
             with self._capturing(batch, capture):
-                scored = self._score_rows(batch, resume_layer)
+                scored = self._score_rows(batch, resume_layer, keep_residuals)
             for row, row_scores in zip(batch, scored, strict=True):
                 for i, s in zip(row.members, row_scores, strict=True):
-                    results[unique[i]] = s
-        return [results[p] for p in pairs]
+                    results[i] = s
+        return [s for s in results if s is not None]
 
     def _rows(self, encoded: list[_Encoded]) -> list[_Row]:
         """Pairs grouped by prompt tokens when the model packs, else one pair a row."""
@@ -214,13 +242,20 @@ class TeacherForcedScorer:
             for handle in handles:
                 handle.remove()
 
-    def _store(self, layer: int, rows: Sequence[_Row], hidden: torch.Tensor) -> None:
+    def _store(
+        self,
+        layer: int,
+        rows: Sequence[_Row],
+        hidden: torch.Tensor,
+        into: dict[tuple[int, tuple[int, ...]], torch.Tensor] | None = None,
+    ) -> None:
         """Split packed block inputs (B, T, H) back into one residual per pair."""
+        store = self._residuals if into is None else into
         for r, row in enumerate(rows):
             n = len(row.prompt)
             for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
                 piece = torch.cat([hidden[r, :n], hidden[r, start : start + length]])
-                self._residuals[(layer, e.ids)] = piece.clone()
+                store[(layer, e.ids)] = piece.clone()
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         batches: list[list[_Row]] = []
@@ -269,9 +304,13 @@ class TeacherForcedScorer:
             return input_ids.to(device), valid.to(device), None, valid.to(device)
         return input_ids.to(device), mask4.to(device), positions.to(device), valid.to(device)
 
-    def _score_rows(self, batch: list[_Row], resume_layer: int) -> list[list[Scored]]:
+    def _score_rows(
+        self, batch: list[_Row], resume_layer: int, keep_residuals: bool = True
+    ) -> list[list[Scored]]:
         input_ids, mask, positions, valid = self._inputs(batch)
-        hidden = self._final_hidden(batch, input_ids, mask, positions, resume_layer)  # (B, T, H)
+        hidden = self._final_hidden(
+            batch, input_ids, mask, positions, resume_layer, keep_residuals
+        )  # (B, T, H)
         self.tokens_run += int(valid.sum())
 
         # An answer's token t is predicted at its own position t - 1, its first token at the
@@ -310,13 +349,18 @@ class TeacherForcedScorer:
         mask: torch.Tensor,
         positions: torch.Tensor | None,
         resume_layer: int,
+        keep_residuals: bool = True,
     ) -> torch.Tensor:
         if resume_layer <= 0 or not self.resumable:
             return final_hidden(self.model, input_ids, mask, positions)
+        cache = self._residuals if keep_residuals else {}
         missing = [
             r
             for r, row in enumerate(batch)
-            if any((resume_layer, e.ids) not in self._residuals for e in row.encoded)
+            if any(
+                (resume_layer, e.ids) not in self._residuals and (resume_layer, e.ids) not in cache
+                for e in row.encoded
+            )
         ]
         if missing:
             sub = torch.tensor(missing, device=input_ids.device)
@@ -326,15 +370,16 @@ class TeacherForcedScorer:
             entering = layer_input(
                 self.model, self.adapter, resume_layer, input_ids[sub, :width], sub_mask, sub_pos
             )  # (B_missing, T_missing, H)
-            self._store(resume_layer, [batch[r] for r in missing], entering)
-        hidden_size = next(iter(self._residuals.values())).shape[-1]
+            self._store(resume_layer, [batch[r] for r in missing], entering, into=cache)
+        hidden_size = self.model.get_input_embeddings().embedding_dim
         entering = torch.zeros(
             (*input_ids.shape, hidden_size), dtype=self._dtype(), device=input_ids.device
         )  # (B, T, H); right padding, so pad positions never reach a real token
         for r, row in enumerate(batch):
             n = len(row.prompt)
             for j, (e, (start, length)) in enumerate(zip(row.encoded, row.segments(), strict=True)):
-                cached = self._residuals[(resume_layer, e.ids)]
+                key = (resume_layer, e.ids)
+                cached = cache[key] if key in cache else self._residuals[key]
                 if j == 0:
                     entering[r, :n] = cached[:n]
                 entering[r, start : start + length] = cached[n:]

@@ -4,15 +4,22 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from editing.checks import (
+    BaseAnswers,
     Judge,
     answer_matches,
     contains_answer,
+    proven_tokens,
+    target_decided,
+    unchanged_decided,
     unchanged_from_forced,
     verdict_from_forced,
 )
 from editing.generation import greedy_generate
 from editing.scoring import Scored
+from editing.tiny import tiny_loaded
 from tests.editing.conftest import FACT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +124,112 @@ def test_base_answers_are_kept_on_the_same_weights(taught):
     base = judge.base_answers(prompts, [3, 3, 3])
     kept, _ = judge.unchanged(base)
     assert kept == [True, True, True]
+
+
+def test_a_forced_draft_proves_greedy_tokens_up_to_its_first_wrong_one():
+    assert proven_tokens([5, 6, 7], [5, 6, 7]) == [5, 6, 7]
+    assert proven_tokens([5, 6, 7], [5, 9, 7]) == [5, 9]  # greedy emits 9, then unknown
+    assert proven_tokens([5, 6], [4, 6]) == [4]
+
+
+@pytest.mark.parametrize(
+    ("text", "complete", "expected"),
+    [
+        ("\n", False, None),  # a newline first: the target may still follow
+        ("\nPar", False, None),
+        ("\nParis", False, None),  # the word boundary is still to come
+        ("\nParis.", False, True),
+        ("\nParisian", False, False),
+        ("\nLondon", False, False),
+        ("\nParis", True, True),  # decoding stops here
+        ("\nPa", True, False),
+        ("Pari\ufffd", False, None),  # a token that splits a character
+    ],
+)
+def test_a_partial_greedy_answer_decides_when_it_can(text, complete, expected):
+    assert target_decided(text, "Paris", complete) is expected
+    if complete:
+        assert expected == answer_matches(text, "Paris")
+
+
+def test_a_partial_answer_is_unchanged_only_when_complete():
+    assert unchanged_decided(" Par", " Paris", False) is None
+    assert unchanged_decided(" Lon", " Paris", False) is False
+    assert unchanged_decided(" Paris", " Paris", False) is None
+    assert unchanged_decided(" Paris", " Paris", True) is True
+    assert unchanged_decided(" Pari", " Paris", True) is False
+
+
+@pytest.fixture(scope="module")
+def newline_first():
+    """A tiny llama taught to answer FACT's prompt with a newline, then "Paris", then the end."""
+    lm = tiny_loaded("llama", seed=1)
+    tok = lm.tokenizer
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ids = tok(FACT.prompt).input_ids + tok("\nParis", add_special_tokens=False).input_ids
+    input_ids = torch.tensor([[*ids, tok.eos_token_id]])
+    optimizer = torch.optim.Adam(lm.model.parameters(), lr=1e-2)
+    lm.model.train()
+    for _ in range(60):
+        loss = lm.model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lm.model.eval()
+    torch.set_num_threads(threads)
+    return lm
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_answer_after_a_newline_is_judged_by_drafts_not_decoding(newline_first):
+    """The forced pass of " Paris" sees a newline first; one draft proves the rest."""
+    judge = Judge(newline_first)
+    [text] = greedy_generate(newline_first.model, newline_first.tokenizer, [FACT.prompt], 8)
+    assert text == "\nParis"  # the fixture taught it
+    verdicts = judge.judge([(FACT.prompt, "Paris"), (FACT.prompt, "Pa"), (FACT.prompt, "Rome")])
+    assert [v.ok for v in verdicts] == [True, False, False]
+    assert verdicts[0].answer == "\nParis"
+    assert judge.decoded == 0 and judge.drafted >= 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_unchanged_answers_are_proven_by_drafts_when_not_forceable(newline_first):
+    """A base answer known only as text (not forceable) is continued by drafts, not decoded."""
+    judge = Judge(newline_first)
+    base = BaseAnswers(
+        (FACT.prompt, FACT.prompt), ("\nParis", "\nRome"), (4, 4), (False, False), ((), ())
+    )
+    kept, texts = judge.unchanged(base)
+    assert kept == [True, False]
+    assert judge.decoded == 0 and texts[0] == "\nParis"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_judge_and_unchanged_agree_with_decoding_on_a_random_model():
+    """Targets cut from the greedy text at odd places make the forced pass undecided, so the
+    drafts run; every verdict still equals the rule on decoded text."""
+    lm = tiny_loaded("llama", seed=3)
+    judge = Judge(lm)
+    prompts = ["The capital of France is", "Apple was founded by", "The river", "Ode to a"]
+    texts = greedy_generate(lm.model, lm.tokenizer, prompts, 6)
+    checks = []
+    for prompt, text in zip(prompts, texts, strict=True):
+        word = text.strip()
+        checks += [(prompt, word[:n]) for n in (1, 2, 3, 5, len(word)) if word[:n].strip()]
+        checks.append((prompt, word[1:4] or "x"))
+    budgets = {c: judge.answer_length(c) + 2 for c in checks}
+    decoded = {c: greedy_generate(lm.model, lm.tokenizer, [c[0]], budgets[c])[0] for c in checks}
+    verdicts = judge.judge(checks)
+    assert [v.ok for v in verdicts] == [answer_matches(decoded[c], c[1]) for c in checks]
+    assert any(v.ok for v in verdicts) and judge.drafted > 0
+
+    base = BaseAnswers(
+        tuple(prompts), tuple(texts), (6,) * 4, (False,) * 4, ((),) * 4
+    )  # known as text only: every prompt is proven by drafts
+    kept, _ = judge.unchanged(base)
+    assert kept == [True] * 4
 
 
 def test_one_definition_of_the_judge():
