@@ -6,9 +6,10 @@ right padding, and run once. Pairs that share a prompt share one row: the prompt
 then each answer, each answer attending to the prompt and to itself only, with the positions it
 would have on its own (a (B, 1, T, T) mask and explicit position ids). Metrics score the same
 prompt with several answers (new and true target, a greedy answer), so this halves the tokens
-run; ``can_pack`` checks numerically that a model gives the same results packed. Vocabulary
-logits (the lm_head is 49152 x 576 for SmolLM2) are computed only at the positions that predict
-answer tokens. When the caller says the weights below block ``L`` are the base weights, the
+run; ``can_pack`` checks numerically that a model gives the same results packed. An answer's
+last token is not run (its position predicts nothing that is read). Vocabulary logits (the
+lm_head is 49152 x 576 for SmolLM2) are computed only at the positions that predict answer
+tokens. When the caller says the weights below block ``L`` are the base weights, the
 residual stream entering block ``L`` is computed once per pair, kept, and later passes run only
 blocks ``L..end`` (``editing.residual``).
 """
@@ -81,13 +82,17 @@ class _Row:
 
     @property
     def width(self) -> int:
-        return len(self.prompt) + sum(len(e.ids) - e.n_prompt for e in self.encoded)
+        return len(self.prompt) + sum(len(e.ids) - e.n_prompt - 1 for e in self.encoded)
 
     def segments(self) -> list[tuple[int, int]]:
-        """(start, length) of each answer in the row."""
+        """(start, length) of each answer's input tokens in the row.
+
+        An answer's last token is never an input: its own position would only predict what
+        follows it, which nothing reads. So an answer of n tokens occupies n - 1 positions.
+        """
         out, start = [], len(self.prompt)
         for e in self.encoded:
-            n = len(e.ids) - e.n_prompt
+            n = len(e.ids) - e.n_prompt - 1
             out.append((start, n))
             start += n
         return out
@@ -292,7 +297,7 @@ class TeacherForcedScorer:
             mask4[r, 0, :n, :n] = causal[:n, :n]
             for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
                 end = start + length
-                input_ids[r, start:end] = torch.tensor(e.ids[e.n_prompt :])
+                input_ids[r, start:end] = torch.tensor(e.ids[e.n_prompt : e.n_prompt + length])
                 positions[r, start:end] = torch.arange(n, n + length)
                 mask4[r, 0, start:end, :n] = True
                 mask4[r, 0, start:end, start:end] = causal[:length, :length]
@@ -317,8 +322,8 @@ class TeacherForcedScorer:
         # prompt's last position (shared by every answer of the row).
         rows, cols, targets = [], [], []
         for r, row in enumerate(batch):
-            for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
-                for t in range(length):
+            for e, (start, _) in zip(row.encoded, row.segments(), strict=True):
+                for t in range(len(e.ids) - e.n_prompt):
                     rows.append(r)
                     cols.append(len(row.prompt) - 1 if t == 0 else start + t - 1)
                     targets.append(e.ids[e.n_prompt + t])

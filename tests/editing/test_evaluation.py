@@ -154,6 +154,26 @@ def test_pairs_sharing_a_prompt_score_as_they_would_alone(taught):
         )
 
 
+def test_scores_equal_a_plain_forward_pass_without_running_the_last_token(taught):
+    """Log-probabilities and argmaxes are a plain causal pass's; the answer's last token, whose
+    position predicts nothing read, is not run."""
+    scorer = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
+    scorer.packable = False
+    scorer.tokens_run = 0
+    pairs = [(FACT.prompt, "the city of Lyon"), ("Apple was founded by", "Steve Jobs")]
+    scored = scorer.score(pairs)
+    for pair, s in zip(pairs, scored, strict=True):
+        enc = scorer.encode(pair)
+        with torch.no_grad():
+            logits = taught.model(input_ids=torch.tensor([enc.ids])).logits[0]  # (T, V)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        positions = range(enc.n_prompt - 1, len(enc.ids) - 1)
+        expected = [logprobs[t, enc.ids[t + 1]].item() for t in positions]
+        assert s.logprobs == pytest.approx(expected, abs=1e-4)
+        assert list(s.argmax_ids) == [int(logprobs[t].argmax()) for t in positions]
+    assert scorer.tokens_run == sum(len(scorer.encode(p).ids) - 1 for p in pairs)
+
+
 def test_registered_answer_tokens_are_scored_as_given(taught):
     scorer = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
     ids = scorer.encode((FACT.prompt, "Paris")).ids
