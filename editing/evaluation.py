@@ -270,6 +270,11 @@ class Evaluator:
         verdicts = self.judge.judge(trues, forced=self._base)
         self._base_exact_true = {p: v.ok for p, v in zip(trues, verdicts, strict=True)}
         self.base_report = self._report(self.requests, BASE)
+        # The judge learned the prompts' leads on the way (``Judge.lead_pair``): keep their
+        # residuals too, so later passes score them resumed like every other pair.
+        leads = [p for p in self._all_pairs(self.requests) if p not in self._base]
+        if leads:
+            self._base.update(forced_map(self.scorer, leads, capture_layers=capture_layers))
         self.base_seconds = time.perf_counter() - started
         self.base_report["eval_seconds"] = self.base_seconds
         self.base_report["eval_cpu_seconds"] = time.process_time() - cpu
