@@ -226,6 +226,7 @@ class Evaluator:
         self.base_perplexity: float | None = None
         self.text_tokens = 0
         self._base: dict[Pair, Scored] = {}
+        self._capture: list[int] = []  # blocks whose input the base pass keeps
         self._base_answers: dict[str, tuple[str, int, bool, tuple[int, ...]]] = {}
         self._base_exact_true: dict[Pair, bool] = {}
         self._base_verdicts: dict[Pair, Verdict] = {}
@@ -261,6 +262,7 @@ class Evaluator:
             )
         }
         pairs = self._all_pairs(self.requests) + self.text_pairs
+        self._capture = list(capture_layers)
         self._base = forced_map(self.scorer, pairs, capture_layers=capture_layers)
         if self.text_pairs:
             self.base_perplexity, self.text_tokens = perplexity(
@@ -270,11 +272,9 @@ class Evaluator:
         verdicts = self.judge.judge(trues, forced=self._base)
         self._base_exact_true = {p: v.ok for p, v in zip(trues, verdicts, strict=True)}
         self.base_report = self._report(self.requests, BASE)
-        # The judge learned the prompts' leads on the way (``Judge.lead_pair``): keep their
-        # residuals too, so later passes score them resumed like every other pair.
-        leads = [p for p in self._all_pairs(self.requests) if p not in self._base]
-        if leads:
-            self._base.update(forced_map(self.scorer, leads, capture_layers=capture_layers))
+        # The judge learned prompts' leads on the way (``Judge.lead_pair``): score those pairs
+        # now, on the base weights, so later passes resume them like every other pair.
+        self._scores(self._all_pairs(self.requests), BASE)
         self.base_seconds = time.perf_counter() - started
         self.base_report["eval_seconds"] = self.base_seconds
         self.base_report["eval_cpu_seconds"] = time.process_time() - cpu
@@ -332,8 +332,9 @@ class Evaluator:
         if state.is_base:
             self._require_base()
             missing = [p for p in dict.fromkeys(pairs) if p not in self._base]
-            if missing:  # the weights are the base ones, so scoring now gives the same
-                self._base.update(forced_map(self.scorer, missing))
+            if missing:  # the weights are the base ones: scoring now gives the same, and the
+                # block inputs it passes are the ones later resumed passes need
+                self._base.update(forced_map(self.scorer, missing, capture_layers=self._capture))
             return self._base
         return forced_map(self.scorer, pairs, resume_layer=state.resume_layer)
 
