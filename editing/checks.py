@@ -52,9 +52,6 @@ DECODE_SLACK_TOKENS = 2
 DRAFT_ROUNDS = 3
 """Forced passes over guessed greedy answers (drafts) before the rest is decoded."""
 
-_LEAD_MARK = "\x1flead\x1f"
-"""Marks a lead pair's key text, so it never equals a real (prompt, answer) pair."""
-
 _UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
 
 
@@ -276,8 +273,6 @@ class Judge:
         """Prompts decoded so far (the forced passes could not decide them)."""
         self.drafted = 0
         """Drafts forced so far (``DRAFT_ROUNDS``)."""
-        self.leads: dict[str, tuple[int, ...]] = {}
-        """Per prompt, the whitespace tokens a proven greedy answer began with (``lead_pair``)."""
 
     def piece(self, token: int) -> str:
         if token not in self._pieces:
@@ -285,30 +280,8 @@ class Judge:
         return self._pieces[token]
 
     def forced_pairs(self, checks: Sequence[Pair]) -> list[Pair]:
-        """The pairs ``judge`` scores for ``checks``: targets followed by end-of-text, and for
-        prompts with a known lead, the target after the lead (see ``lead_pair``)."""
-        plain = self._plain_forced(checks)
-        return plain + [v for c in dict.fromkeys(checks) if (v := self.lead_pair(c)) is not None]
-
-    def _plain_forced(self, checks: Sequence[Pair]) -> list[Pair]:
+        """The pairs ``judge`` scores for ``checks`` (targets followed by end-of-text)."""
         return [(p, t + self._sentinel) if self._sentinel else (p, t) for p, t in checks]
-
-    def lead_pair(self, check: Pair) -> Pair | None:
-        """A draft scored with the check's own pass: its prompt's lead, then the target.
-
-        A lead is the whitespace greedy decoding put before an answer to this prompt when the
-        judge last proved one (a newline after a question, mostly). Forcing the target after it
-        in the same pass settles the usual case without a further draft pass; a wrong lead costs
-        nothing but its tokens (``proven_tokens`` checks every one).
-        """
-        lead = self.leads.get(check[0])
-        if not lead:
-            return None
-        want = unicodedata.normalize("NFC", check[1]).strip()
-        ids = [*lead, *self.lm.tokenizer(want, add_special_tokens=False).input_ids, self._filler]
-        pair = (check[0], f"{_LEAD_MARK}{''.join(map(self.piece, lead))}{want}")
-        self.scorer.register(pair, ids)
-        return pair
 
     def judge(
         self,
@@ -325,10 +298,10 @@ class Judge:
             forced: scores of ``forced_pairs(checks)`` already computed in a larger batch.
         """
         unique = list(dict.fromkeys(checks))
-        extended = self._plain_forced(unique)
+        extended = self.forced_pairs(unique)
         if forced is None or any(e not in forced for e in extended):
-            wanted = self.forced_pairs(unique)
-            forced = forced_map(self.scorer, wanted, resume_layer=resume_layer)
+            scored = self.scorer.score(extended, resume_layer=resume_layer)
+            forced = dict(zip(extended, scored, strict=True))
         own: dict[Pair, tuple[Scored, int | None]] = {}
         proven: dict[Pair, list[int]] = {}  # greedy tokens the forced pass proves
         again: list[Pair] = []
@@ -362,13 +335,6 @@ class Judge:
                 undecided.append(check)
             else:
                 verdicts[check] = Verdict(v, scored)
-        for check in undecided:
-            lead = self.lead_pair(check)
-            if lead is not None and lead in forced:
-                s = forced[lead]
-                by_lead = proven_tokens(s.answer_ids, s.argmax_ids)
-                if len(by_lead) > len(proven[check]):
-                    proven[check] = by_lead
         drafts = [
             self._target_draft(c, proven[c], len(own[c][0].answer_ids) + DECODE_SLACK_TOKENS)
             for c in undecided
@@ -377,7 +343,6 @@ class Judge:
         for check, draft, (v, text) in zip(
             undecided, drafts, self._prove(drafts, resume_layer), strict=True
         ):
-            self._learn_lead(check[0], draft.chain)
             if v is None:
                 todo.append((check, draft.budget))
             else:
@@ -405,12 +370,6 @@ class Judge:
             rest,
             lambda text, complete: target_decided(text, target, complete),
         )
-
-    def _learn_lead(self, prompt: str, chain: Sequence[int]) -> None:
-        """Keep the whitespace a proven answer began with, when a word followed it."""
-        n = next((i for i, t in enumerate(chain) if self.piece(t).strip()), 0)
-        if n and prompt not in self.leads and chain[n] not in self._ends:
-            self.leads[prompt] = tuple(chain[:n])
 
     def _answer_text(self, chain: Sequence[int], budget: int) -> tuple[str, bool]:
         """The text decoding gives for proven tokens, and whether decoding would stop there."""

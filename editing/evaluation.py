@@ -272,9 +272,6 @@ class Evaluator:
         verdicts = self.judge.judge(trues, forced=self._base)
         self._base_exact_true = {p: v.ok for p, v in zip(trues, verdicts, strict=True)}
         self.base_report = self._report(self.requests, BASE)
-        # The judge learned prompts' leads on the way (``Judge.lead_pair``): score those pairs
-        # now, on the base weights, so later passes resume them like every other pair.
-        self._scores(self._all_pairs(self.requests), BASE)
         self.base_seconds = time.perf_counter() - started
         self.base_report["eval_seconds"] = self.base_seconds
         self.base_report["eval_cpu_seconds"] = time.process_time() - cpu
