@@ -167,18 +167,26 @@ def target_decided(text: str, target: str, complete: bool) -> bool | None:
     want = unicodedata.normalize("NFC", target).strip()
     if len(got) > len(want):
         return answer_matches(text, target)
-    # More text may still compose with the last character (a combining mark): only a mismatch
-    # before it is final.
-    return None if want.startswith(got[:-1]) else False
+    return None if want.startswith(_settled(got)) else False
 
 
 def unchanged_decided(text: str, base_answer: str, complete: bool) -> bool | None:
     """Whether a greedy answer known as far as ``text`` is ``base_answer`` (None: not yet)."""
     if complete:
         return text == base_answer
-    if "\ufffd" in text or base_answer.startswith(text[:-1]):
-        return None  # decoding more tokens may still rewrite the last character
+    if "\ufffd" in text or base_answer.startswith(_settled(text)):
+        return None
     return False
+
+
+def _settled(text: str) -> str:
+    """The part of a partial answer's text that decoding more tokens cannot rewrite.
+
+    A last letter or digit may still compose with a combining mark that follows (NFC), and a
+    last space may be dropped by a tokenizer that cleans up spaces before punctuation; any
+    other last character (a newline, punctuation) stays.
+    """
+    return text[:-1] if text and (text[-1].isalnum() or text[-1] == " ") else text
 
 
 def unchanged_from_forced(

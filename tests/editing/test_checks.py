@@ -141,6 +141,7 @@ def test_a_forced_draft_proves_greedy_tokens_up_to_its_first_wrong_one():
         ("\nParis.", False, True),
         ("\nParisian", False, False),
         ("\nLondon", False, False),
+        ("\nThe", False, False),
         ("\nParis", True, True),  # decoding stops here
         ("\nPa", True, False),
         ("Pari\ufffd", False, None),  # a token that splits a character
@@ -152,9 +153,16 @@ def test_a_partial_greedy_answer_decides_when_it_can(text, complete, expected):
         assert expected == answer_matches(text, "Paris")
 
 
+def test_a_partial_answer_waits_for_what_may_compose_with_its_last_letter():
+    assert target_decided("\nJose", "Jos\u00e9", False) is None  # a combining accent may follow
+    assert target_decided("\nJose\u0301", "Jos\u00e9", True) is True
+
+
 def test_a_partial_answer_is_unchanged_only_when_complete():
     assert unchanged_decided(" Par", " Paris", False) is None
     assert unchanged_decided(" Lon", " Paris", False) is False
+    assert unchanged_decided("\n", " Paris", False) is False  # a newline is never rewritten
+    assert unchanged_decided(" Paris ", " Paris, he said", False) is None  # cleanup: " ," -> ","
     assert unchanged_decided(" Paris", " Paris", False) is None
     assert unchanged_decided(" Paris", " Paris", True) is True
     assert unchanged_decided(" Pari", " Paris", True) is False
