@@ -49,16 +49,23 @@ def taught():
     input_ids = torch.tensor([list(r) + [tok.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     labels = input_ids.masked_fill(mask == 0, -100)
+    teach(lm, input_ids, labels, steps=100, attention_mask=mask)
+    torch.set_num_threads(threads)
+    return lm
+
+
+def teach(
+    lm, input_ids: torch.Tensor, labels: torch.Tensor, steps: int, attention_mask=None
+) -> None:
+    """Train a tiny model on these rows with Adam until it continues them as labelled."""
     optimizer = torch.optim.Adam(lm.model.parameters(), lr=1e-2)
     lm.model.train()
-    for _ in range(100):
-        loss = lm.model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    for _ in range(steps):
+        loss = lm.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     lm.model.eval()
-    torch.set_num_threads(threads)
-    return lm
 
 
 def small_key_statistics(folder: Path, text: str, max_tokens: int = 1024) -> KeyStatistics:

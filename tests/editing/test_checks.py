@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from editing.checks import (
@@ -20,7 +19,7 @@ from editing.checks import (
 from editing.generation import greedy_generate
 from editing.scoring import Scored
 from editing.tiny import tiny_loaded
-from tests.editing.conftest import FACT
+from tests.editing.conftest import FACT, teach
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,14 +177,7 @@ def newline_first():
     torch.set_num_threads(1)
     ids = tok(FACT.prompt).input_ids + tok("\nParis", add_special_tokens=False).input_ids
     input_ids = torch.tensor([[*ids, tok.eos_token_id]])
-    optimizer = torch.optim.Adam(lm.model.parameters(), lr=1e-2)
-    lm.model.train()
-    for _ in range(60):
-        loss = lm.model(input_ids=input_ids, labels=input_ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    lm.model.eval()
+    teach(lm, input_ids, input_ids, steps=60)
     torch.set_num_threads(threads)
     return lm
 
