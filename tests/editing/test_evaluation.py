@@ -63,6 +63,15 @@ def test_summary_on_known_cases(taught):
     assert ev.known_true_share() == 0.5
 
 
+def test_a_new_answer_equal_to_the_true_one_has_no_probability_scores(taught):
+    """P(new) > P(true) has no meaning when they are the same text; left out, not a coin flip."""
+    same = EditRequest("same", FACT.prompt, "France", "Paris", target_true="Paris")
+    ev = Evaluator(taught, [same, FACT], EvalConfig(fluency_prompts=0))
+    ev.prepare_base()
+    per = ev.evaluate([same, FACT], ModelState(is_base=False))["per_request"]
+    assert per["es"] == [None, 1.0] and per["ps"][0] is None
+
+
 def test_kept_and_perplexity_move_when_the_weights_change(taught):
     unrelated = [LocalityProbe("The weather today is", "sunny", "unrelated")]
     ev = Evaluator(taught, [FACT], EvalConfig(fluency_prompts=0), unrelated=unrelated, text=TEXT)
