@@ -370,11 +370,12 @@ class Judge:
             got = unicodedata.normalize("NFC", text).lstrip()
             return want[len(got) :] if want.startswith(got) else ""
 
+        own = self.scorer.encode(check)
         return _Draft(
             check[0],
             budget,
             chain,
-            self.scorer.encode(check).ids[self.scorer.encode(check).n_prompt :],
+            own.ids[own.n_prompt :],
             rest,
             lambda text, complete: target_decided(text, target, complete),
         )
