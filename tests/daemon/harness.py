@@ -19,6 +19,7 @@ from daemon.config import load_settings
 from daemon.service import Daemon
 from editing.tiny import tiny_config, tiny_tokenizer
 from tests.daemon.builders import event_dict
+from tests.fixtures.threads import torch_threads
 
 TARGETS = ["Paris", "Rome", "Madrid", "Berlin", "Tokyo", "Guitar"]
 
@@ -184,9 +185,5 @@ def one_thread() -> Iterator[None]:
     """One torch thread in a module that imports this fixture: tiny models run faster so on a
     shared machine, and a re-edit must reproduce the journaled hash, which fixes the
     summation order."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)

@@ -10,6 +10,7 @@ from editing.paths import Paths
 from editing.requests import EditRequest, LocalityProbe
 from editing.scoring import TeacherForcedScorer
 from editing.tiny import tiny_loaded
+from tests.fixtures.threads import torch_threads
 
 FACT = EditRequest(
     "fact",
@@ -27,10 +28,8 @@ FACT = EditRequest(
 def one_thread():
     """Run torch on one thread: tiny models gain nothing from two, and on a busy machine two
     spinning OpenMP threads make every small op many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +38,30 @@ def taught():
     lm = tiny_loaded("llama")
     tok = lm.tokenizer
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Tokenised as the scorer does (prompt, then the answer on its own), so what is taught is
-    # exactly what the metrics read, whatever the tokenizer merges across the boundary.
-    scorer = TeacherForcedScorer(lm.model, tok, lm.adapter)
-    rows = [scorer.encode((prompt, "Paris")).ids for prompt in (FACT.prompt, FACT.rephrases[0])]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([list(r) + [tok.pad_token_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    labels = input_ids.masked_fill(mask == 0, -100)
-    teach(lm, input_ids, labels, steps=100, attention_mask=mask)
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        # Tokenised as the scorer does (prompt, then the answer on its own), so what is taught is
+        # exactly what the metrics read, whatever the tokenizer merges across the boundary.
+        scorer = TeacherForcedScorer(lm.model, tok, lm.adapter)
+        rows = [scorer.encode((prompt, "Paris")).ids for prompt in (FACT.prompt, FACT.rephrases[0])]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([list(r) + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        labels = input_ids.masked_fill(mask == 0, -100)
+        teach(lm, input_ids, labels, steps=100, attention_mask=mask)
     return lm
 
 
 def teach(
-    lm, input_ids: torch.Tensor, labels: torch.Tensor, steps: int, attention_mask=None
+    lm,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    attention_mask=None,
+    lr: float = 1e-2,
 ) -> None:
-    """Train a tiny model on these rows with Adam until it continues them as labelled."""
-    optimizer = torch.optim.Adam(lm.model.parameters(), lr=1e-2)
+    """Train a tiny model on these rows with full-batch Adam until it continues them as
+    labelled."""
+    optimizer = torch.optim.Adam(lm.model.parameters(), lr=lr)
     lm.model.train()
     for _ in range(steps):
         loss = lm.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss

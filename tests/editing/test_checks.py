@@ -20,6 +20,7 @@ from editing.generation import greedy_generate
 from editing.scoring import Scored
 from editing.tiny import tiny_loaded
 from tests.editing.conftest import FACT, teach
+from tests.fixtures.threads import torch_threads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,12 +174,10 @@ def newline_first():
     lm = tiny_loaded("llama", seed=1)
     tok = lm.tokenizer
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     ids = tok(FACT.prompt).input_ids + tok("\nParis", add_special_tokens=False).input_ids
     input_ids = torch.tensor([[*ids, tok.eos_token_id]])
-    teach(lm, input_ids, input_ids, steps=60)
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        teach(lm, input_ids, input_ids, steps=60)
     return lm
 
 

@@ -11,7 +11,8 @@ import torch
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel
 from editing.tiny import tiny_loaded
-from tests.editing.conftest import small_key_statistics
+from tests.editing.conftest import small_key_statistics, teach
+from tests.fixtures.threads import torch_threads
 
 # Prompts end on the subject: a 4-layer model reads the subject at the last position, so the
 # value written at the subject's last token decides the answer (in a large model, the MLPs of
@@ -30,12 +31,8 @@ def one_thread() -> Iterator[None]:
     """Tiny models are dominated by per-op overhead: on a shared 2-core machine, two intra-op
     threads make them 10-20x slower than one. The deterministic thread count also fixes the
     float summation order, which the determinism tests rely on."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def train_facts(lm: LoadedModel, steps: int = 300, lr: float = 1e-2) -> None:
@@ -44,16 +41,8 @@ def train_facts(lm: LoadedModel, steps: int = 300, lr: float = 1e-2) -> None:
     texts = [f"{prompt} {answer}." for prompt, _, answer in FACTS] + list(FILLER)
     enc = lm.tokenizer(texts, padding=True, return_tensors="pt")
     labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # (B, T)
-    model = lm.model
-    model.train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
-    for p in model.parameters():
+    teach(lm, enc.input_ids, labels, steps, attention_mask=enc.attention_mask, lr=lr)
+    for p in lm.model.parameters():
         p.requires_grad_(True)
 
 
