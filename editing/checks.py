@@ -36,7 +36,9 @@ line of a free answer) and lives here too, as ``contains_answer``.
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -182,11 +184,29 @@ def unchanged_decided(text: str, base_answer: str, complete: bool) -> bool | Non
 def _settled(text: str) -> str:
     """The part of a partial answer's text that decoding more tokens cannot rewrite.
 
-    A last letter or digit may still compose with a combining mark that follows (NFC), and a
-    last space may be dropped by a tokenizer that cleans up spaces before punctuation; any
-    other last character (a newline, punctuation) stays.
+    A last character that NFC composes with a mark may still change ("e" + U+0301 is "é"), and
+    a last space may be dropped by a tokenizer that cleans up spaces before punctuation; any
+    other last character (a digit, a newline, most punctuation) stays, so "1" already settles
+    that an answer is not "Motown".
     """
-    return text[:-1] if text and (text[-1].isalnum() or text[-1] == " ") else text
+    return text[:-1] if text and (text[-1] == " " or _composes(text[-1])) else text
+
+
+def _composes(ch: str) -> bool:
+    """Whether NFC can merge ``ch`` with a character that follows it."""
+    return ch in _composition_starters() or "\u1100" <= ch <= "\u1112" or "\uac00" <= ch <= "\ud7a3"
+
+
+@functools.cache
+def _composition_starters() -> frozenset[str]:
+    """First characters of every two-character canonical decomposition (Hangul, which composes
+    by formula, is handled apart)."""
+    starters = set()
+    for cp in range(sys.maxunicode + 1):
+        parts = unicodedata.decomposition(chr(cp)).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            starters.add(chr(int(parts[0], 16)))
+    return frozenset(starters)
 
 
 def unchanged_from_forced(

@@ -156,6 +156,15 @@ def test_a_partial_greedy_answer_decides_when_it_can(text, complete, expected):
 def test_a_partial_answer_waits_for_what_may_compose_with_its_last_letter():
     assert target_decided("\nJose", "Jos\u00e9", False) is None  # a combining accent may follow
     assert target_decided("\nJose\u0301", "Jos\u00e9", True) is True
+    assert target_decided("\n\uac00", "\uac01", False) is None  # Hangul composes by formula
+    assert target_decided(" a <", " a \u226e b", False) is None  # "<" + U+0338 is "≮"
+
+
+def test_a_partial_answer_settles_on_a_character_nothing_composes_with():
+    assert target_decided(" 1", "Motown", False) is False  # no mark turns a digit into "M"
+    assert target_decided("\n(", "Paris", False) is False
+    assert unchanged_decided(" a 1", " a well-known", False) is False
+    assert unchanged_decided(" a 1", " a 19th", False) is None
 
 
 def test_a_partial_answer_is_unchanged_only_when_complete():
