@@ -36,9 +36,7 @@ line of a free answer) and lives here too, as ``contains_answer``.
 
 from __future__ import annotations
 
-import functools
 import re
-import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,44 +167,36 @@ def target_decided(text: str, target: str, complete: bool) -> bool | None:
     want = unicodedata.normalize("NFC", target).strip()
     if len(got) > len(want):
         return answer_matches(text, target)
-    return None if want.startswith(_settled(got)) else False
+    return None if _may_become(got, want) else False
 
 
 def unchanged_decided(text: str, base_answer: str, complete: bool) -> bool | None:
     """Whether a greedy answer known as far as ``text`` is ``base_answer`` (None: not yet)."""
     if complete:
         return text == base_answer
-    if "\ufffd" in text or base_answer.startswith(_settled(text)):
+    if "\ufffd" in text or _may_become(text, base_answer):
         return None
     return False
 
 
-def _settled(text: str) -> str:
-    """The part of a partial answer's text that decoding more tokens cannot rewrite.
+def _may_become(text: str, answer: str) -> bool:
+    """Whether decoding more tokens after a partial ``text`` may still spell ``answer``'s start.
 
-    A last character that NFC composes with a mark may still change ("e" + U+0301 is "é"), and
-    a last space may be dropped by a tokenizer that cleans up spaces before punctuation; any
-    other last character (a digit, a newline, most punctuation) stays, so "1" already settles
-    that an answer is not "Motown".
+    More tokens append text, with two exceptions: a last character may merge with a mark that
+    follows (NFC: "e" + U+0301 is "é", "가" + U+11A8 is "각"), which keeps its decomposition as
+    the start of the new one's; and a last space may be dropped by a tokenizer that cleans up
+    spaces before punctuation. So "\nA" may still become "Ádám" but never "Doris", and "1"
+    settles that an answer is not "Motown".
     """
-    return text[:-1] if text and (text[-1] == " " or _composes(text[-1])) else text
-
-
-def _composes(ch: str) -> bool:
-    """Whether NFC can merge ``ch`` with a character that follows it."""
-    return ch in _composition_starters() or "\u1100" <= ch <= "\u1112" or "\uac00" <= ch <= "\ud7a3"
-
-
-@functools.cache
-def _composition_starters() -> frozenset[str]:
-    """First characters of every two-character canonical decomposition (Hangul, which composes
-    by formula, is handled apart)."""
-    starters = set()
-    for cp in range(sys.maxunicode + 1):
-        parts = unicodedata.decomposition(chr(cp)).split()
-        if len(parts) == 2 and not parts[0].startswith("<"):
-            starters.add(chr(int(parts[0], 16)))
-    return frozenset(starters)
+    if answer.startswith(text) or not text:
+        return True
+    head, last = text[:-1], text[-1]
+    if not answer.startswith(head):
+        return False
+    if last == " ":
+        return True
+    nxt = answer[len(head) : len(head) + 1]
+    return unicodedata.normalize("NFD", nxt).startswith(unicodedata.normalize("NFD", last))
 
 
 def unchanged_from_forced(

@@ -160,8 +160,10 @@ def test_a_partial_answer_waits_for_what_may_compose_with_its_last_letter():
     assert target_decided(" a <", " a \u226e b", False) is None  # "<" + U+0338 is "≮"
 
 
-def test_a_partial_answer_settles_on_a_character_nothing_composes_with():
+def test_a_partial_answer_settles_once_its_last_character_cannot_become_the_next():
     assert target_decided(" 1", "Motown", False) is False  # no mark turns a digit into "M"
+    assert target_decided("\nA", "Doris", False) is False  # whatever follows "A", not "D"
+    assert target_decided("\nA", "\u00c1d\u00e1m", False) is None  # "A" + U+0301 is "Á"
     assert target_decided("\n(", "Paris", False) is False
     assert unchanged_decided(" a 1", " a well-known", False) is False
     assert unchanged_decided(" a 1", " a 19th", False) is None
