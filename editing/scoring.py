@@ -2,14 +2,16 @@
 
 Each pair is tokenised as ``ids(prompt) + ids(continuation(answer))`` (the answer's tokens are
 exactly the ones after the prompt's, with no merge across the boundary), batched by length with
-right padding, and run once. Pairs that share a prompt share one row: the prompt's tokens once,
-then each answer, each answer attending to the prompt and to itself only, with the positions it
-would have on its own (a (B, 1, T, T) mask and explicit position ids). Metrics score the same
-prompt with several answers (new and true target, a greedy answer), so this halves the tokens
-run; ``can_pack`` checks numerically that a model gives the same results packed. An answer's
+right padding, and run once. A row holds several pairs as a prefix tree: pairs sorted by their
+tokens are laid out one after another, each running only the tokens it does not share with the
+pair before it, and every token attends to its own path only, at the position it would have alone (a
+(B, 1, T, T) mask and explicit position ids). Metrics score the same prompt with several answers
+(new and true target, a greedy answer), and prompts share their openings ("What is the", "nq
+question:"), so this runs about a fifth fewer tokens than one row per prompt on the benchmark's
+streams; ``can_pack`` checks numerically that a model gives the same results packed. An answer's
 last token is not run (its position predicts nothing that is read). Vocabulary logits (the
-lm_head is 49152 x 576 for SmolLM2) are computed only at the positions that predict answer
-tokens. When the caller says the weights below block ``L`` are the base weights, the
+lm_head is 49152 x 576 for SmolLM2) are computed once at each position that predicts an answer
+token. When the caller says the weights below block ``L`` are the base weights, the
 residual stream entering block ``L`` is computed once per pair, kept, and later passes run only
 blocks ``L..end`` (``editing.residual``).
 """
@@ -74,28 +76,43 @@ class _Encoded:
 
 @dataclass(frozen=True)
 class _Row:
-    """One batch row: a prompt, then the answers of every pair that shares it."""
+    """One batch row: the input tokens of several pairs laid out as a prefix tree."""
 
-    prompt: tuple[int, ...]
+    tokens: tuple[int, ...]
     members: tuple[int, ...]  # indices of the pairs (in the call's unique list)
     encoded: tuple[_Encoded, ...]
+    paths: tuple[tuple[int, ...], ...]
+    """Per member, the row positions of its input tokens: every token but the answer's last
+    (whose position would only predict what follows the answer, which nothing reads)."""
 
     @property
     def width(self) -> int:
-        return len(self.prompt) + sum(len(e.ids) - e.n_prompt - 1 for e in self.encoded)
+        return len(self.tokens)
 
-    def segments(self) -> list[tuple[int, int]]:
-        """(start, length) of each answer's input tokens in the row.
+    @classmethod
+    def of(cls, members: Sequence[int], encoded: Sequence[_Encoded]) -> _Row:
+        """The row of these pairs; each shares its common prefix with the one before it (in
+        sorted order that is the longest prefix it shares with any)."""
+        tokens: list[int] = []
+        paths: list[tuple[int, ...]] = []
+        previous: tuple[int, ...] = ()
+        for e in encoded:
+            run = e.ids[:-1]
+            shared = _common_prefix(previous, run)
+            start = len(tokens)
+            tokens.extend(run[shared:])
+            paths.append((paths[-1][:shared] if paths else ()) + tuple(range(start, len(tokens))))
+            previous = run
+        return cls(tuple(tokens), tuple(members), tuple(encoded), tuple(paths))
 
-        An answer's last token is never an input: its own position would only predict what
-        follows it, which nothing reads. So an answer of n tokens occupies n - 1 positions.
-        """
-        out, start = [], len(self.prompt)
-        for e in self.encoded:
-            n = len(e.ids) - e.n_prompt - 1
-            out.append((start, n))
-            start += n
-        return out
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class TeacherForcedScorer:
@@ -125,7 +142,8 @@ class TeacherForcedScorer:
         self._encoded: dict[Pair, _Encoded] = {}
         self._residuals: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self.tokens_run = 0  # positions pushed through the model (for speed reports)
-        self.max_answers_per_row = 8
+        self.row_tokens = 128
+        """Tokens per packed row: wider rows share more prefixes but attend over more keys."""
         self.packable = False
         self.packable = can_pack(self)
 
@@ -212,17 +230,27 @@ class TeacherForcedScorer:
         return [s for s in results if s is not None]
 
     def _rows(self, encoded: list[_Encoded]) -> list[_Row]:
-        """Pairs grouped by prompt tokens when the model packs, else one pair a row."""
+        """Pairs in sorted order, packed into rows of at most ``row_tokens`` new tokens each when
+        the model packs, else one pair a row."""
         if not self.packable:
-            return [_Row(e.ids[: e.n_prompt], (i,), (e,)) for i, e in enumerate(encoded)]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, e in enumerate(encoded):
-            groups.setdefault(e.ids[: e.n_prompt], []).append(i)
-        rows = []
-        for prompt, members in groups.items():
-            for start in range(0, len(members), self.max_answers_per_row):
-                chunk = members[start : start + self.max_answers_per_row]
-                rows.append(_Row(prompt, tuple(chunk), tuple(encoded[i] for i in chunk)))
+            return [_Row.of((i,), (e,)) for i, e in enumerate(encoded)]
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].ids[:-1])
+        rows: list[_Row] = []
+        chunk: list[int] = []
+        width = 0
+        previous: tuple[int, ...] = ()
+        for i in order:
+            run = encoded[i].ids[:-1]
+            grow = len(run) - _common_prefix(previous, run)
+            if chunk and width + grow > self.row_tokens:
+                rows.append(_Row.of(chunk, [encoded[k] for k in chunk]))
+                chunk, grow = [], len(run)
+                width = 0
+            chunk.append(i)
+            width += grow
+            previous = run
+        if chunk:
+            rows.append(_Row.of(chunk, [encoded[k] for k in chunk]))
         return rows
 
     @contextlib.contextmanager
@@ -257,10 +285,8 @@ class TeacherForcedScorer:
         """Split packed block inputs (B, T, H) back into one residual per pair."""
         store = self._residuals if into is None else into
         for r, row in enumerate(rows):
-            n = len(row.prompt)
-            for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
-                piece = torch.cat([hidden[r, :n], hidden[r, start : start + length]])
-                store[(layer, e.ids)] = piece.clone()
+            for e, path in zip(row.encoded, row.paths, strict=True):
+                store[(layer, e.ids)] = hidden[r, list(path)]  # (len(path), H), a copy
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         batches: list[list[_Row]] = []
@@ -279,8 +305,8 @@ class TeacherForcedScorer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """input ids (B, T), the attention mask, position ids, and the valid-token mask (B, T).
 
-        Unpacked rows get the usual (B, T) padding mask and default positions; packed rows a
-        (B, 1, T, T) boolean mask (True: may attend) and each answer's own positions.
+        Rows of one pair get the usual (B, T) padding mask and default positions; packed rows a
+        (B, 1, T, T) boolean mask (True: may attend) and each token's position on its path.
         """
         width = max(row.width for row in batch)
         pad = self.tokenizer.pad_token_id
@@ -291,16 +317,13 @@ class TeacherForcedScorer:
         mask4 = torch.zeros((len(batch), 1, width, width), dtype=torch.bool)  # (B, 1, T, T)
         causal = torch.ones((width, width), dtype=torch.bool).tril()  # (T, T)
         for r, row in enumerate(batch):
-            n = len(row.prompt)
-            input_ids[r, :n] = torch.tensor(row.prompt)
-            positions[r, :n] = torch.arange(n)
-            mask4[r, 0, :n, :n] = causal[:n, :n]
-            for e, (start, length) in zip(row.encoded, row.segments(), strict=True):
-                end = start + length
-                input_ids[r, start:end] = torch.tensor(e.ids[e.n_prompt : e.n_prompt + length])
-                positions[r, start:end] = torch.arange(n, n + length)
-                mask4[r, 0, start:end, :n] = True
-                mask4[r, 0, start:end, start:end] = causal[:length, :length]
+            input_ids[r, : row.width] = torch.tensor(row.tokens)
+            for path in row.paths:
+                at = torch.tensor(path)
+                n = len(path)
+                positions[r, at] = torch.arange(n)
+                # a tree: two tokens on one path are ordered the same way on every path
+                mask4[r, 0, at[:, None], at[None, :]] = causal[:n, :n]
             valid[r, : row.width] = 1
             idle = torch.arange(row.width, width)
             mask4[r, 0, idle, idle] = True  # padding attends to itself: no empty softmax row
@@ -318,21 +341,24 @@ class TeacherForcedScorer:
         )  # (B, T, H)
         self.tokens_run += int(valid.sum())
 
-        # An answer's token t is predicted at its own position t - 1, its first token at the
-        # prompt's last position (shared by every answer of the row).
-        rows, cols, targets = [], [], []
+        # An answer's token t is predicted at the position of the path's token before it (its
+        # first token at the prompt's last). Pairs share positions: each is run through the
+        # vocabulary once.
+        spots: dict[tuple[int, int], int] = {}
+        reads, targets = [], []
         for r, row in enumerate(batch):
-            for e, (start, _) in zip(row.encoded, row.segments(), strict=True):
+            for e, path in zip(row.encoded, row.paths, strict=True):
                 for t in range(len(e.ids) - e.n_prompt):
-                    rows.append(r)
-                    cols.append(len(row.prompt) - 1 if t == 0 else start + t - 1)
+                    reads.append(spots.setdefault((r, path[e.n_prompt - 1 + t]), len(spots)))
                     targets.append(e.ids[e.n_prompt + t])
-        picked = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N_answer, H)
-        logits = self.model.get_output_embeddings()(picked).float()  # (N_answer, V)
+        rows, cols = zip(*spots, strict=True)
+        picked = hidden[torch.tensor(rows), torch.tensor(cols)]  # (N_positions, H)
+        logits = self.model.get_output_embeddings()(picked).float()  # (N_positions, V)
         logprobs = torch.log_softmax(logits, dim=-1)
+        read = torch.tensor(reads, device=logits.device)
         target = torch.tensor(targets, device=logits.device)
-        lp = logprobs.gather(1, target[:, None])[:, 0].tolist()  # (N_answer,)
-        top = logits.argmax(dim=-1).tolist()  # (N_answer,)
+        lp = logprobs[read, target].tolist()  # (N_answer,)
+        top = logits.argmax(dim=-1)[read].tolist()  # (N_answer,)
 
         out: list[list[Scored]] = []
         k = 0
@@ -381,13 +407,9 @@ class TeacherForcedScorer:
             (*input_ids.shape, hidden_size), dtype=self._dtype(), device=input_ids.device
         )  # (B, T, H); right padding, so pad positions never reach a real token
         for r, row in enumerate(batch):
-            n = len(row.prompt)
-            for j, (e, (start, length)) in enumerate(zip(row.encoded, row.segments(), strict=True)):
+            for e, path in zip(row.encoded, row.paths, strict=True):
                 key = (resume_layer, e.ids)
-                cached = cache[key] if key in cache else self._residuals[key]
-                if j == 0:
-                    entering[r, :n] = cached[:n]
-                entering[r, start : start + length] = cached[n:]
+                entering[r, list(path)] = cache[key] if key in cache else self._residuals[key]
         return forward_from_layer(self.model, self.adapter, resume_layer, entering, mask, positions)
 
     def _dtype(self) -> torch.dtype:
@@ -410,10 +432,8 @@ def can_pack(scorer: TeacherForcedScorer) -> bool:
     ]
     with torch.inference_mode():
         encoded = [scorer.encode(p) for p in pairs]
-        single = [
-            scorer._score_rows([_Row(e.ids[: e.n_prompt], (0,), (e,))], 0)[0][0] for e in encoded
-        ]
-        row = _Row(encoded[0].ids[: encoded[0].n_prompt], (0, 1), tuple(encoded))
+        single = [scorer._score_rows([_Row.of((0,), (e,))], 0)[0][0] for e in encoded]
+        row = _Row.of((0, 1), encoded)
         packed = scorer._score_rows([row], 0)[0]
     ok = all(
         a.argmax_ids == b.argmax_ids

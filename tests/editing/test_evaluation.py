@@ -137,9 +137,10 @@ def test_eval_config_is_checked():
         EvalConfig(batch_tokens=0)
 
 
-def test_pairs_sharing_a_prompt_score_as_they_would_alone(taught):
-    """Packed rows (one prompt, several answers) give each pair its separate-row result, on a
-    full pass and on a pass resumed from residuals captured packed."""
+def test_pairs_sharing_a_prefix_score_as_they_would_alone(taught):
+    """Packed rows (prefix trees: one prompt with several answers, prompts with a common
+    opening) give each pair its separate-row result, on a full pass and on a pass resumed from
+    residuals captured packed, and run each shared token once."""
     packed = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
     alone = TeacherForcedScorer(taught.model, taught.tokenizer, taught.adapter)
     alone.packable = False
@@ -150,12 +151,16 @@ def test_pairs_sharing_a_prompt_score_as_they_would_alone(taught):
         (FACT.prompt, "the city of Lyon"),
         ("Apple was founded by", "Steve Jobs"),
         ("Apple was founded by", "Paris"),
+        ("Apple was founded in", "Cupertino"),
+        ("Apple", "was founded by Steve Jobs"),
     ]
     reference = alone.score(pairs)
     full = packed.score(pairs, capture_layers=[2])
     packed.tokens_run = 0
     resumed = packed.score(pairs, resume_layer=2)
-    assert packed.tokens_run < sum(len(packed.encode(p).ids) for p in pairs)  # prompts shared
+    runs = [packed.encode(p).ids[:-1] for p in pairs]  # the answer's last token is never run
+    prefixes = {run[:k] for run in runs for k in range(1, len(run) + 1)}
+    assert packed.tokens_run == len(prefixes) < sum(map(len, runs))
     for ref, a, b in zip(reference, full, resumed, strict=True):
         assert ref.argmax_ids == a.argmax_ids == b.argmax_ids
         assert a.nll == pytest.approx(ref.nll, abs=1e-5) and b.nll == pytest.approx(
