@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 
 from editing.adapters import MlpRole
 from editing.errors import FactkeeperError
+from editing.files import atomic_write
 from editing.hooks import capture_inputs, run_until
 from editing.models import LoadedModel
 from editing.paths import Paths
@@ -439,20 +438,8 @@ class KeyStatistics:
         }
         if moments.first_half is not None:
             tensors["first_half"] = moments.first_half.contiguous()
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-        _atomic_write(
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        atomic_write(
             path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2))
         )
         moments.meta = meta
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

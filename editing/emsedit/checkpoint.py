@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from editing.emsedit.config import ConfigError, EMSEditConfig
 from editing.emsedit.nets import HyperNetGroup
 from editing.errors import FactkeeperError
+from editing.files import atomic_write
 from editing.models import LoadedModel
 from editing.paths import Paths
 
@@ -52,26 +51,13 @@ class LoadedEditor:
     meta: dict[str, Any]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
 
 
 def _save_json(path: Path, payload: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
 
 
 def save_editor(
