@@ -547,6 +547,10 @@ class AuditSettings(_HoldsConfig):
     statements ("<prompt> <answer>")."""
     sample_cap: int = Field(default=1000, ge=1)
     """Audit all applied edits up to this many, beyond it a seeded stratified sample."""
+    residual_cache_mib: int = Field(default=1024, ge=0)
+    """Disk (MiB, in the state folder) for the audited prompts' inputs to the lowest edited
+    block, which no edit changes: kept across restarts so the first audit after one does not
+    run the lower blocks again; the oldest go past the cap. 0: kept in memory only."""
     on_failure: Literal["quarantine", "warn"] = "quarantine"
     """What a failed gate does. ``quarantine``: roll back to ``production`` and quarantine the
     edits since. ``warn``: keep the edits and the weights, log a warning and record the audit

@@ -31,6 +31,7 @@ from torch import nn
 from editing.adapters import ArchitectureAdapter
 from editing.requests import continuation
 from editing.residual import can_resume, final_hidden, forward_from_layer, layer_input
+from editing.residual_store import ResidualStore
 
 _PACKABLE_ATTR = "_factkeeper_packable"
 
@@ -130,6 +131,7 @@ class TeacherForcedScorer:
         *,
         batch_tokens: int = 2048,
         device: torch.device | None = None,
+        store: ResidualStore | None = None,
     ) -> None:
         if batch_tokens < 1:
             raise ValueError("batch_tokens must be >= 1")
@@ -141,6 +143,8 @@ class TeacherForcedScorer:
         self.resumable = can_resume(model, adapter, tokenizer)
         self._encoded: dict[Pair, _Encoded] = {}
         self._residuals: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        self.store = store
+        """Where residuals outlive the process (None: memory only)."""
         self.tokens_run = 0  # positions pushed through the model (for speed reports)
         self.row_tokens = 128
         """Tokens per packed row: wider rows share more prefixes but attend over more keys."""
@@ -221,13 +225,41 @@ class TeacherForcedScorer:
         keep_residuals: bool = True,
     ) -> list[Scored]:
         results: list[Scored | None] = [None] * len(encoded)
+        persist = self.store is not None and keep_residuals and self.resumable
+        if persist and resume_layer > 0:
+            self._load_stored(resume_layer, encoded)
+        before = set(self._residuals) if persist else set()
         for batch in self._batches(self._rows(encoded)):
             with self._capturing(batch, capture):
                 scored = self._score_rows(batch, resume_layer, keep_residuals)
             for row, row_scores in zip(batch, scored, strict=True):
                 for i, s in zip(row.members, row_scores, strict=True):
                     results[i] = s
+        if persist:
+            self._save_new(before)
         return [s for s in results if s is not None]
+
+    def _load_stored(self, layer: int, encoded: Sequence[_Encoded]) -> None:
+        """Bring the stored residuals of ``encoded`` that memory lacks into memory."""
+        assert self.store is not None
+        runs: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # pairs may differ last only
+        for e in encoded:
+            if (layer, e.ids) not in self._residuals:
+                runs.setdefault(e.ids[:-1], []).append(e.ids)
+        for run, tensor in self.store.load(layer, runs).items():
+            for ids in runs[run]:
+                self._residuals[(layer, ids)] = tensor.to(self.device, self._dtype())
+
+    def _save_new(self, before: set[tuple[int, tuple[int, ...]]]) -> None:
+        """Write the residuals computed since ``before`` to the store, a shard per layer, each
+        under the tokens it is of (all but the answer's last)."""
+        assert self.store is not None
+        by_layer: dict[int, dict[tuple[int, ...], torch.Tensor]] = {}
+        for (layer, ids), tensor in self._residuals.items():
+            if (layer, ids) not in before:
+                by_layer.setdefault(layer, {})[ids[:-1]] = tensor
+        for layer, entries in by_layer.items():
+            self.store.save(layer, entries)
 
     def _rows(self, encoded: list[_Encoded]) -> list[_Row]:
         """Pairs in sorted order, packed into rows of at most ``row_tokens`` new tokens each when

@@ -36,6 +36,7 @@ import torch
 from editing.checks import BaseAnswers, Judge, forced_map
 from editing.models import LoadedModel
 from editing.perplexity import TextSampleError, perplexity, text_pairs
+from editing.residual_store import ResidualStore
 from editing.scoring import Pair, TeacherForcedScorer
 from monitoring.audit_report import AuditReport
 from monitoring.baseline import Baseline
@@ -96,6 +97,7 @@ class Auditor:
         text: Sequence[str] | None = None,
         rephrases_per_fact: int | None = 1,
         residual_cache_pairs: int = 6000,
+        residual_store: ResidualStore | None = None,
     ) -> None:
         """
         Args:
@@ -113,6 +115,8 @@ class Auditor:
                 fact costs; one per fact already gives as many checks as there are facts.
             residual_cache_pairs: most sequences whose residuals are kept for resumed passes
                 (about 28 KB each for SmolLM2); past it the cache starts again.
+            residual_store: keeps those residuals on disk too, so the first audit after a
+                restart does not run the unedited lower blocks again (None: memory only).
         """
         if sample_cap < 1 or batch_size < 1:
             raise ValueError("sample_cap and batch_size must be >= 1")
@@ -129,7 +133,7 @@ class Auditor:
         self.residual_cache_pairs = residual_cache_pairs
         self._check_baseline()
         self.scorer = TeacherForcedScorer(
-            lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens
+            lm.model, lm.tokenizer, lm.adapter, batch_tokens=batch_tokens, store=residual_store
         )
         self.judge = Judge(lm, self.scorer, batch_size=batch_size)
         try:

@@ -39,6 +39,7 @@ from daemon.versions.keeper import VersionKeeper
 from daemon.versions.snapshots import edited_tensors
 from editing.evaluation import ModelState
 from editing.models import LoadedModel
+from editing.residual_store import ResidualStore
 from monitoring.audit_report import AuditReport, read_audit_reports, write_audit_report
 from monitoring.auditor import AuditFact, Auditor
 from monitoring.baseline import Baseline
@@ -64,9 +65,12 @@ def build_auditor(settings: Settings, lm: LoadedModel) -> Auditor:
     a = settings.audit
     probes = load_probe_set(a.probe_set)
     text = load_text_sample(a.text_sample, probes)
-    cache = settings.journal.path.parent / "audit-baselines"  # the daemon's state folder
-    baseline = Baseline.load_or_compute(lm, probes, text, cache)
-    return Auditor(lm, probes, baseline, sample_cap=a.sample_cap, text=text)
+    state = settings.journal.path.parent  # the daemon's state folder
+    baseline = Baseline.load_or_compute(lm, probes, text, state / "audit-baselines")
+    store = None
+    if a.residual_cache_mib:
+        store = ResidualStore(state / "residuals", lm.base_hash, a.residual_cache_mib << 20)
+    return Auditor(lm, probes, baseline, sample_cap=a.sample_cap, text=text, residual_store=store)
 
 
 class AuditRunner:
