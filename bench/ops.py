@@ -8,10 +8,12 @@ applied units, a version is registered every ``--snapshot-every`` edits, and at 
 it measures, on SmolLM2 with the embedded MLflow store:
 
 * snapshot bytes against the full model's bytes, and the time to snapshot + register;
-* one audit of every applied edit plus the probe set (first audit and a repeated one);
+* one audit of every applied edit plus the probe set: the first, a repeated one, and one with
+  the residuals gone from memory (as after a restart; those on disk remain);
 * rollback to the previous version;
-* revert of the newest edit and of the edit in the middle of the stream (the replay after the
-  nearest earlier version is what a revert costs), each followed by a rollback to undo it.
+* revert of the newest edit and of the edit in the middle of the stream (the replay of stored
+  deltas after the nearest earlier version is what a revert costs), each followed by a rollback
+  to undo it.
 
 The post-check is skipped while building the state (each edit is journaled as applied): this
 measures the operations, not the edit path (``bench/daemon_ops.py`` measures that).
@@ -40,6 +42,7 @@ from daemon.config import load_settings  # noqa: E402
 from daemon.ingest.events import parse_event  # noqa: E402
 from daemon.kafka.produce import events_from_requests  # noqa: E402
 from daemon.records.journal import EventRecord  # noqa: E402
+from daemon.records.unit_deltas import lineage_of  # noqa: E402
 from daemon.service import Daemon  # noqa: E402
 from editing.bench import git_revision, json_default, machine_info, utc_now_iso  # noqa: E402
 from editing.datasets import load_dataset  # noqa: E402
@@ -70,10 +73,14 @@ def build_daemon(method: str, work: Path, snapshot_every: int, batch: int) -> Da
 
 
 def apply_units(daemon: Daemon, events: list, offset: int, batch: int) -> int:
-    """Apply ``events`` unit by unit and journal them as the consumer would; returns offset."""
+    """Apply ``events`` unit by unit and journal them as the consumer would (each unit's deltas
+    stored first, so a revert replays them instead of editing again); returns offset."""
     for start in range(0, len(events), batch):
         unit_events = events[start : start + batch]
         unit = daemon.applier.replay(uuid.uuid4().hex, unit_events)
+        if daemon.unit_deltas is not None:
+            lineage = lineage_of(daemon.journal.applied_lineage())
+            daemon.unit_deltas.try_write(unit.batch_id, unit.result.deltas, lineage)
         now = datetime.now(UTC)
         rows = []
         for event in unit_events:
@@ -88,6 +95,7 @@ def apply_units(daemon: Daemon, events: list, offset: int, batch: int) -> int:
                     applied_at=now,
                     edit_seconds=unit.seconds,
                     delta_norms=unit.result.delta_norms(),
+                    delta_sha256=unit.result.delta_sha256(),
                     batch_id=unit.batch_id,
                 )
             )
