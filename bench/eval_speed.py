@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[dict[str, Any]] = []
     for _ in range(args.repeats):
+        tokens, drafted = evaluator.scorer.tokens_run, evaluator.judge.drafted
         started, cpu = time.perf_counter(), time.process_time()
         report = evaluator.evaluate(requests, state)
         runs.append(
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 "breakdown_seconds": report["eval_breakdown_seconds"],
                 "pairs": report["n_pairs"],
                 "decoded": report["decoded"],
+                # positions run through the blocks (drafts included) and drafts forced
+                "tokens_run": evaluator.scorer.tokens_run - tokens,
+                "drafted": evaluator.judge.drafted - drafted,
             }
         )
     report.pop("per_request")
