@@ -102,7 +102,11 @@ class ResidualStore:
         return found
 
     def save(self, layer: int, entries: Mapping[Sequence_, torch.Tensor]) -> None:
-        """Add inputs of block ``layer`` for sequences not stored yet (one new shard)."""
+        """Add inputs of block ``layer`` for sequences not stored yet (one new shard).
+
+        A failed write (a full disk) is logged, not raised: it only costs running the lower
+        blocks again later, which must not fail the audit that computed them.
+        """
         names = self._names(layer)
         tensors: dict[str, Any] = {}
         for ids, tensor in entries.items():
@@ -112,10 +116,14 @@ class ResidualStore:
         if not tensors:
             return
         shard = self._layer_dir(layer) / f"{uuid.uuid4().hex}.safetensors"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(shard, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-        names.update(dict.fromkeys(tensors, shard))
-        self._prune()
+        try:
+            atomic_write(
+                shard, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            )
+            names.update(dict.fromkeys(tensors, shard))
+            self._prune()
+        except (OSError, SafetensorError) as exc:
+            log.warning("residuals not stored", extra={"shard": str(shard), "error": str(exc)})
 
     def _prune(self) -> None:
         """Delete the oldest shards until all of them fit in ``max_bytes``."""

@@ -4,16 +4,17 @@ Each pair is tokenised as ``ids(prompt) + ids(continuation(answer))`` (the answe
 exactly the ones after the prompt's, with no merge across the boundary), batched by length with
 right padding, and run once. A row holds several pairs as a prefix tree: pairs sorted by their
 tokens are laid out one after another, each running only the tokens it does not share with the
-pair before it, and every token attends to its own path only, at the position it would have alone (a
-(B, 1, T, T) mask and explicit position ids). Metrics score the same prompt with several answers
-(new and true target, a greedy answer), and prompts share their openings ("What is the", "nq
-question:"), so this runs about a fifth fewer tokens than one row per prompt on the benchmark's
-streams; ``can_pack`` checks numerically that a model gives the same results packed. An answer's
-last token is not run (its position predicts nothing that is read). Vocabulary logits (the
-lm_head is 49152 x 576 for SmolLM2) are computed once at each position that predicts an answer
-token. When the caller says the weights below block ``L`` are the base weights, the
-residual stream entering block ``L`` is computed once per pair, kept, and later passes run only
-blocks ``L..end`` (``editing.residual``).
+pair before it, and every token attends to its own path only, at the position it would have
+alone (a (B, 1, T, T) mask and explicit position ids). Metrics score the same prompt with several
+answers (new and true target, a greedy answer), and prompts share their openings ("What is the",
+"nq question:"), so this runs about a fifth fewer tokens than one row per prompt on the
+benchmark's streams; ``can_pack`` checks numerically that a model gives the same results
+packed. An answer's last token is not run (its position predicts nothing that is read).
+Vocabulary logits (the lm_head is 49152 x 576 for SmolLM2) are computed once at each position
+that predicts an answer token. When the caller says the weights below block ``L`` are the base
+weights, the residual stream entering block ``L`` is computed once per pair, kept (and, with a
+``ResidualStore``, written to disk for later processes), and later passes run only blocks
+``L..end`` (``editing.residual``).
 """
 
 from __future__ import annotations

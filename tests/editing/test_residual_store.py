@@ -86,3 +86,10 @@ def test_gpt2_which_cannot_resume_writes_nothing(tmp_path):
     )
     scorer.score([("The capital of France is", "Paris")], resume_layer=1)
     assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_failed_write_costs_the_cache_not_the_caller(tmp_path):
+    (tmp_path / BASE).write_text("a file where the store's folder should be")
+    store = ResidualStore(tmp_path, BASE)
+    store.save(0, {(1,): torch.ones(1, 4)})  # logged, not raised
+    assert store.load(0, [(1,)]) == {}
