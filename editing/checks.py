@@ -185,7 +185,7 @@ def _may_become(text: str, answer: str) -> bool:
     More tokens append text, with two exceptions: a last character may merge with a mark that
     follows (NFC: "e" + U+0301 is "é", "가" + U+11A8 is "각"), which keeps its decomposition as
     the start of the new one's; and a last space may be dropped by a tokenizer that cleans up
-    spaces before punctuation. So "\nA" may still become "Ádám" but never "Doris", and "1"
+    spaces before punctuation. So "A" may still become "Ádám" but never "Doris", and "1"
     settles that an answer is not "Motown".
     """
     if answer.startswith(text) or not text:

@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "factkeeper-residuals-1"
 
-Sequence_ = tuple[int, ...]
+TokenIds = tuple[int, ...]
 
 
-def sequence_key(ids: Sequence_) -> str:
+def sequence_key(ids: TokenIds) -> str:
     """The tensor name of a token sequence: sha256 of its ids (fixed width, little-endian)."""
     return hashlib.sha256(b"".join(i.to_bytes(4, "little") for i in ids)).hexdigest()
 
@@ -81,15 +81,15 @@ class ResidualStore:
             self._index[layer] = index
         return self._index[layer]
 
-    def load(self, layer: int, sequences: Iterable[Sequence_]) -> dict[Sequence_, torch.Tensor]:
+    def load(self, layer: int, sequences: Iterable[TokenIds]) -> dict[TokenIds, torch.Tensor]:
         """The stored inputs of block ``layer`` for those of ``sequences`` that have one."""
         names = self._names(layer)
-        wanted: dict[Path, list[tuple[Sequence_, str]]] = {}
+        wanted: dict[Path, list[tuple[TokenIds, str]]] = {}
         for ids in sequences:
             key = sequence_key(ids)
             if key in names:
                 wanted.setdefault(names[key], []).append((ids, key))
-        found: dict[Sequence_, torch.Tensor] = {}
+        found: dict[TokenIds, torch.Tensor] = {}
         for shard, items in wanted.items():
             try:
                 with safe_open(str(shard), framework="pt") as f:
@@ -101,7 +101,7 @@ class ResidualStore:
                 continue
         return found
 
-    def save(self, layer: int, entries: Mapping[Sequence_, torch.Tensor]) -> None:
+    def save(self, layer: int, entries: Mapping[TokenIds, torch.Tensor]) -> None:
         """Add inputs of block ``layer`` for sequences not stored yet (one new shard).
 
         A failed write (a full disk) is logged, not raised: it only costs running the lower

@@ -277,8 +277,7 @@ class TeacherForcedScorer:
             grow = len(run) - _common_prefix(previous, run)
             if chunk and width + grow > self.row_tokens:
                 rows.append(_Row.of(chunk, [encoded[k] for k in chunk]))
-                chunk, grow = [], len(run)
-                width = 0
+                chunk, width, grow = [], 0, len(run)  # a new row shares nothing yet
             chunk.append(i)
             width += grow
             previous = run
