@@ -154,6 +154,61 @@ def cmd_train_editor(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_value_net(ns: argparse.Namespace) -> int:
+    """Train NSE's value network (EMSEdit's multi-step value change) on train splits."""
+    import torch
+    from tqdm import tqdm
+
+    from editing.bench import git_revision
+    from editing.models import load_model
+    from editing.nse.config import preset_for
+    from editing.nse.value_net import FILE_NAME
+    from editing.nse.value_training import (
+        NET_FILE,
+        ValueTraining,
+        train_value_net,
+        training_requests,
+    )
+    from editing.paths import Paths
+
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
+    lm = load_model(ns.model)
+    requests = training_requests(ns.counterfact, ns.zsre)
+    out = Path(ns.out) if ns.out else Paths.from_env().editors_dir / ns.model / "value-net-run"
+    settings = ValueTraining(
+        steps=ns.steps, batch=ns.batch, epochs=ns.epochs, lr=ns.lr, seed=ns.seed
+    )
+    bar = tqdm(desc="value net", unit="batch")
+
+    def progress(done: int, total: int, loss: float) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.refresh()
+
+    provenance = {
+        "command": " ".join(["factkeeper", "train-value-net", *sys.argv[2:]]),
+        "git_rev": git_revision(),
+        "data": f"counterfact/train[:{ns.counterfact}] + zsre/train[:{ns.zsre}]",
+        "torch_threads": ns.threads,
+    }
+    train_value_net(
+        lm,
+        requests,
+        preset_for(lm.name),
+        out,
+        settings,
+        provenance=provenance,
+        progress=progress,
+        resume=not ns.no_resume,
+    )
+    bar.close()
+    print(out / NET_FILE)
+    print(f"copy it to {Paths.from_env().editors_dir / ns.model / FILE_NAME} to use it")
+    return EXIT_OK
+
+
 def _settings(ns: argparse.Namespace):
     from daemon.config import load_settings
 
@@ -462,6 +517,22 @@ COMMANDS: dict[str, Command] = {
             arg("--threads", type=int, default=None, help="torch threads"),
             arg("--save-every", type=int, default=50, help="checkpoint every N turns"),
             arg("--no-resume", action="store_true", help="start over even if a state exists"),
+        ),
+    ),
+    "train-value-net": Command(
+        cmd_train_value_net,
+        (
+            _MODEL,
+            arg("--counterfact", type=int, default=1200, help="CounterFact train requests"),
+            arg("--zsre", type=int, default=400, help="ZsRE train requests"),
+            arg("--steps", type=int, default=3, help="network steps per value"),
+            arg("--batch", type=int, default=8, help="requests per training step"),
+            arg("--epochs", type=int, default=1),
+            arg("--lr", type=float, default=1e-3),
+            arg("--seed", type=int, default=0),
+            arg("--threads", type=int, default=None, help="torch threads"),
+            arg("--out", default=None, help="run folder (default: editors/<model>/value-net-run)"),
+            arg("--no-resume", action="store_true", help="start over even if a run exists"),
         ),
     ),
     "bench": Command(

@@ -60,10 +60,14 @@ class NSEConfig:
     """The value optimisation stops once the total loss is below this."""
     v_optimiser: str = "adam"
     """``adam``: the reference's Adam on δ (lr ``v_lr``). ``normalised``: each step moves δ by
-    ``v_step``·||h_init|| against the gradient's direction, so a few steps reach a target that
-    Adam needs ~20 for (the untrained form of EMSEdit's multi-step value change)."""
+    ``v_step``·||h_init|| against the gradient's direction (the untrained form of EMSEdit's
+    multi-step value change). ``net``: the first steps come from the trained value network
+    (``editing.nse.value_net``), then Adam goes on while the loss is above ``early_stop_loss``."""
     v_step: float = 0.25
     """Step of the ``normalised`` optimiser, as a share of ||h_init||."""
+    value_net: str = ""
+    """The value network's file for ``net``; empty: ``$FACTKEEPER_HOME/editors/<model>/`` if
+    one was trained there, else the one shipped in ``editors/<model>/``."""
     prefixes: tuple[str, ...] = DEFAULT_PREFIXES
     """Prefix templates ("{}" = the prompt); the key is ½·plain + ½·mean over prefixes."""
     value_prefixes: int = 5
@@ -84,7 +88,10 @@ class NSEConfig:
             (self.max_iterations >= 2, "max_iterations must be >= 2 (one editing pass)"),
             (self.v_num_grad_steps >= 1, "v_num_grad_steps must be >= 1"),
             (self.v_lr > 0, "v_lr must be > 0"),
-            (self.v_optimiser in ("adam", "normalised"), "v_optimiser must be adam or normalised"),
+            (
+                self.v_optimiser in ("adam", "normalised", "net"),
+                "v_optimiser must be adam, normalised or net",
+            ),
             (self.v_step > 0, "v_step must be > 0"),
             (self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0"),
             (all(p.count("{}") == 1 for p in self.prefixes), 'each prefix needs one "{}"'),

@@ -36,6 +36,7 @@ from editing.models import LoadedModel
 from editing.nse.config import NSEConfig, preset_for
 from editing.nse.keys import compute_targets, keys_and_hidden
 from editing.nse.shift import RoundResult, run_round
+from editing.nse.value_net import ValueNet, ValueNetError, default_value_net
 from editing.paths import Paths
 from editing.requests import EditRequest
 
@@ -90,6 +91,7 @@ class NSEEditor(Editor):
         self._paths = paths
         self._stats_tokens = stats_tokens
         self._originals: OriginalWeights | None = None
+        self._value_net: ValueNet | None = None
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -175,12 +177,15 @@ class NSEEditor(Editor):
     def targets(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Z (d, n): each request's target value, computed once on the ORIGINAL weights."""
         config, state = self.config_for(lm), self.state_for(lm)
+        self.value_net_for(lm)
         columns = []
         missing = [r for r in requests if self.target_key(r) not in state.targets]
         if missing:
             started = time.perf_counter()
             with state.rewound(lm):
-                values = compute_targets(lm, missing, config.z_layer, config)
+                values = compute_targets(
+                    lm, missing, config.z_layer, config, self.value_net_for(lm)
+                )
             for request, value in zip(missing, values, strict=True):
                 state.targets[self.target_key(request)] = value.z
             log.info(
@@ -193,10 +198,36 @@ class NSEEditor(Editor):
             columns.append(state.targets[self.target_key(request)])
         return torch.stack(columns, dim=1)  # n x (d,) -> (d, n)
 
+    def value_net_for(self, lm: LoadedModel) -> ValueNet | None:
+        """The value network ``v_optimiser: net`` uses (loaded once), else None."""
+        config = self.config_for(lm)
+        if config.v_optimiser != "net":
+            return None
+        if self._value_net is None:
+            path = config.value_net or default_value_net(lm.name, self._paths or Paths.from_env())
+            try:
+                net = ValueNet.load(path)
+            except ValueNetError as exc:
+                raise EditError(str(exc)) from exc
+            trained_at = net.meta.get("z_layer")
+            if trained_at != config.z_layer:
+                raise EditError(
+                    f"value network {path} was trained for z layer {trained_at}, "
+                    f"NSE's is {config.z_layer}"
+                )
+            self._value_net = net.to(lm.device)
+        return self._value_net
+
     def target_key(self, request: EditRequest) -> str:
         """Content hash of everything z depends on besides the (fixed) original weights."""
         config = self.config
         assert config is not None
+        provider: list[Any] = [config.v_optimiser]
+        if config.v_optimiser == "normalised":
+            provider.append(config.v_step)
+        elif config.v_optimiser == "net":
+            assert self._value_net is not None  # loaded by ``targets`` before any key is made
+            provider.append(self._value_net.sha256())
         relevant = {
             "prompt": request.prompt,
             "subject": request.subject,
@@ -213,6 +244,8 @@ class NSEEditor(Editor):
                 config.kl_prompt,
             ],
         }
+        if provider != ["adam"]:  # Adam's keys stay as they were (caches, stored material)
+            relevant["provider"] = provider
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:32]
 
     def plan(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> RoundResult:
@@ -296,6 +329,7 @@ class NSEEditor(Editor):
     def take_material(self, lm: LoadedModel, request: EditRequest, material: EditMaterial) -> bool:
         """Put a stored z into the cache when it was computed under this editor's settings."""
         state = self.state_for(lm)
+        self.value_net_for(lm)
         key = self.target_key(request)
         if material.fingerprint != key or set(material.tensors) != {"z"}:
             return False

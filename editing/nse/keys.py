@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from editing.nse.config import NSEConfig
 from editing.requests import EditRequest, continuation
 from editing.residual import can_resume, forward_from_layer
 from editing.subject import encode_prompt
+
+if TYPE_CHECKING:
+    from editing.nse.value_net import ValueNet
 
 log = logging.getLogger(__name__)
 
@@ -139,70 +143,119 @@ def _value_problem(lm: LoadedModel, request: EditRequest, config: NSEConfig) -> 
     )
 
 
+class ValueObjective:
+    """The value loss of a batch of requests as a function of their δ at the z layer (spec 2.4).
+
+    Loss per request = mean over its prompts of the target's mean NLL + kl_factor·KL(p ‖ p_init)
+    on the KL prompt + v_weight_decay·||δ|| / ||h_init||². Rows of different requests never mix,
+    so the summed loss gives each δ the gradient of its own loss. Blocks up to the z layer do not
+    depend on δ: their output is computed once, here. Build it on the ORIGINAL weights. Shared by
+    the optimisation below and by the training of the value network (``editing.nse.value_net``).
+    """
+
+    def __init__(
+        self, lm: LoadedModel, requests: Sequence[EditRequest], z_layer: int, config: NSEConfig
+    ) -> None:
+        self.config = config
+        self.problems = [_value_problem(lm, r, config) for r in requests]
+        self.owner = [i for i, p in enumerate(self.problems) for _ in p.rows]  # row -> request
+        self.first_row = [self.owner.index(i) for i in range(len(self.problems))]
+        all_rows = [row for p in self.problems for row in p.rows]
+        self.subject_cols = [c for p in self.problems for c in p.subject_cols]
+        self.device = lm.device
+        ids, mask = (t.to(self.device) for t in _pad(all_rows, _pad_id(lm)))  # (R, T)
+        self.upper = _UpperModel(lm, z_layer, ids, mask)
+        self.h_init = self.upper.block_output[
+            torch.tensor(self.first_row), torch.tensor([p.subject_cols[0] for p in self.problems])
+        ].float()  # (n, d)
+        self.head = lm.model.get_output_embeddings()
+        self.kl_init: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def losses(
+        self, delta: torch.Tensor, active: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss, mean target NLL), each (len(active),), for the listed requests' δ rows.
+
+        The first call must list every request: it fixes the KL reference p_init (δ = 0 there).
+        """
+        config, device = self.config, self.device
+        rows = [r for r in range(len(self.owner)) if self.owner[r] in active]
+        hidden = self.upper.final_hidden(
+            rows,
+            torch.tensor([self.subject_cols[r] for r in rows]),
+            delta[torch.tensor([self.owner[r] for r in rows])],
+        )  # (R_active, T, d)
+        at = {r: k for k, r in enumerate(rows)}
+        nlls, kls = [], []
+        for i in active:
+            p = self.problems[i]
+            start = self.first_row[i]
+            picked = torch.cat(
+                [hidden[at[start + j], cols] for j, cols in enumerate(p.pred_cols)]
+            )  # (n_prompts * n_target, d)
+            log_probs = F.log_softmax(self.head(picked).float(), dim=-1)  # (N_pred, V)
+            gold = torch.tensor(p.target_ids * len(p.pred_cols), device=device)
+            token_nll = -log_probs.gather(1, gold[:, None]).squeeze(1)  # (N_pred,)
+            nlls.append(token_nll.view(len(p.pred_cols), -1).mean(dim=1).mean())
+            kl_row = start + len(p.pred_cols)
+            kls.append(
+                F.log_softmax(self.head(hidden[at[kl_row], p.subject_cols[-1]]).float(), dim=-1)
+            )  # (V,)
+        kl_logp = torch.stack(kls)  # (n_active, V)
+        if self.kl_init is None:
+            if len(active) != len(self.problems):
+                raise EditError("the first value loss must cover every request (KL reference)")
+            self.kl_init = kl_logp.detach().clone()
+        kl_ref = self.kl_init[torch.tensor(list(active))]
+        kl_terms = config.kl_factor * (kl_logp.exp() * (kl_logp - kl_ref)).sum(dim=1)
+        idx = torch.tensor(list(active))
+        h_norm = self.h_init[idx].norm(dim=1)
+        decay = config.v_weight_decay * delta[idx].norm(dim=1) / h_norm**2
+        nll = torch.stack(nlls)
+        return nll + kl_terms + decay, nll
+
+
+def clamp_values_(delta: torch.Tensor, h_init: torch.Tensor, rows: Sequence[int], factor: float):
+    """||δ_i|| <= factor·||h_init_i|| for the listed rows, in place."""
+    with torch.no_grad():
+        idx = torch.tensor(list(rows))
+        limit = factor * h_init[idx].norm(dim=1)  # (n_active,)
+        norm = delta[idx].norm(dim=1)
+        scale = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
+        delta[idx] *= scale[:, None]
+
+
 def compute_targets(
-    lm: LoadedModel, requests: Sequence[EditRequest], z_layer: int, config: NSEConfig
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    z_layer: int,
+    config: NSEConfig,
+    value_net: ValueNet | None = None,
 ) -> list[TargetValue]:
     """Optimise each request's δ at the z layer so the model says its ``target_new`` (spec 2.4).
 
-    Loss per request = mean over its prompts of the target's mean NLL + kl_factor·KL(p ‖ p_init)
-    on the KL prompt + v_weight_decay·||δ|| / ||h_init||². Adam on δ only (or the normalised
-    steps of ``config.v_optimiser``); ||δ|| clamped to clamp_norm_factor·||h_init||. The
-    requests run as one batch: the summed loss gives each δ the gradient of its own loss (rows
-    never mix) and both optimisers act per element or per request, so the result is each
-    request's own optimisation; a request stops on its own loss and leaves the batch. Blocks up
-    to the z layer do not depend on δ: their output is computed once. Run it on the ORIGINAL
-    weights (weights rewinding); the weights are untouched.
+    The loss is ``ValueObjective``'s. Adam on δ (``v_optimiser: adam``), the untrained
+    normalised steps (``normalised``), or ``net``: the first ``value_net.steps`` updates come
+    from the trained value network (EMSEdit's multi-step value change), then Adam goes on from
+    there while the loss is above ``early_stop_loss``. ||δ|| is clamped to
+    clamp_norm_factor·||h_init||; a request stops on its own loss and leaves the batch, so the
+    result is each request's own optimisation. Run it on the ORIGINAL weights (weights
+    rewinding); the weights are untouched.
     """
-    problems = [_value_problem(lm, r, config) for r in requests]
-    owner = [i for i, p in enumerate(problems) for _ in p.rows]  # row -> request
-    first_row = [owner.index(i) for i in range(len(problems))]
-    all_rows = [row for p in problems for row in p.rows]
-    subject_cols = [c for p in problems for c in p.subject_cols]
-    device = lm.device
-    ids, mask = (t.to(device) for t in _pad(all_rows, _pad_id(lm)))  # (R, T)
-    upper = _UpperModel(lm, z_layer, ids, mask)
-    h_init = upper.block_output[
-        torch.tensor(first_row), torch.tensor([p.subject_cols[0] for p in problems])
-    ].float()  # (n, d)
-    head = lm.model.get_output_embeddings()
-    delta = torch.zeros(len(problems), block_width(lm), device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=config.v_lr) if config.v_optimiser == "adam" else None
-    kl_init: torch.Tensor | None = None
+    if config.v_optimiser == "net" and value_net is None:
+        raise EditError("v_optimiser 'net' needs a value network")
+    objective = ValueObjective(lm, requests, z_layer, config)
+    h_init = objective.h_init
+    delta = torch.zeros(len(requests), block_width(lm), device=lm.device, requires_grad=True)
+    adam = torch.optim.Adam([delta], lr=config.v_lr) if config.v_optimiser != "normalised" else None
     results: dict[int, TargetValue] = {}
-    active = list(range(len(problems)))
+    active = list(range(len(requests)))
     with frozen_parameters(lm.model), torch.enable_grad():
         for it in range(config.v_num_grad_steps):
-            rows = [r for r in range(len(all_rows)) if owner[r] in active]
-            hidden = upper.final_hidden(
-                rows,
-                torch.tensor([subject_cols[r] for r in rows]),
-                delta[torch.tensor([owner[r] for r in rows])],
-            )  # (R_active, T, d)
-            at = {r: k for k, r in enumerate(rows)}
-            losses, nlls, kls = [], [], []
-            for i in active:
-                p = problems[i]
-                start = first_row[i]
-                picked = torch.cat(
-                    [hidden[at[start + j], cols] for j, cols in enumerate(p.pred_cols)]
-                )  # (n_prompts * n_target, d)
-                log_probs = F.log_softmax(head(picked).float(), dim=-1)  # (N_pred, V)
-                gold = torch.tensor(p.target_ids * len(p.pred_cols), device=device)
-                token_nll = -log_probs.gather(1, gold[:, None]).squeeze(1)  # (N_pred,)
-                nll = token_nll.view(len(p.pred_cols), -1).mean(dim=1).mean()
-                kl_row = start + len(p.pred_cols)
-                kls.append(
-                    F.log_softmax(head(hidden[at[kl_row], p.subject_cols[-1]]).float(), dim=-1)
-                )  # (V,)
-                nlls.append(nll)
-            kl_logp = torch.stack(kls)  # (n_active, V)
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()  # every request is active at step 0
-            kl_ref = kl_init[torch.tensor(active)]
-            kl_terms = config.kl_factor * (kl_logp.exp() * (kl_logp - kl_ref)).sum(dim=1)
-            idx = torch.tensor(active)
-            decay = config.v_weight_decay * delta[idx].norm(dim=1) / h_init[idx].norm(dim=1) ** 2
-            losses = torch.stack(nlls) + kl_terms + decay  # (n_active,)
+            losses, nlls = objective.losses(delta, active)
             last = it == config.v_num_grad_steps - 1
             for k, i in enumerate(list(active)):
                 loss_value = float(losses[k].detach())
@@ -220,16 +273,16 @@ def compute_targets(
             delta.grad = None
             losses[torch.tensor(still)].sum().backward()
             active = [active[k] for k in still]
-            if optimiser is not None:
-                optimiser.step()
+            if value_net is not None and config.v_optimiser == "net" and it < value_net.steps:
+                with torch.no_grad():
+                    idx = torch.tensor(active)
+                    assert delta.grad is not None
+                    delta[idx] += value_net.step(it, delta.grad[idx], h_init[idx])
+            elif adam is not None:
+                adam.step()
             else:
                 _normalised_step_(delta, h_init, active, config.v_step)
-            with torch.no_grad():
-                idx = torch.tensor(active)
-                limit = config.clamp_norm_factor * h_init[idx].norm(dim=1)  # (n_active,)
-                norm = delta[idx].norm(dim=1)
-                scale = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
-                delta[idx] *= scale[:, None]
+            clamp_values_(delta, h_init, active, config.clamp_norm_factor)
     for i, request in enumerate(requests):
         value = results[i]
         log.debug(
