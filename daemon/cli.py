@@ -188,7 +188,7 @@ def cmd_train_value_net(ns: argparse.Namespace) -> int:
         bar.refresh()
 
     provenance = {
-        "command": " ".join(["factkeeper", "train-value-net", *sys.argv[2:]]),
+        "command": " ".join(["factkeeper", *ns.argv]),
         "git_rev": git_revision(),
         "data": f"counterfact/train[:{ns.counterfact}] + zsre/train[:{ns.zsre}]",
         "torch_threads": ns.threads,
@@ -387,7 +387,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         out_dir=ns.out,
         threads=ns.threads,
         progress=sys.stderr.isatty(),
-        command="factkeeper " + " ".join(sys.argv[1:]),
+        command=" ".join(["factkeeper", *ns.argv]),
         split=ns.split,
         unrelated=unrelated,
         unrelated_source=probe_file.name,
@@ -578,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    ns.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded as the command run
     configure_logging(ns.log_level)
     try:
         return COMMANDS[ns.command].func(ns)

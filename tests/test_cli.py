@@ -84,3 +84,22 @@ def test_train_editor_takes_turns_and_the_deprecated_steps(
     err = capsys.readouterr().err
     warning = "factkeeper train-editor: --steps is deprecated; use --turns"
     assert (warning in err) == deprecated
+
+
+def test_train_value_net_passes_its_settings_and_provenance(monkeypatch, capsys, tmp_path):
+    import editing.models
+    import editing.nse.value_training as training
+
+    called = {}
+    monkeypatch.setattr(editing.models, "load_model", lambda name: SimpleNamespace(name="smollm2"))
+    monkeypatch.setattr(training, "training_requests", lambda cf, zsre: [f"cf{cf}", f"zsre{zsre}"])
+    monkeypatch.setattr(training, "train_value_net", lambda *a, **k: called.update(args=a, **k))
+    args = ["train-value-net", "--counterfact", "12", "--zsre", "3", "--steps", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "run"), "--no-resume"]) == cli.EXIT_OK
+    lm, requests, config, out, settings = called["args"]
+    assert requests == ["cf12", "zsre3"] and out == tmp_path / "run"
+    assert (settings.steps, settings.batch, config.z_layer) == (2, 8, 7)
+    assert called["resume"] is False
+    assert called["provenance"]["data"] == "counterfact/train[:12] + zsre/train[:3]"
+    assert called["provenance"]["command"].startswith("factkeeper train-value-net --counterfact 12")
+    assert str(tmp_path / "run" / "value-net.safetensors") in capsys.readouterr().out
