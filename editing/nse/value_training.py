@@ -130,9 +130,11 @@ def train_value_net(
         "nse": {
             k: v
             for k, v in config.to_dict().items()
-            if k.startswith("v_") or k in ("clamp_norm_factor", "kl_factor", "kl_prompt", "layers")
+            if k.startswith("v_")
+            or k in ("clamp_norm_factor", "kl_factor", "kl_prompt", "layers", "value_prefixes")
         },
         "z_layer": config.z_layer,
+        "prefixes": list(config.prefixes[: config.value_prefixes]),
         "model": {"name": lm.name, "base_hash": lm.base_hash},
         "requests": len(requests),
         **(provenance or {}),
