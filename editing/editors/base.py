@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -159,6 +159,12 @@ class Editor(ABC):
     def reset_memory(self, lm: LoadedModel, held: Sequence[EditRequest]) -> None:
         """The weights were just set to hold exactly ``held`` (a version load, a rollback): make
         the memory of past edits say the same before anything is applied on top."""
+        return None
+
+    def variant(self, method: str, **options: Any) -> Editor | None:
+        """An editor of ``method`` with ``options`` that shares this one's originals, statistics
+        and memory of past edits, so it can retry an edit (a rung of the daemon's retry ladder)
+        without its memory missing what either applies; None when there is no such editor."""
         return None
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +45,15 @@ log = logging.getLogger(__name__)
 
 _MEMORY_KEY = "nse_memory_before"
 _SEEN_KEY = "nse_edits_seen_before"
+
+
+@dataclass
+class _SharedState:
+    """What every variant of one NSE editor shares: C0, the originals and the edit memory."""
+
+    stats: KeyStatistics | None = None
+    state: EditState | None = None
+    originals: OriginalWeights | None = None
 
 
 class NSEEditor(Editor):
@@ -85,13 +95,44 @@ class NSEEditor(Editor):
         if unknown:
             raise EditError(f"unknown NSE option(s): {', '.join(sorted(unknown))}")
         self.overrides = overrides
+        self._given_config = config
         self.config = config.replace(**overrides) if config is not None else None
-        self.stats = stats
-        self.state = state
+        self._shared = _SharedState(stats=stats, state=state)
         self._paths = paths
         self._stats_tokens = stats_tokens
-        self._originals: OriginalWeights | None = None
         self._value_net: ValueNet | None = None
+
+    # Originals, C0 and the memory live in one holder that ``variant`` editors share.
+    @property
+    def state(self) -> EditState | None:
+        return self._shared.state
+
+    @state.setter
+    def state(self, value: EditState | None) -> None:
+        self._shared.state = value
+
+    @property
+    def stats(self) -> KeyStatistics | None:
+        return self._shared.stats
+
+    @stats.setter
+    def stats(self, value: KeyStatistics | None) -> None:
+        self._shared.stats = value
+
+    @property
+    def _originals(self) -> OriginalWeights | None:
+        return self._shared.originals
+
+    def variant(self, method: str, **options: Any) -> NSEEditor | None:
+        """NSE with other options (e.g. Adam values where this one uses the value network) on
+        this editor's originals, C0 and memory: what one applies, the other's memory holds."""
+        if method != self.name:
+            return None
+        editor = NSEEditor(
+            self._given_config, paths=self._paths, stats_tokens=self._stats_tokens, **options
+        )
+        editor._shared = self._shared
+        return editor
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -134,7 +175,7 @@ class NSEEditor(Editor):
 
     def set_originals(self, originals: OriginalWeights) -> None:
         """Take the original matrices from ``originals`` instead of the model at the first edit."""
-        self._originals = originals
+        self._shared.originals = originals
         self.state = None
 
     def set_statistics(self, stats: KeyStatistics) -> None:

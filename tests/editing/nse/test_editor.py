@@ -334,3 +334,18 @@ def test_stored_material_spares_the_value_optimisation_and_gives_the_same_solve(
 def _reset(lm: LoadedModel, state: dict[str, torch.Tensor]) -> LoadedModel:
     lm.model.load_state_dict(state)
     return lm
+
+
+def test_a_variant_shares_originals_statistics_and_memory(
+    trained_lm: LoadedModel, small_stats: KeyStatistics
+) -> None:
+    editor = _editor(small_stats)
+    precise = editor.variant("nse", v_optimiser="normalised", v_step=0.5)
+    assert precise is not None and editor.variant("ft") is None
+    assert precise.config_for(trained_lm).v_optimiser == "normalised"
+    assert precise.config_for(trained_lm).lam == PRESETS["tiny"].lam  # the given config, too
+    precise.apply(trained_lm, [EDIT])  # the variant edits ...
+    state = editor.state_for(trained_lm)  # ... and the editor's memory holds it
+    assert state.edits_seen == 1 and precise.state_for(trained_lm) is state
+    editor.reset_memory(trained_lm, [])
+    assert precise.state_for(trained_lm).edits_seen == 0
