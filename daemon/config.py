@@ -334,12 +334,15 @@ class RetryRung(_Section):
 
 #: The ladder used when ``editor.retry_ladder`` is unset, per method. FT-L gets a second try
 #: with 40 Adam steps (its default is 10, and the early stop at ``stop_nll`` keeps easy edits
-#: cheap). EMSEdit's trained step count is the most its sequential checkpoint allows, and NSE
-#: and guarded editors hold a memory of past edits that a rung cannot keep yet (the daemon
-#: refuses them as rungs), so those methods retry alone with the same editor only.
+#: cheap). NSE whose values come from the value network (``v_optimiser: net``) gets NSE's own
+#: Adam values to the reference's stop (the precise method, ~4x its cost; ``nse_default_rungs``).
+#: EMSEdit's trained step count is the most its sequential checkpoint allows, and the guarded
+#: editors hold a memory of past edits that another editor would miss, so they retry alone with
+#: the same editor only.
 DEFAULT_RETRY_LADDERS: dict[str, tuple[RetryRung, ...]] = {
     "ft": (RetryRung(options={"num_steps": 40}),),
 }
+NSE_PRECISE_RUNG = RetryRung(options={"v_optimiser": "adam", "early_stop_loss": 0.05})
 #: Most rungs a ladder may have (bounds the ``rung`` metric label and a failing event's cost).
 MAX_RETRY_RUNGS = 4
 
@@ -376,10 +379,11 @@ class EditorSettings(_Section):
     retry_ladder: list[RetryRung] | None = Field(default=None, max_length=MAX_RETRY_RUNGS)
     """Editors an edit that did not take alone is tried with, in order, before it fails to the
     DLQ with every rung's answer; each rung applies the edit alone and post-checks it. None:
-    the method's default (``DEFAULT_RETRY_LADDERS``: FT-L again with ``num_steps: 40``, none
-    for the other methods, nor for an editor that keeps a memory of past edits, which cannot
-    have a ladder); ``[]``: alone with the configured editor only. Replay rebuilds an
-    edit with the rung that applied it, so a rung the journal names must stay in the ladder."""
+    the method's default (``DEFAULT_RETRY_LADDERS``: FT-L again with ``num_steps: 40``, NSE
+    with the value network again with Adam values, none for the other methods); ``[]``: alone
+    with the configured editor only. The rungs of an editor that keeps a memory of past edits
+    (NSE) must be the same method with other options, which share its memory. Replay rebuilds
+    an edit with the rung that applied it, so a rung the journal names must stay in the ladder."""
 
     @model_validator(mode="after")
     def _known_options(self) -> EditorSettings:
@@ -396,6 +400,8 @@ class EditorSettings(_Section):
         """The rungs in force: ``retry_ladder``, or the method's default."""
         if self.retry_ladder is not None:
             return list(self.retry_ladder)
+        if self.method == "nse" and self.options.get("v_optimiser") == "net":
+            return [NSE_PRECISE_RUNG]
         return list(DEFAULT_RETRY_LADDERS.get(self.method, ()))
 
     def rung_options(self, rung: RetryRung) -> tuple[str, dict[str, bool | int | float | str]]:

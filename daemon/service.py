@@ -133,34 +133,38 @@ def build_editor(settings: Settings) -> Editor:
 def build_ladder(settings: Settings, editor: Editor) -> list[Rung]:
     """The retry ladder's rungs (``editor.retry_ladder``), each with its own editor.
 
-    An ``editor`` that keeps a memory of past edits (NSE, the safeguards) would miss the edits
-    a rung applies, so for it the default ladder is empty.
+    An ``editor`` that keeps a memory of past edits (NSE) would miss the edits another editor
+    applies, so its rungs are its own variants (``Editor.variant``: the same method with other
+    options, sharing its memory).
 
     Raises:
-        SettingsError: a rung's editor keeps a memory of past edits (replay cannot rebuild it per
-            rung yet), or a ladder is configured for an ``editor`` that keeps one.
+        SettingsError: a rung's editor cannot be built, keeps a memory of its own (replay could
+            not rebuild it per rung), or is not a variant of an ``editor`` that keeps one.
     """
-    if editor.keeps_edit_memory and settings.editor.retry_ladder is None:
-        return []
-    ladder = settings.editor.ladder()
-    if ladder and editor.keeps_edit_memory:
-        message = (
-            f"the {editor.name} editor keeps a memory of past edits that would miss the edits "
-            "a rung applies; set editor.retry_ladder: [] for it"
-        )
-        raise SettingsError([("editor.retry_ladder", message)])
     rungs = []
-    for index, rung in enumerate(ladder, start=1):
+    for index, rung in enumerate(settings.editor.ladder(), start=1):
         method, options = settings.editor.rung_options(rung)
         where = f"editor.retry_ladder[{index - 1}]"
         try:
-            rung_editor = get_editor(method, **options)
+            if editor.keeps_edit_memory:
+                rung_editor = editor.variant(method, **options)
+            else:
+                rung_editor = get_editor(method, **options)
         except (EditError, TypeError, ValueError) as exc:
             raise SettingsError([(where, f"{method}: {exc}")]) from exc
-        if rung_editor.keeps_edit_memory or settings.safeguards.wraps(method):
+        if rung_editor is None:
+            message = (
+                f"{method}: the {editor.name} editor keeps a memory of past edits that a "
+                f"{method} rung would miss; its rungs must be {editor.name} with other options "
+                "(or set editor.retry_ladder: [])"
+            )
+            raise SettingsError([(where, message)])
+        if not editor.keeps_edit_memory and (
+            rung_editor.keeps_edit_memory or settings.safeguards.wraps(method)
+        ):
             message = (
                 f"{method}: an editor that keeps a memory of past edits (NSE, or one the "
-                "safeguards wrap) cannot be a retry rung yet"
+                "safeguards wrap) cannot be a retry rung of one that keeps none"
             )
             raise SettingsError([(where, message)])
         shown = " ".join(f"{k}={v}" for k, v in sorted(rung.options.items()))

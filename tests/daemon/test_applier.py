@@ -237,12 +237,30 @@ def test_replay_refuses_a_rung_the_ladder_no_longer_has(tiny_model_dir, tmp_path
         replay_journal(applier, journal)
 
 
-def test_editors_with_a_memory_of_past_edits_cannot_be_rungs(tmp_path):
+def test_editors_with_a_memory_of_past_edits_cannot_be_rungs_of_others(tmp_path):
     config = tmp_path / "nse-rung.yaml"
     config.write_text("editor:\n  retry_ladder: [{method: nse}]\n")
     settings = load_settings(config, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
     with pytest.raises(SettingsError, match=r"retry_ladder\[0\]: nse: an editor that keeps"):
         build_ladder(settings, get_editor("ft"))
+
+
+def test_nse_rungs_are_its_own_variants_sharing_its_memory(tmp_path):
+    home = {"FACTKEEPER_HOME": str(tmp_path / "home")}
+    config = tmp_path / "nse-net.yaml"
+    config.write_text("editor:\n  method: nse\n  options: {v_optimiser: net}\n")
+    editor = get_editor("nse:v_optimiser=net")
+    (rung,) = build_ladder(load_settings(config, env=home), editor)  # the default: precise NSE
+    assert rung.editor._shared is editor._shared
+    assert rung.editor.overrides == {"v_optimiser": "adam", "early_stop_loss": 0.05}
+    assert rung.label == "rung 1 (nse early_stop_loss=0.05 v_optimiser=adam)"
+
+    config.write_text("editor:\n  method: nse\n")  # Adam already: no rung repeats it
+    assert build_ladder(load_settings(config, env=home), get_editor("nse")) == []
+
+    config.write_text("editor:\n  method: nse\n  retry_ladder: [{method: ft}]\n")
+    with pytest.raises(SettingsError, match=r"rungs must be nse with other options"):
+        build_ladder(load_settings(config, env=home), get_editor("nse"))
 
 
 def test_the_default_ladder_retries_ft_with_more_steps(settings):
