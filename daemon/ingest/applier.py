@@ -8,8 +8,8 @@ down a retry ladder, and the ones that did stay:
    post-checked again; any that no longer take join the failures. This repeats until a unit
    takes completely or fewer than two edits are left, at most ``editor.subset_rounds`` times.
 2. Every edit not kept is applied alone with the configured editor, then alone with each rung of
-   ``editor.retry_ladder`` in turn (by default FT-L again with more Adam steps), undone each time
-   it does not take.
+   ``editor.retry_ladder`` in turn (by default FT-L again with more Adam steps, NSE with the
+   value network again with Adam values), undone each time it does not take.
 3. An edit no rung made take is reported as failed (it goes to the DLQ) with a reason that names
    every rung tried and what the model answered.
 
@@ -17,8 +17,9 @@ The units that were finally kept are what the journal records (``batch_id``, and
 for a unit a ladder rung applied) and what replay re-applies, in order, to reach the same weights
 after a restart: from the unit's stored deltas (``replay_stored``) or else with the editor that
 applied it (``replay``). A rung that the journal names but
-the configured ladder no longer has stops replay with ``RetryLadderChangedError``. Editors that
-keep a memory of past edits (NSE, the safeguards) cannot be rungs yet: the daemon refuses them.
+the configured ladder no longer has stops replay with ``RetryLadderChangedError``. The rungs of
+an editor that keeps a memory of past edits (NSE) are its variants, which share that memory; the
+safeguards' editors have none, and no such editor can be a rung of another.
 
 An editor that fails with a *transient* error (``TransientRetry``: out of memory by default) is
 retried a bounded number of times with a doubling backoff, the weights rebuilt from the journal
