@@ -177,7 +177,12 @@ def cmd_train_value_net(ns: argparse.Namespace) -> int:
     requests = training_requests(ns.counterfact, ns.zsre)
     out = Path(ns.out) if ns.out else Paths.from_env().editors_dir / ns.model / "value-net-run"
     settings = ValueTraining(
-        steps=ns.steps, batch=ns.batch, epochs=ns.epochs, lr=ns.lr, seed=ns.seed
+        steps=ns.steps,
+        batch=ns.batch,
+        epochs=ns.epochs,
+        lr=ns.lr,
+        size_weight=ns.size_weight,
+        seed=ns.seed,
     )
     bar = tqdm(desc="value net", unit="batch")
 
@@ -529,6 +534,7 @@ COMMANDS: dict[str, Command] = {
             arg("--batch", type=int, default=8, help="requests per training step"),
             arg("--epochs", type=int, default=1),
             arg("--lr", type=float, default=1e-3),
+            arg("--size-weight", type=float, default=0.0, help="price of (|δ|/|h|)² in the loss"),
             arg("--seed", type=int, default=0),
             arg("--threads", type=int, default=None, help="torch threads"),
             arg("--out", default=None, help="run folder (default: editors/<model>/value-net-run)"),

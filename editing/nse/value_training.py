@@ -53,6 +53,9 @@ class ValueTraining:
     batch: int = 8
     epochs: int = 2
     lr: float = 1e-3
+    size_weight: float = 0.0
+    """Weight of (||δ||/||h||)² in the training loss: NSE's own decay term is nearly free, so
+    without it the network learns to write the largest value the clamp allows."""
     step_size_lr_factor: float = 30.0
     """The step sizes' learning rate, as a multiple of ``lr``."""
     seed: int = 0
@@ -143,8 +146,9 @@ def train_value_net(
     with frozen_parameters(lm.model), torch.enable_grad():
         for index in range(done, len(batches)):
             objective = ValueObjective(lm, batches[index], config.z_layer, config)
-            _, start, final = net_values(net, objective, config.clamp_norm_factor)
-            loss = final.mean()
+            delta, start, final = net_values(net, objective, config.clamp_norm_factor)
+            size = (delta.norm(dim=1) / objective.h_init.norm(dim=1)) ** 2
+            loss = (final + settings.size_weight * size).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -193,8 +197,8 @@ def _resume(
 ) -> tuple[int, list[list[float]]]:
     counters = json.loads((out / PROGRESS_FILE).read_text())
     tensors = load_file(str(out / STATE_FILE))
-    saved = ValueNet.load(out / NET_FILE).meta.get("settings")
-    if saved != asdict(settings):
+    saved = {**asdict(ValueTraining()), **ValueNet.load(out / NET_FILE).meta.get("settings", {})}
+    if saved != asdict(settings):  # a field added since the run started has its default
         raise ValueNetError(
             f"{out} holds a run with other settings ({saved}); use another folder or no resume"
         )

@@ -128,3 +128,16 @@ def test_nse_takes_its_first_steps_from_the_net(
     )
     with pytest.raises(EditError, match="trained for z layer"):
         wrong.targets(trained_lm, REQUESTS[:1])
+
+
+def test_a_price_on_size_trains_smaller_values(trained_lm: LoadedModel, tmp_path: Path) -> None:
+    def mean_size(net: ValueNet) -> float:
+        objective = ValueObjective(trained_lm, REQUESTS, CONFIG.z_layer, CONFIG)
+        with torch.enable_grad():
+            delta, _, _ = net_values(net, objective, CONFIG.clamp_norm_factor)
+        return float((delta.detach().norm(dim=1) / objective.h_init.norm(dim=1)).mean())
+
+    free = train_value_net(trained_lm, REQUESTS, CONFIG, tmp_path / "free", SETTINGS)
+    priced = ValueTraining(**{**SETTINGS.__dict__, "size_weight": 5.0})
+    small = train_value_net(trained_lm, REQUESTS, CONFIG, tmp_path / "priced", priced)
+    assert mean_size(small) < 0.9 * mean_size(free)
