@@ -8,14 +8,13 @@ back-propagated into the network. No edit is applied: NSE computes every target 
 weights, so the base model is exactly where the network is used.
 
 A run writes into one folder: ``value-net.safetensors`` (the network, with its settings,
-provenance and curve in the header) and ``train-state.safetensors`` + ``train-state.json``
-(Adam's moments, the position in the epoch, the curve so far), every ``save_every`` batches and
-at the end, so a stopped run resumes where it was.
+provenance and curve in the header) and the train state EMSEdit's training writes too
+(``editing.emsedit.checkpoint.save_train_state``: Adam's moments, the position, the curve so
+far), every ``save_every`` batches and at the end, so a stopped run resumes where it was.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -25,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from editing.files import atomic_write
+from editing.emsedit.checkpoint import TRAIN_META, load_train_state, save_train_state
 from editing.hooks import frozen_parameters
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig
@@ -38,8 +36,6 @@ from editing.requests import EditRequest
 log = logging.getLogger(__name__)
 
 NET_FILE = "value-net.safetensors"
-STATE_FILE = "train-state.safetensors"
-PROGRESS_FILE = "train-state.json"
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ def train_value_net(
         for j in range(0, len(order), settings.batch)
     ]
     done, curve = 0, []
-    if resume and (out / PROGRESS_FILE).is_file():
+    if resume and (out / TRAIN_META).is_file():
         done, curve = _resume(out, net, optimiser, settings)
         log.info("value net: resuming after %d of %d batches", done, len(batches))
     meta = {
@@ -178,38 +174,22 @@ def _save(
 ) -> None:
     """The network, then Adam's state and the position: a crash between them repeats batches."""
     net.save(out / NET_FILE, {**meta, "batches_done": done, "curve": curve})
-    tensors: dict[str, torch.Tensor] = {}
-    steps: dict[str, float] = {}
-    for index, state in optimiser.state_dict()["state"].items():
-        for key, value in state.items():
-            if key == "step":
-                steps[str(index)] = float(value)
-            else:
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-    tensors.update({f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()})
-    atomic_write(out / STATE_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    counters = {"batches_done": done, "adam_steps": steps, "curve": curve, "seconds": seconds}
-    atomic_write(out / PROGRESS_FILE, lambda tmp: tmp.write_text(json.dumps(counters)))
+    counters = {"batches_done": done, "curve": curve, "seconds": seconds}
+    save_train_state(out, optimiser, {f"net.{k}": v for k, v in net.state_dict().items()}, counters)
 
 
 def _resume(
     out: Path, net: ValueNet, optimiser: torch.optim.Optimizer, settings: ValueTraining
 ) -> tuple[int, list[list[float]]]:
-    counters = json.loads((out / PROGRESS_FILE).read_text())
-    tensors = load_file(str(out / STATE_FILE))
     saved = {**asdict(ValueTraining()), **ValueNet.load(out / NET_FILE).meta.get("settings", {})}
     if saved != asdict(settings):  # a field added since the run started has its default
         raise ValueNetError(
             f"{out} holds a run with other settings ({saved}); use another folder or no resume"
         )
+    loaded = load_train_state(out, optimiser)
+    assert loaded is not None  # the caller saw its counters
+    tensors, counters = loaded
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    state = optimiser.state_dict()
-    for index, step in counters["adam_steps"].items():
-        entry: dict[str, Any] = {"step": torch.tensor(step)}
-        for key in ("exp_avg", "exp_avg_sq"):
-            entry[key] = tensors[f"{index}.{key}"]
-        state["state"][int(index)] = entry
-    optimiser.load_state_dict(state)
     return int(counters["batches_done"]), list(counters["curve"])
 
 

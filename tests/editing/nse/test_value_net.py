@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from editing.editors.base import EditError
+from editing.emsedit.checkpoint import TRAIN_META
 from editing.keystats import KeyStatistics
 from editing.models import LoadedModel
 from editing.nse import PRESETS, NSEEditor
@@ -18,7 +19,6 @@ from editing.nse.keys import ValueObjective, compute_targets
 from editing.nse.value_net import ValueNet, ValueNetError
 from editing.nse.value_training import (
     NET_FILE,
-    PROGRESS_FILE,
     ValueTraining,
     net_values,
     train_value_net,
@@ -91,7 +91,7 @@ def test_a_stopped_run_resumes_to_the_same_network(trained_lm: LoadedModel, tmp_
 
     with pytest.raises(Stop):
         train_value_net(trained_lm, REQUESTS, CONFIG, part, SETTINGS, progress=record)
-    assert json.loads((part / PROGRESS_FILE).read_text())["batches_done"] == 2
+    assert json.loads((part / TRAIN_META).read_text())["batches_done"] == 2
     resumed = train_value_net(trained_lm, REQUESTS, CONFIG, part, SETTINGS, progress=record)
     assert seen == [1, 2, 3, 3, 4, 5, 6]  # the resumed run repeats the third batch
     for a, b in zip(resumed.parameters(), whole.parameters(), strict=True):
