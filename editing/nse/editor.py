@@ -245,8 +245,10 @@ class NSEEditor(Editor):
         if config.v_optimiser != "net":
             return None
         if self._value_net is None:
-            path = config.value_net or default_value_net(lm.name, self._paths or Paths.from_env())
             try:
+                path = config.value_net or default_value_net(
+                    lm.name, self._paths or Paths.from_env()
+                )
                 net = ValueNet.load(path)
             except ValueNetError as exc:
                 raise EditError(str(exc)) from exc

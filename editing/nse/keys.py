@@ -218,7 +218,9 @@ class ValueObjective:
         return nll + kl_terms + decay, nll
 
 
-def clamp_values_(delta: torch.Tensor, h_init: torch.Tensor, rows: Sequence[int], factor: float):
+def _clamp_values_(
+    delta: torch.Tensor, h_init: torch.Tensor, rows: Sequence[int], factor: float
+) -> None:
     """||δ_i|| <= factor·||h_init_i|| for the listed rows, in place."""
     with torch.no_grad():
         idx = torch.tensor(list(rows))
@@ -282,7 +284,7 @@ def compute_targets(
                 adam.step()
             else:
                 _normalised_step_(delta, h_init, active, config.v_step)
-            clamp_values_(delta, h_init, active, config.clamp_norm_factor)
+            _clamp_values_(delta, h_init, active, config.clamp_norm_factor)
     for i, request in enumerate(requests):
         value = results[i]
         log.debug(
