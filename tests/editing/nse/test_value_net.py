@@ -128,6 +128,11 @@ def test_nse_takes_its_first_steps_from_the_net(
     )
     with pytest.raises(EditError, match="trained for z layer"):
         wrong.targets(trained_lm, REQUESTS[:1])
+    missing = NSEEditor(
+        CONFIG, stats=small_stats, v_optimiser="net", value_net=str(tmp_path / "none.safetensors")
+    )
+    with pytest.raises(EditError, match="cannot read value network"):
+        missing.targets(trained_lm, REQUESTS[:1])
 
 
 def test_a_price_on_size_trains_smaller_values(trained_lm: LoadedModel, tmp_path: Path) -> None:
