@@ -335,7 +335,7 @@ class RetryRung(_Section):
 #: The ladder used when ``editor.retry_ladder`` is unset, per method. FT-L gets a second try
 #: with 40 Adam steps (its default is 10, and the early stop at ``stop_nll`` keeps easy edits
 #: cheap). NSE whose values come from the value network (``v_optimiser: net``) gets NSE's own
-#: Adam values to the reference's stop (the precise method, ~4x its cost; ``nse_default_rungs``).
+#: Adam values to the reference's stop (the precise method, ~4x its cost; ``NSE_PRECISE_RUNG``).
 #: EMSEdit's trained step count is the most its sequential checkpoint allows, and the guarded
 #: editors hold a memory of past edits that another editor would miss, so they retry alone with
 #: the same editor only.
