@@ -37,7 +37,7 @@ from editing.models import LoadedModel
 from editing.nse.config import NSEConfig, preset_for
 from editing.nse.keys import compute_targets, keys_and_hidden
 from editing.nse.shift import RoundResult, run_round
-from editing.nse.value_net import ValueNet, ValueNetError, default_value_net
+from editing.nse.value_net import ValueNet, ValueNetError, load_value_net
 from editing.paths import Paths
 from editing.requests import EditRequest
 
@@ -246,18 +246,9 @@ class NSEEditor(Editor):
             return None
         if self._value_net is None:
             try:
-                path = config.value_net or default_value_net(
-                    lm.name, self._paths or Paths.from_env()
-                )
-                net = ValueNet.load(path)
+                net = load_value_net(lm.name, config.z_layer, config.value_net, self._paths)
             except ValueNetError as exc:
                 raise EditError(str(exc)) from exc
-            trained_at = net.meta.get("z_layer")
-            if trained_at != config.z_layer:
-                raise EditError(
-                    f"value network {path} was trained for z layer {trained_at}, "
-                    f"NSE's is {config.z_layer}"
-                )
             self._value_net = net.to(lm.device)
         return self._value_net
 

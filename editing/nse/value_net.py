@@ -119,4 +119,19 @@ def default_value_net(model_name: str, paths: Paths) -> Path:
     )
 
 
-__all__ = ["CAP", "FILE_NAME", "ValueNet", "ValueNetError", "default_value_net"]
+def load_value_net(
+    model_name: str, z_layer: int, path: str | Path = "", paths: Paths | None = None
+) -> ValueNet:
+    """The value network at ``path`` (empty: ``default_value_net``), checked to be trained for
+    ``z_layer``: a network trained for another layer would write values the model cannot read."""
+    path = path or default_value_net(model_name, paths or Paths.from_env())
+    net = ValueNet.load(path)
+    trained_at = net.meta.get("z_layer")
+    if trained_at != z_layer:
+        raise ValueNetError(
+            f"value network {path} was trained for z layer {trained_at}, the editor's is {z_layer}"
+        )
+    return net
+
+
+__all__ = ["CAP", "FILE_NAME", "ValueNet", "ValueNetError", "default_value_net", "load_value_net"]
