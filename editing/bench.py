@@ -226,8 +226,10 @@ class Benchmark:
             log.warning(
                 "dataset has %d requests, fewer than --edits %d", len(requests), cfg.n_edits
             )
-        self.base_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
         editors = {name: self._editor(name) for name in cfg.methods}
+        for editor in editors.values():
+            editor.prepare_model(lm)  # before the base copy: added parameters start at zero
+        self.base_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
         probe_layers = self._probe_resume_layers(requests[:1])
         text_path = (cfg.data_dir or default_data_dir()) / WIKITEXT_TEST

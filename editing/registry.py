@@ -46,6 +46,7 @@ EDITORS: Mapping[str, type[Editor]] = _Registry(
         "ft": "editing.editors.ft:FineTuneL",
         "emsedit": "editing.emsedit.editor:EMSEditEditor",
         "nse": "editing.nse.editor:NSEEditor",
+        "memory": "editing.memory.editor:MemoryEditor",
     }
 )
 """Every editing method by its name (each class's ``name``)."""

@@ -161,6 +161,11 @@ class Editor(ABC):
         the memory of past edits say the same before anything is applied on top."""
         return None
 
+    def prepare_model(self, lm: LoadedModel) -> object:
+        """Add to ``lm`` the parameters this editor writes besides the model's own (the fact
+        memory's rows, zero in the base model). Call it before base weights are copied."""
+        return None
+
     def variant(self, method: str, **options: Any) -> Editor | None:
         """An editor of ``method`` with ``options`` that shares this one's originals, statistics
         and memory of past edits, so it can retry an edit (a rung of the daemon's retry ladder)

@@ -1,0 +1,44 @@
+"""The fact memory's knobs in one frozen dataclass (no torch import: cheap to read and check)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from editing.configfile import ConfigError
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Where the memory reads its keys and writes its values, and how sharply it gates.
+
+    The defaults come from ``bench/memory_gate.py`` on validation data
+    (``bench/results/memory-gate.json``): at the subject's last token, the input of layer 4's
+    down-projection, averaged over NSE's prefix templates, tells an edited subject apart from
+    every position of wiki text and of other subjects' prompts at cosine 0.85, while the
+    subject's paraphrases still reach it.
+    """
+
+    key_layer: int = 4
+    """Block whose MLP down-projection input is the key (the MLP's neuron activations)."""
+    value_layer: int = 7
+    """Block whose output receives the value: NSE's z layer, which the value network knows."""
+    threshold: float = 0.85
+    """Cosine between a position's key and a row's key at or above which the row fires."""
+    capacity: int = 4096
+    """Rows; an edit needs one per request, and a full memory refuses edits."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.key_layer >= 0, "key_layer must be >= 0"),
+            (self.value_layer >= self.key_layer, "value_layer must be >= key_layer"),
+            (0.0 < self.threshold <= 1.0, "threshold must be in (0, 1]"),
+            (self.capacity >= 1, "capacity must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"MemoryConfig: {message}")
+
+    def replace(self, **changes: Any) -> MemoryConfig:
+        return dataclasses.replace(self, **changes)
