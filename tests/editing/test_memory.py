@@ -1,0 +1,144 @@
+"""The fact memory on a tiny llama trained to know a few facts: a row fires only where its key is
+read, an edit takes while every other prompt's logits stay bit-identical, undo is exact, a full
+memory refuses without writing, and a stopped forward never leaks its addition into the next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from editing.bench import run_bench
+from editing.editors.base import EditError
+from editing.evaluation import EvalConfig
+from editing.generation import greedy_generate
+from editing.hooks import run_until
+from editing.memory.editor import MemoryEditor
+from editing.memory.module import memory_of
+from editing.models import LoadedModel
+from editing.registry import get_editor
+from editing.requests import EditRequest, LocalityProbe
+from editing.residual import forward_from_layer, layer_input
+from editing.tiny import tiny_loaded
+from tests.editing.nse.conftest import FACTS, train_facts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EDIT = EditRequest("e1", "The twin city of Paris", "Paris", "Japan")
+# Tiny models: the key at block 1, the value into block 2's output, NSE's tiny value settings.
+OPTIONS = {"key_layer": 1, "value_layer": 2, "v_optimiser": "adam", "capacity": 8}
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+@pytest.fixture(scope="module")
+def trained_state() -> dict[str, torch.Tensor]:
+    lm = tiny_loaded("llama")
+    train_facts(lm)
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+@pytest.fixture
+def lm(trained_state: dict[str, torch.Tensor]) -> LoadedModel:
+    model = tiny_loaded("llama")
+    model.model.load_state_dict(trained_state)
+    return model
+
+
+def _logits(lm: LoadedModel, prompt: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return lm.model(**lm.tokenizer(prompt, return_tensors="pt")).logits
+
+
+def _answer(lm: LoadedModel, prompt: str) -> str:
+    return greedy_generate(lm.model, lm.tokenizer, [prompt], 1)[0].strip(" .")
+
+
+def test_spec_and_options() -> None:
+    assert isinstance(get_editor("memory:threshold=0.9"), MemoryEditor)
+    assert get_editor("memory:threshold=0.9").config.threshold == 0.9
+    with pytest.raises(EditError, match="not an option of memory"):
+        get_editor("memory:lam=5")
+
+
+def test_an_empty_memory_changes_nothing(lm: LoadedModel) -> None:
+    before = _logits(lm, FACTS[0][0])
+    MemoryEditor(**OPTIONS).prepare_model(lm)
+    assert torch.equal(_logits(lm, FACTS[0][0]), before)
+
+
+def test_edit_takes_and_leaves_every_other_prompt_bit_identical(lm: LoadedModel) -> None:
+    editor = MemoryEditor(**OPTIONS)
+    editor.prepare_model(lm)
+    others = [p for p, subject, _ in FACTS if subject != EDIT.subject]
+    before = {p: _logits(lm, p) for p in others}
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    deltas = editor.compute_deltas(lm, [EDIT])
+    assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())  # pure
+    assert set(deltas) == {
+        f"model.layers.1.fact_memory.{n}" for n in ("keys", "values", "thresholds")
+    }
+    result = editor.apply(lm, [EDIT])
+    assert _answer(lm, EDIT.prompt) == EDIT.target_new
+    assert all(torch.equal(_logits(lm, p), before[p]) for p in others)
+    assert result.info["memory_rows_used"] == 1
+    editor.undo(lm, result)
+    assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())
+    assert _answer(lm, EDIT.prompt) == FACTS[0][2]
+
+
+def test_a_full_memory_refuses_and_writes_nothing(lm: LoadedModel) -> None:
+    editor = MemoryEditor(**{**OPTIONS, "capacity": 1})
+    editor.apply(lm, [EDIT])
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    second = EditRequest("e2", "The twin city of Rome", "Rome", "Paris")
+    with pytest.raises(EditError, match="memory is full"):
+        editor.apply(lm, [second])
+    assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_another_shape_of_memory_is_refused(lm: LoadedModel) -> None:
+    MemoryEditor(**OPTIONS).prepare_model(lm)
+    with pytest.raises(EditError, match="fact memory reads layer 1"):
+        MemoryEditor(**{**OPTIONS, "capacity": 16}).prepare_model(lm)
+
+
+def test_a_stopped_forward_does_not_leak_into_the_next(lm: LoadedModel) -> None:
+    """The edited prompt's forward stops between the key and the value block; a pass over
+    another prompt that resumes above the key block must not receive the edit's value."""
+    editor = MemoryEditor(**OPTIONS)
+    editor.prepare_model(lm)
+    other = lm.tokenizer(FACTS[1][0], return_tensors="pt")
+    entering = layer_input(lm.model, lm.adapter, 2, other.input_ids, other.attention_mask)
+    clean = forward_from_layer(lm.model, lm.adapter, 2, entering, other.attention_mask)
+    editor.apply(lm, [EDIT])
+    edited = lm.tokenizer(EDIT.prompt, return_tensors="pt")
+    run_until(lm.model, lm.adapter.layers(lm.model)[1], input_ids=edited.input_ids)
+    assert memory_of(lm)._pending is not None  # the edit fired and waits for block 2
+    resumed = forward_from_layer(lm.model, lm.adapter, 2, entering, other.attention_mask)
+    assert torch.equal(resumed, clean)
+
+
+def test_the_bench_resets_the_memory_between_methods(tmp_path: Path) -> None:
+    """The memory is attached before the bench copies the base weights, so its rows are reset
+    like any parameter and the run's other methods see an empty one."""
+    result = run_bench(
+        "zsre",
+        ["memory", "none"],
+        n_edits=4,
+        batch_size=2,
+        turn_size=2,
+        model=tiny_loaded("llama"),
+        out_dir=tmp_path,
+        data_dir=FIXTURE,
+        eval_config=EvalConfig(fluency_prompts=1, fluency_new_tokens=4),
+        editor_options={"memory": OPTIONS},
+        progress=False,
+        command="test",
+        unrelated=(LocalityProbe("The sky on a clear day is", "blue", "unrelated"),),
+        unrelated_source="test",
+    )
+    memory = result["methods"]["memory"]
+    assert memory["summary"]["refused"] == 0
+    assert len(memory["touched_parameters"]) == 3
+    assert result["methods"]["none"]["summary"]["unrelated_kept"] == 1.0
