@@ -394,6 +394,9 @@ class Daemon:
             dtype=getattr(torch, settings.model.dtype),
         )
         self.editor = editor or build_editor(settings)
+        # Parameters the editor adds (the fact memory) must exist before the base weights,
+        # the snapshots' names and the audit baseline are taken from the model.
+        self.editor.prepare_model(self.lm)
         self.applier = EditApplier(
             self.lm,
             self.editor,

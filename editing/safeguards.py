@@ -137,6 +137,9 @@ class GuardedEditor(Editor):
             self._stats_for().prepare(lm, targets, on_progress=on_progress)
         return len(targets)
 
+    def prepare_model(self, lm: LoadedModel) -> object:
+        return self.inner.prepare_model(lm)
+
     def set_originals(self, originals: OriginalWeights) -> None:
         """Where the base values come from (the daemon passes its base weights)."""
         self._originals_source = originals

@@ -31,6 +31,7 @@ from daemon.versions.snapshots import (
     InMemoryBaseWeights,
     SnapshotError,
     SnapshotMeta,
+    ZeroForAdded,
     delta_norms,
     edited_tensors,
     load_into,
@@ -38,6 +39,7 @@ from daemon.versions.snapshots import (
     tensors_hash,
     write_snapshot,
 )
+from editing.memory.module import added_parameter_names
 from editing.models import LoadedModel
 from monitoring.metrics import FactkeeperMetrics
 
@@ -57,16 +59,23 @@ class Restored:
 
 
 def editable_weight_names(lm: LoadedModel) -> list[str]:
-    """Every MLP weight an editor may change: what a snapshot compares against the base."""
+    """Every MLP weight an editor may change, and the rows of a fact memory attached to the
+    model (``Editor.prepare_model``): what a snapshot compares against the base."""
     a = lm.adapter
-    return [a.weight_name(role, i) for i in range(a.num_layers(lm.model)) for role in a.roles()]
+    mlp = [a.weight_name(role, i) for i in range(a.num_layers(lm.model)) for role in a.roles()]
+    return mlp + added_parameter_names(lm)
 
 
 def base_weights(lm: LoadedModel) -> BaseWeights:
-    """The base values: from the model's safetensors folder, else copied now (before edits)."""
+    """The base values: from the model's safetensors folder, else copied now (before edits);
+    zero for the parameters factkeeper added (the base model has no fact memory)."""
+    added = added_parameter_names(lm)
+    params = dict(lm.model.named_parameters())
+    zeros = {name: torch.zeros_like(params[name], device="cpu") for name in added}
     if lm.folder is not None:
-        return FolderBaseWeights(lm.folder)
-    return InMemoryBaseWeights(lm.model, editable_weight_names(lm))
+        return ZeroForAdded(FolderBaseWeights(lm.folder), zeros)
+    model_own = [n for n in editable_weight_names(lm) if n not in zeros]
+    return ZeroForAdded(InMemoryBaseWeights(lm.model, model_own), zeros)
 
 
 def config_hash(settings: Settings) -> str:

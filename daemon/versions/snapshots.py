@@ -93,6 +93,18 @@ class FolderBaseWeights:
             return fh.get_tensor(name)
 
 
+class ZeroForAdded:
+    """Base values of a model that factkeeper gave extra parameters (the fact memory's rows):
+    those are zero in the base model, everything else comes from ``inner``."""
+
+    def __init__(self, inner: BaseWeights, zeros: Mapping[str, torch.Tensor]) -> None:
+        self._inner, self._zeros = inner, dict(zeros)
+
+    def get(self, name: str) -> torch.Tensor:
+        zero = self._zeros.get(name)
+        return zero if zero is not None else self._inner.get(name)
+
+
 def edited_tensors(
     model: torch.nn.Module, base: BaseWeights, candidates: Iterable[str]
 ) -> dict[str, torch.Tensor]:

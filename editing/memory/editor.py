@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from editing.adapters import MlpRole
+from editing.configfile import ConfigError
 from editing.editors.base import EditError, Editor, EditResult
 from editing.hooks import capture_inputs, run_until
 from editing.memory.config import MemoryConfig
@@ -90,9 +91,14 @@ class MemoryEditor(Editor):
         return {**dataclasses.asdict(self.config), "value": dict(self.value_options)}
 
     def value_config(self, lm: LoadedModel) -> NSEConfig:
-        """NSE's settings for the value optimisation: the model's preset, z at ``value_layer``."""
+        """NSE's settings for the value optimisation: the model's preset (the reference's
+        settings for a model without one), z at ``value_layer``."""
         layers = tuple(sorted({self.config.key_layer, self.config.value_layer}))
-        return preset_for(lm.name).replace(layers=layers, **self.value_options)
+        try:
+            preset = preset_for(lm.name)
+        except ConfigError:  # a model of its own: the reference's value settings
+            preset = NSEConfig()
+        return preset.replace(layers=layers, **self.value_options)
 
     def prepare_model(self, lm: LoadedModel) -> FactMemory:
         """Attach the (empty) memory this editor writes, if the model has none yet."""

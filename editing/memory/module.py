@@ -144,6 +144,11 @@ def attach_memory(lm: LoadedModel, key_layer: int, value_layer: int, capacity: i
     return memory
 
 
+def added_parameter_names(lm: LoadedModel) -> list[str]:
+    """The parameters of ``lm`` that its base weights do not have (those of a fact memory)."""
+    return [name for name, _ in lm.model.named_parameters() if f".{MODULE_NAME}." in name]
+
+
 def memory_parameter_names(lm: LoadedModel, memory: FactMemory) -> dict[str, str]:
     """Attribute ("keys", "values", "thresholds") -> the parameter's name in the model."""
     names = {id(p): n for n, p in lm.model.named_parameters()}
