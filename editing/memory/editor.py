@@ -17,6 +17,8 @@ so a second correction of the same fact is solved on top of the first.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ import torch
 
 from editing.adapters import MlpRole
 from editing.configfile import ConfigError
-from editing.editors.base import EditError, Editor, EditResult
+from editing.editors.base import EditError, EditMaterial, Editor, EditResult
 from editing.hooks import capture_inputs, run_until
 from editing.memory.config import MemoryConfig
 from editing.memory.module import FactMemory, attach_memory, memory_of, memory_parameter_names
@@ -81,6 +83,8 @@ class MemoryEditor(Editor):
         self.value_options = {**DEFAULT_VALUE, **value_options}
         self._paths = paths
         self._value_net: ValueNet | None = None
+        self._net_sha256: str | None = None
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # fingerprint -> row
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -117,7 +121,15 @@ class MemoryEditor(Editor):
         return self._value_net
 
     def rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, ...]:
-        """(keys (n, d_ff) unit, values (n, d), own-prompt cosines (n,)) on the current weights."""
+        """(keys (n, d_ff) unit, values (n, d)): each request's row, computed on the current
+        weights the first time it is asked for and kept (the material of ``consolidate``)."""
+        missing = [r for r in requests if self.fingerprint(lm, r) not in self._rows]
+        if missing:
+            self._compute_rows(lm, missing)
+        rows = [self._rows[self.fingerprint(lm, r)] for r in requests]
+        return torch.stack([k for k, _ in rows]), torch.stack([v for _, v in rows])
+
+    def _compute_rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         config = self.value_config(lm)
         self.prepare_model(lm)
         started = time.perf_counter()
@@ -126,23 +138,40 @@ class MemoryEditor(Editor):
         unit = key / key.norm(dim=1, keepdim=True).clamp_min(1e-6)
         plain = _plain_keys(lm, requests, self.config.key_layer)
         own = (plain / plain.norm(dim=1, keepdim=True).clamp_min(1e-6) * unit).sum(dim=1)
+        below = int((own < self.config.threshold).sum())
+        if below:  # the edit prompt itself would not fire the row: the edit will not take there
+            log.warning("memory: %d of %d prompts do not reach their own row", below, len(own))
         targets = compute_targets(lm, requests, config.z_layer, config, self._net(lm, config))
-        values = torch.stack([t.z - t.h_init for t in targets])  # (n, d)
+        for request, k, target in zip(requests, unit, targets, strict=True):
+            value = (target.z - target.h_init).float().cpu()
+            self._rows[self.fingerprint(lm, request)] = (k.float().cpu().contiguous(), value)
         log.info(
             "memory rows: %d requests in %.1f s, nll %s",
             len(requests),
             time.perf_counter() - started,
             [round(t.nll, 3) for t in targets],
         )
-        return unit, values, own
+
+    def fingerprint(self, lm: LoadedModel, request: EditRequest) -> str:
+        """What a row depends on besides the weights: the request, the settings, the network."""
+        config = self.value_config(lm)
+        net = self._net(lm, config)
+        if net is not None and self._net_sha256 is None:
+            self._net_sha256 = net.sha256()
+        raw = json.dumps(
+            [
+                [request.request_id, request.prompt, request.subject, request.target_new],
+                self.describe(),
+                self._net_sha256 if net is not None else None,
+            ],
+            sort_keys=True,
+        )
+        return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
     def compute_deltas(
         self, lm: LoadedModel, requests: Sequence[EditRequest]
     ) -> dict[str, torch.Tensor]:
-        keys, values, own = self.rows(lm, requests)
-        below = int((own < self.config.threshold).sum())
-        if below:
-            log.warning("memory: %d of %d prompts do not reach their own row", below, len(own))
+        keys, values = self.rows(lm, requests)
         return self._write(lm, keys, values)
 
     def _write(
@@ -173,8 +202,27 @@ class MemoryEditor(Editor):
     # --- consolidation: rows are independent, so the joint solve is writing them all again ----
 
     def consolidate(self, lm: LoadedModel, held: Sequence[EditRequest]) -> EditResult:
-        """Write a row for every request of ``held`` into the (emptied) memory."""
+        """Write a row for every request of ``held`` into the (emptied) memory; rows already
+        computed (or taken from stored material) are not computed again."""
         return self.apply(lm, held)
+
+    def edit_material(
+        self, lm: LoadedModel, requests: Sequence[EditRequest]
+    ) -> dict[str, EditMaterial]:
+        """Each request's row (key and value), fingerprinted."""
+        keys, values = self.rows(lm, requests)
+        return {
+            r.request_id: EditMaterial(self.fingerprint(lm, r), {"key": k, "value": v})
+            for r, k, v in zip(requests, keys, values, strict=True)
+        }
+
+    def take_material(self, lm: LoadedModel, request: EditRequest, material: EditMaterial) -> bool:
+        """Keep a stored row when it was computed under this editor's settings."""
+        fingerprint = self.fingerprint(lm, request)
+        if material.fingerprint != fingerprint or set(material.tensors) != {"key", "value"}:
+            return False
+        self._rows[fingerprint] = (material.tensors["key"], material.tensors["value"])
+        return True
 
 
 @torch.inference_mode()

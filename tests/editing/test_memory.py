@@ -103,6 +103,31 @@ def test_another_shape_of_memory_is_refused(lm: LoadedModel) -> None:
         MemoryEditor(**{**OPTIONS, "capacity": 16}).prepare_model(lm)
 
 
+def test_consolidation_rewrites_the_rows_from_stored_material(lm: LoadedModel) -> None:
+    """The material of an edit (its key and value) lets another editor, after a restart,
+    rebuild the same rows from an emptied memory without computing anything."""
+    editor = MemoryEditor(**OPTIONS)
+    second = EditRequest("e2", "The twin city of Rome", "Rome", "Paris")
+    editor.apply(lm, [EDIT, second])
+    edited = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    material = editor.edit_material(lm, [EDIT, second])
+    assert set(material) == {"e1", "e2"}
+    memory = memory_of(lm)
+    with torch.no_grad():
+        for p in (memory.keys, memory.values, memory.thresholds):
+            p.zero_()
+    fresh = MemoryEditor(**OPTIONS)
+    assert all(fresh.take_material(lm, r, material[r.request_id]) for r in (EDIT, second))
+    assert not MemoryEditor(**{**OPTIONS, "threshold": 0.5}).take_material(lm, EDIT, material["e1"])
+
+    def no_computing(*_args: object) -> None:
+        raise AssertionError("a row was computed again")
+
+    fresh._compute_rows = no_computing  # type: ignore[method-assign]
+    fresh.consolidate(lm, [EDIT, second])
+    assert all(torch.equal(v, edited[k]) for k, v in lm.model.state_dict().items())
+
+
 def test_a_stopped_forward_does_not_leak_into_the_next(lm: LoadedModel) -> None:
     """The edited prompt's forward stops between the key and the value block; a pass over
     another prompt that resumes above the key block must not receive the edit's value."""
