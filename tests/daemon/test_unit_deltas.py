@@ -53,6 +53,21 @@ def test_deltas_come_back_bit_for_bit_beside_the_journal(store, tmp_path):
     assert [p.name for p in store.folder.iterdir()] == [path.name]  # no temporary file left
 
 
+def test_a_delta_of_a_few_rows_is_stored_by_its_rows_and_comes_back_bit_for_bit(store):
+    """A fact-memory edit writes 2 rows of a 4096-row table: the file holds those rows, not
+    the table, and a row of -0.0 is not mistaken for an empty one."""
+    table = torch.zeros(4096, 64)
+    table[7] = torch.randn(64)
+    table[300, 5] = -0.0
+    written = {"model.layers.4.fact_memory.keys": table, **deltas()}
+    path = store.write("unit-1", written, LINEAGE)
+    assert path.stat().st_size < table.numel() * 4 // 100
+    loaded = store.load("unit-1", deltas_sha256(written), LINEAGE)
+    assert loaded.keys() == written.keys()
+    assert all(torch.equal(loaded[n], v) for n, v in written.items())
+    assert deltas_sha256(loaded) == deltas_sha256(written)
+
+
 def test_batch_ids_of_a_split_batch_get_their_own_files(store):
     store.write("b1/fact:1", deltas(1), LINEAGE)
     store.write("b1/fact:2", deltas(2), LINEAGE)
