@@ -30,17 +30,27 @@ from editing.adapters import MlpRole
 from editing.configfile import ConfigError
 from editing.editors.base import EditError, EditMaterial, Editor, EditResult
 from editing.hooks import capture_inputs, run_until
+from editing.keystats import DEFAULT_CORPUS
 from editing.memory.config import MemoryConfig
-from editing.memory.module import FactMemory, attach_memory, memory_of, memory_parameter_names
+from editing.memory.module import (
+    EARLY_POSITIONS,
+    FactMemory,
+    attach_memory,
+    memory_of,
+    memory_parameter_names,
+)
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig, preset_for
-from editing.nse.keys import compute_targets, keys_and_hidden
+from editing.nse.keys import compute_targets
 from editing.nse.value_net import ValueNet, ValueNetError, load_value_net
 from editing.paths import Paths
 from editing.requests import EditRequest
 from editing.subject import encode_prompt
 
 log = logging.getLogger(__name__)
+
+CENTRE_LINES, CENTRE_TOKENS = 300, 64
+"""Corpus lines (of over 40 characters) and tokens per line behind the per-position means."""
 
 VALUE_FIELDS = frozenset(
     {
@@ -84,6 +94,7 @@ class MemoryEditor(Editor):
         self._paths = paths
         self._value_net: ValueNet | None = None
         self._net_sha256: str | None = None
+        self._centres: torch.Tensor | None = None
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # fingerprint -> row
 
     @classmethod
@@ -131,13 +142,10 @@ class MemoryEditor(Editor):
 
     def _compute_rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         config = self.value_config(lm)
-        self.prepare_model(lm)
+        memory = self.prepare_model(lm)
         started = time.perf_counter()
-        keys, _ = keys_and_hidden(lm, requests, [self.config.key_layer], config.z_layer, config)
-        key = keys[self.config.key_layer].T  # (n, d_ff)
-        unit = key / key.norm(dim=1, keepdim=True).clamp_min(1e-6)
-        plain = _plain_keys(lm, requests, self.config.key_layer)
-        own = (plain / plain.norm(dim=1, keepdim=True).clamp_min(1e-6) * unit).sum(dim=1)
+        unit, plain = _keys(lm, requests, memory, self.centres(lm), config.prefixes)
+        own = (plain * unit).sum(dim=1)
         below = int((own < self.config.threshold).sum())
         if below:  # the edit prompt itself would not fire the row: the edit will not take there
             log.warning("memory: %d of %d prompts do not reach their own row", below, len(own))
@@ -151,6 +159,16 @@ class MemoryEditor(Editor):
             time.perf_counter() - started,
             [round(t.nll, 3) for t in targets],
         )
+
+    def centres(self, lm: LoadedModel) -> torch.Tensor:
+        """The memory's per-position key means: those it holds, else the corpus's (computed
+        once, on the current weights: no edit of this editor changes the key layer's input)."""
+        memory = self.prepare_model(lm)
+        if bool(memory.centres.any()):
+            return memory.centres.detach().clone()
+        if self._centres is None:
+            self._centres = corpus_centres(lm, self.config.key_layer)
+        return self._centres
 
     def fingerprint(self, lm: LoadedModel, request: EditRequest) -> str:
         """What a row depends on besides the weights: the request, the settings, the network."""
@@ -190,6 +208,8 @@ class MemoryEditor(Editor):
         deltas[names["keys"]][rows] = keys.to(memory.keys)
         deltas[names["values"]][rows] = values.to(memory.values)
         deltas[names["thresholds"]][rows] = self.config.threshold
+        if not bool(memory.centres.any()):  # the first rows bring the means their keys used
+            deltas[names["centres"]] = self.centres(lm).to(memory.centres)
         return deltas
 
     def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
@@ -226,14 +246,57 @@ class MemoryEditor(Editor):
 
 
 @torch.inference_mode()
-def _plain_keys(lm: LoadedModel, requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
-    """(n, d_ff): each prompt's own key at its subject's last token, without prefixes."""
+def _activations(lm: LoadedModel, layer: int, rows: Sequence[list[int]]) -> torch.Tensor:
+    """(B, T, d_ff): the input of ``layer``'s down-projection for right-padded ``rows``."""
     down = lm.adapter.module(lm.model, MlpRole.DOWN, layer)
-    block = lm.adapter.layers(lm.model)[layer]
-    rows = []
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=lm.device)
+    with capture_inputs({"key": down}) as captured:
+        run_until(lm.model, lm.adapter.layers(lm.model)[layer], input_ids=ids, attention_mask=mask)
+    return captured["key"].float()
+
+
+def _keys(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest],
+    memory: FactMemory,
+    centres: torch.Tensor,
+    prefixes: Sequence[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored keys, plain-prompt keys), each (n, d_ff) unit: a request's key at its subject's
+    last token, position-centred, as ½·(plain prompt) + ½·(mean over the prefixed prompts)."""
+    templates = ("{}", *prefixes)
+    stored, plain = [], []
     for request in requests:
-        encoded = encode_prompt(lm, "{}", request.prompt, request.subject)
-        with capture_inputs({"key": down}) as captured:
-            run_until(lm.model, block, input_ids=torch.tensor([encoded.ids], device=lm.device))
-        rows.append(captured["key"][0, encoded.subject_index].float().cpu())
-    return torch.stack(rows)
+        encoded = [encode_prompt(lm, t, request.prompt, request.subject) for t in templates]
+        acts = _activations(lm, memory.key_layer, [e.ids for e in encoded])
+        at = torch.tensor([e.subject_index for e in encoded])
+        picked = acts[torch.arange(len(encoded)), at]  # (1 + P, d_ff)
+        unit = memory.unit_keys(picked[None], at[None], centres)[0]
+        key = 0.5 * unit[0] + 0.5 * unit[1:].mean(dim=0) if len(unit) > 1 else unit[0]
+        stored.append(key / key.norm().clamp_min(1e-6))
+        plain.append(unit[0])
+    return torch.stack(stored).cpu(), torch.stack(plain).cpu()
+
+
+@torch.inference_mode()
+def corpus_centres(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """(EARLY_POSITIONS + 1, d_ff): the mean key-layer activation at each of the first token
+    positions, and over all later ones, on the start of the bundled WikiText-2 valid text."""
+    lines = [x for x in DEFAULT_CORPUS.read_text(encoding="utf-8").splitlines() if len(x) > 40]
+    rows = [lm.tokenizer(x).input_ids[:CENTRE_TOKENS] for x in lines[:CENTRE_LINES]]
+    sums = None
+    counts = torch.zeros(EARLY_POSITIONS + 1)
+    for start in range(0, len(rows), 16):
+        chunk = rows[start : start + 16]
+        acts = _activations(lm, layer, chunk).cpu()  # (B, T, d_ff)
+        if sums is None:
+            sums = torch.zeros(EARLY_POSITIONS + 1, acts.shape[-1], dtype=torch.float64)
+        for b, row in enumerate(chunk):
+            slot = torch.arange(len(row)).clamp(max=EARLY_POSITIONS)
+            sums.index_add_(0, slot, acts[b, : len(row)].double())
+            counts.index_add_(0, slot, torch.ones(len(row)))
+    assert sums is not None
+    return (sums / counts[:, None].double()).float()

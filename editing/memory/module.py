@@ -30,6 +30,8 @@ from editing.errors import EditError
 from editing.models import LoadedModel
 
 MODULE_NAME = "fact_memory"
+EARLY_POSITIONS = 4
+"""Token positions below this are centred on their own corpus mean; later ones share one."""
 
 
 class FactMemory(nn.Module):
@@ -43,6 +45,10 @@ class FactMemory(nn.Module):
         self.keys = nn.Parameter(torch.zeros(capacity, key_width), requires_grad=False)
         self.values = nn.Parameter(torch.zeros(capacity, value_width), requires_grad=False)
         self.thresholds = nn.Parameter(torch.zeros(capacity), requires_grad=False)
+        self.centres = nn.Parameter(
+            torch.zeros(EARLY_POSITIONS + 1, key_width), requires_grad=False
+        )
+        self._positions: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -64,18 +70,34 @@ class FactMemory(nn.Module):
             )
         return free
 
-    def similarities(self, activations: torch.Tensor) -> torch.Tensor:
-        """Cosine of each position's activation with each row's key: (..., capacity)."""
-        unit = activations / activations.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return unit.to(self.keys.dtype) @ self.keys.T
+    def unit_keys(
+        self,
+        activations: torch.Tensor,
+        positions: torch.Tensor,
+        centres: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Activations (B, T, d_ff) at token ``positions`` (B, T) as unit vectors after taking
+        away the corpus mean of their position (``centres``, default the memory's): the first
+        tokens of any text share a large component of their own (attention sinks), which would
+        make them all look alike."""
+        means = self.centres if centres is None else centres.to(self.centres)
+        slot = positions.clamp(0, EARLY_POSITIONS).to(activations.device)
+        centred = activations.to(self.centres.dtype) - means[slot]
+        return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
-    def fired(self, activations: torch.Tensor) -> torch.Tensor:
-        """(..., capacity) bool: the rows that fire at each position."""
-        return (self.similarities(activations) >= self.thresholds) & (self.thresholds > 0)
+    def fired(self, activations: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, capacity) bool: the rows that fire at each position."""
+        similarity = self.unit_keys(activations, positions) @ self.keys.T
+        return (similarity >= self.thresholds) & (self.thresholds > 0)
 
     def read(self, activations: torch.Tensor) -> None:
         """Key-layer pre-hook body: compute what the value layer must add at each position."""
-        fired = self.fired(activations)  # (B, T, capacity)
+        positions, self._positions = self._positions, None
+        batch, length = activations.shape[:2]
+        if positions is None or positions.shape[-1] != length:
+            positions = torch.arange(length)
+        positions = positions.expand(batch, length)
+        fired = self.fired(activations, positions)  # (B, T, capacity)
         self._pending = fired.to(self.values.dtype) @ self.values if fired.any() else None
 
     def add(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -87,6 +109,7 @@ class FactMemory(nn.Module):
 
     def forget(self) -> None:
         self._pending = None
+        self._positions = None
 
 
 def memory_of(lm: LoadedModel) -> FactMemory | None:
@@ -124,6 +147,10 @@ def attach_memory(lm: LoadedModel, key_layer: int, value_layer: int, capacity: i
     blocks[key_layer].add_module(MODULE_NAME, memory)
     down = lm.adapter.module(lm.model, MlpRole.DOWN, key_layer)
 
+    def positions(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        given = kwargs.get("position_ids")
+        memory._positions = given.detach() if isinstance(given, torch.Tensor) else None
+
     def read(_module: nn.Module, args: tuple) -> None:
         memory.read(args[0])
 
@@ -137,6 +164,7 @@ def attach_memory(lm: LoadedModel, key_layer: int, value_layer: int, capacity: i
 
     memory._handles = [
         lm.model.base_model.register_forward_pre_hook(forget),
+        blocks[key_layer].register_forward_pre_hook(positions, with_kwargs=True),
         down.register_forward_pre_hook(read),
         # First in line, so hooks that capture the block's output see the memory's addition.
         blocks[value_layer].register_forward_hook(add, prepend=True),
@@ -152,4 +180,5 @@ def added_parameter_names(lm: LoadedModel) -> list[str]:
 def memory_parameter_names(lm: LoadedModel, memory: FactMemory) -> dict[str, str]:
     """Attribute ("keys", "values", "thresholds") -> the parameter's name in the model."""
     names = {id(p): n for n, p in lm.model.named_parameters()}
-    return {attr: names[id(getattr(memory, attr))] for attr in ("keys", "values", "thresholds")}
+    attrs = ("keys", "values", "thresholds", "centres")
+    return {attr: names[id(getattr(memory, attr))] for attr in attrs}

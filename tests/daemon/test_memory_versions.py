@@ -32,7 +32,7 @@ def test_memory_rows_snapshot_and_restore_bit_exact(tiny_model_dir: Path, tmp_pa
     editor.prepare_model(lm)
     names = editable_weight_names(lm)
     memory_names = [n for n in names if ".fact_memory." in n]
-    assert len(memory_names) == 3
+    assert len(memory_names) == 4
     base = base_weights(lm)
     assert not edited_tensors(lm.model, base, names)  # an empty memory is the base
     editor.apply(lm, [EDIT])

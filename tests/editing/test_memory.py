@@ -76,7 +76,7 @@ def test_edit_takes_and_leaves_every_other_prompt_bit_identical(lm: LoadedModel)
     deltas = editor.compute_deltas(lm, [EDIT])
     assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())  # pure
     assert set(deltas) == {
-        f"model.layers.1.fact_memory.{n}" for n in ("keys", "values", "thresholds")
+        f"model.layers.1.fact_memory.{n}" for n in ("keys", "values", "thresholds", "centres")
     }
     result = editor.apply(lm, [EDIT])
     assert _answer(lm, EDIT.prompt) == EDIT.target_new
@@ -165,5 +165,5 @@ def test_the_bench_resets_the_memory_between_methods(tmp_path: Path) -> None:
     )
     memory = result["methods"]["memory"]
     assert memory["summary"]["refused"] == 0
-    assert len(memory["touched_parameters"]) == 3
+    assert len(memory["touched_parameters"]) == 4
     assert result["methods"]["none"]["summary"]["unrelated_kept"] == 1.0
