@@ -1,22 +1,22 @@
 """Can a stored key tell an edited subject apart from everything else? (the fact memory's gate)
 
 For the first N CounterFact validation edits and the last N of ZsRE's train sample (ZsRE has no
-validation split here; the value network trained on its first 300), a key is read at the subject's last
-token of the edit prompt (plain and averaged over NSE's prefix templates), at several layers and
-from two places: the block's output (the residual stream) and the down-projection's input (the
-MLP's key, where NSE writes). Every token position of other texts is then compared with every
-stored key:
+validation split here; the value network trained on its first 300), a key is read at the
+subject's last token of the edit prompt (plain, or averaged over NSE's prefix templates), at
+several layers and from two places: the block's output (the residual stream) and the
+down-projection's input (the MLP's key). Every token position of other texts is then compared
+with every stored key:
 
-* positives: the subject's last token in the request's real paraphrases (ZsRE's rephrased
-  question; CounterFact has them only for cases in the ROME sample) and in the prompt under two
-  context templates that the key never saw;
+* positives: the subject's last token in the edit prompt itself, in the request's real
+  paraphrases (ZsRE's rephrased question; CounterFact has them only for cases in the ROME
+  sample) and in the prompt under two context templates that the key never saw;
 * negatives: every position of wiki text (the key-statistics corpus), of the neighbourhood prompts
   (other subjects, same relation) and of the other requests' prompts.
 
-It prints, per site and similarity (cosine, raw or centred on the wiki mean), the share of
-positives whose own key scores at least τ and is the best match, against the share of negative
-positions with any key at or above τ, and writes JSON. Validation splits only: the threshold is
-chosen here, never on the streams the Results table reports.
+It prints, per site and similarity (``MODES``), the share of positives whose own key scores at
+least τ and is the best match, against the share of negative positions with any key at or above
+τ, and writes JSON. Validation splits only: the threshold is chosen here, never on the streams
+the Results table reports.
 
     python bench/memory_gate.py --edits 100 --threads 2
 """
@@ -24,6 +24,7 @@ chosen here, never on the streams the Results table reports.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -40,11 +41,17 @@ from editing.adapters import MlpRole  # noqa: E402
 from editing.datasets import load_dataset  # noqa: E402
 from editing.hooks import capture_inputs, capture_outputs, run_until  # noqa: E402
 from editing.keystats import DEFAULT_CORPUS  # noqa: E402
+from editing.memory.editor import corpus_centres  # noqa: E402
+from editing.memory.module import EARLY_POSITIONS  # noqa: E402
 from editing.models import load_model  # noqa: E402
 from editing.nse.config import DEFAULT_PREFIXES  # noqa: E402
 from editing.subject import encode_prompt  # noqa: E402
 
+SOURCES = ("prompt", "rephrase", "template")
 UNSEEN_TEMPLATES = ("Q: {}", "Here is a fact that many people know. {}")
+MODES = ("raw", "centred", "position")
+"""Cosine of the activations as they are, less the corpus mean, less the mean at their position
+(the first ``EARLY_POSITIONS`` apart: what ``editing.memory`` does; MLP keys only)."""
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
@@ -90,16 +97,12 @@ def main() -> None:
     with torch.inference_mode():
         kf = features(lm, key_rows, layers)
     per = 1 + len(DEFAULT_PREFIXES)
-    keys = {}
-    for site, rows in kf.items():
-        at = torch.stack([row[i] for row, i in zip(rows, key_index, strict=True)])
-        at = at.view(len(requests), per, -1)
-        keys[(site, "plain")] = at[:, 0]
-        keys[(site, "avg")] = 0.5 * at[:, 0] + 0.5 * at[:, 1:].mean(1)
-
+    key_at = torch.tensor(key_index).view(len(requests), per)
     # Positives: (request index, ids, subject index).
     positives = []
     for n, r in enumerate(requests):
+        e = encode_prompt(lm, "{}", r.prompt, r.subject)
+        positives.append((n, "prompt", e.ids, e.subject_index))
         for text in r.rephrases:
             if r.subject in text:
                 e = encode_prompt(lm, "{}", text, r.subject)
@@ -128,18 +131,28 @@ def main() -> None:
             "other_prompts": features(lm, neg_other, layers),
         }
     report = {}
-    for (site, kind), k in sorted(keys.items()):
+    for site in sorted(kf):
+        layer, is_mlp = int(site[3:]), site.startswith("mlp")
         mu = torch.cat(mean_f[site]).mean(0)
-        for centred in (False, True):
+        centres = corpus_centres(lm, layer) if is_mlp else None
+        for mode, kind in itertools.product(MODES, ("plain", "avg")):
+            if mode == "position" and not is_mlp:
+                continue
 
-            def unit(x, mu=mu, centred=centred):
-                x = x - mu if centred else x
+            def unit(x, positions, mode=mode, mu=mu, centres=centres):
+                if mode == "centred":
+                    x = x - mu
+                elif mode == "position":
+                    x = x - centres[positions.clamp(max=EARLY_POSITIONS)]
                 return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
-            ku = unit(k)  # (n, d)
+            at = torch.stack([row[i] for row, i in zip(kf[site], key_index, strict=True)])
+            units = unit(at.view(len(requests), per, -1), key_at)  # (n, 1 + P, d)
+            k = units[:, 0] if kind == "plain" else 0.5 * units[:, 0] + 0.5 * units[:, 1:].mean(1)
+            ku = k / k.norm(dim=-1, keepdim=True)  # (n, d)
             own, best_is_own, by_source = [], [], {}
             for (n, source, _ids, idx), feats in zip(positives, pos_f[site], strict=True):
-                s = unit(feats[idx]) @ ku.T  # (n,)
+                s = unit(feats[idx], torch.tensor(idx)) @ ku.T  # (n,)
                 own.append(float(s[n]))
                 best_is_own.append(int(s.argmax()) == n)
                 by_source.setdefault(source, []).append(len(own) - 1)
@@ -149,7 +162,7 @@ def main() -> None:
             for name, group in negs.items():
                 maxes = []
                 for j, feats in enumerate(group[site]):
-                    s = unit(feats) @ ku.T  # (T, n)
+                    s = unit(feats, torch.arange(feats.shape[0])) @ ku.T  # (T, n)
                     if name == "other_prompts":
                         s[:, j] = -1.0  # a request's own prompt is not a negative for its key
                     maxes.append(s.max(dim=1).values)
@@ -165,7 +178,7 @@ def main() -> None:
                 for name, m in neg_max.items():
                     row[f"fires_{name}"] = round(float((m >= tau).float().mean()), 5)
                 rows.append(row)
-            report[f"{site}/{kind}/{'centred' if centred else 'raw'}"] = rows
+            report[f"{site}/{kind}/{mode}"] = rows
     for name, rows in report.items():
         print(name)
         for row in rows:
@@ -179,7 +192,7 @@ def main() -> None:
         "machine": platform.platform(),
         "load_average": os.getloadavg(),
         "seconds": round(time.time() - started, 1),
-        "positives": {s: sum(1 for p in positives if p[1] == s) for s in ("rephrase", "template")},
+        "positives": {s: sum(1 for p in positives if p[1] == s) for s in SOURCES},
         "negative_positions": {
             name: int(sum(x.shape[0] for x in g[f"mlp{layers[0]}"])) for name, g in negs.items()
         },
