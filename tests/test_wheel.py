@@ -169,11 +169,12 @@ def test_ask_answers_like_the_checkout(installed: Installed, tmp_path: Path) -> 
     assert out == expected + "\n"
 
 
-def test_one_edit_with_the_default_method(installed: Installed, tmp_path: Path) -> None:
-    """The default settings' editor (FT-L, tuned for the tiny model) makes one edit take."""
+def test_one_edit_through_the_daemons_applier(installed: Installed, tmp_path: Path) -> None:
+    """The installed daemon's applier makes one edit take with FT-L tuned for the tiny model
+    (the default method, the fact memory, needs a model that knows facts: tests/editing)."""
     model_dir = save_editable_tiny_model(tmp_path / "tiny")
     config = tmp_path / "factkeeper.yaml"
-    config.write_text(json.dumps({"editor": {"options": FT_OPTIONS}}))
+    config.write_text(json.dumps({"editor": {"method": "ft", "options": FT_OPTIONS}}))
     event = fact(0)
     done = installed.script(
         """

@@ -122,7 +122,9 @@ def rung_count(metrics: FactkeeperMetrics, stage: str) -> float:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
+    """The defaults with FT-L, the editor these tests edit with."""
+    env = {"FACTKEEPER_HOME": str(tmp_path / "home"), "FACTKEEPER_EDITOR__METHOD": "ft"}
+    return load_settings(None, env=env)
 
 
 @pytest.fixture
@@ -217,6 +219,7 @@ def test_replay_refuses_a_rung_the_ladder_no_longer_has(tiny_model_dir, tmp_path
         config = tmp_path / f"ladder-{num_steps}.yaml"
         config.write_text(
             "editor:\n"
+            "  method: ft\n"
             f"  options: {dict(FT_OPTIONS)}\n"
             f"  retry_ladder: [{{options: {{num_steps: {num_steps}}}}}]\n"
         )
@@ -267,3 +270,12 @@ def test_the_default_ladder_retries_ft_with_more_steps(settings):
     (only,) = build_ladder(settings, get_editor("ft"))
     assert only.editor.config.num_steps == 40
     assert only.label == "rung 1 (ft num_steps=40)"
+
+
+def test_the_default_method_is_the_fact_memory_retried_with_adam_to_the_reference_stop(tmp_path):
+    settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
+    assert settings.editor.method == "memory"
+    (only,) = build_ladder(settings, get_editor("memory"))
+    assert only.editor.value_options["early_stop_loss"] == 0.05
+    assert get_editor("memory").value_options["early_stop_loss"] == 0.5
+    assert only.label == "rung 1 (memory early_stop_loss=0.05)"

@@ -43,7 +43,7 @@ def test_defaults_load_with_paths_under_factkeeper_home(env: dict[str, str]) -> 
     assert settings.kafka.topics.corrections == "fact-corrections"
     assert settings.kafka.topics.dlq == "fact-corrections.dlq"
     assert settings.kafka.max_poll_interval_ms == 900_000
-    assert settings.editor.method == "ft"
+    assert settings.editor.method == "memory"
     assert settings.batching.max_size == 8
     assert settings.journal.path == home / "state" / "journal.sqlite3"
     assert settings.snapshots.tracking_uri == f"sqlite:///{(home / 'mlflow' / 'mlflow.db')}"
