@@ -26,6 +26,10 @@ class MemoryConfig:
     """Block whose output receives the value: NSE's z layer, which the value network knows."""
     threshold: float = 0.85
     """Cosine between a position's key and a row's key at or above which the row fires."""
+    threshold_floor: float = 0.75
+    """A row whose own prompt's key falls short of ``threshold`` gets that cosine (less 0.01)
+    as its threshold, down to this floor, so the edit takes at the prompt it was asked for;
+    below the floor the row keeps ``threshold``."""
     capacity: int = 4096
     """Rows; an edit needs one per request, and a full memory refuses edits."""
 
@@ -34,6 +38,7 @@ class MemoryConfig:
             (self.key_layer >= 0, "key_layer must be >= 0"),
             (self.value_layer >= self.key_layer, "value_layer must be >= key_layer"),
             (0.0 < self.threshold <= 1.0, "threshold must be in (0, 1]"),
+            (0.0 < self.threshold_floor <= self.threshold, "need 0 < threshold_floor <= threshold"),
             (self.capacity >= 1, "capacity must be >= 1"),
         ]
         for ok, message in checks:

@@ -49,6 +49,8 @@ from editing.subject import encode_prompt
 
 log = logging.getLogger(__name__)
 
+MATERIAL = ("key", "value", "threshold")
+"""A row's tensors, as edit material stores them."""
 CENTRE_LINES, CENTRE_TOKENS = 300, 64
 """Corpus lines (of over 40 characters) and tokens per line behind the per-position means."""
 
@@ -97,7 +99,7 @@ class MemoryEditor(Editor):
         self._value_net: ValueNet | None = None
         self._net_sha256: str | None = None
         self._centres: torch.Tensor | None = None
-        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # fingerprint -> row
+        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}  # fingerprint -> MATERIAL
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -134,13 +136,14 @@ class MemoryEditor(Editor):
         return self._value_net
 
     def rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, ...]:
-        """(keys (n, d_ff) unit, values (n, d)): each request's row, computed on the current
-        weights the first time it is asked for and kept (the material of ``consolidate``)."""
+        """(keys (n, d_ff) unit, values (n, d), thresholds (n, 1)): each request's row, computed
+        on the current weights the first time it is asked for and kept (the material of
+        ``consolidate``)."""
         missing = [r for r in requests if self.fingerprint(lm, r) not in self._rows]
         if missing:
             self._compute_rows(lm, missing)
         rows = [self._rows[self.fingerprint(lm, r)] for r in requests]
-        return torch.stack([k for k, _ in rows]), torch.stack([v for _, v in rows])
+        return tuple(torch.stack([row[i] for row in rows]) for i in range(3))
 
     def _compute_rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         config = self.value_config(lm)
@@ -148,13 +151,19 @@ class MemoryEditor(Editor):
         started = time.perf_counter()
         unit, plain = _keys(lm, requests, memory, self.centres(lm), config.prefixes)
         own = (plain * unit).sum(dim=1)
-        below = int((own < self.config.threshold).sum())
-        if below:  # the edit prompt itself would not fire the row: the edit will not take there
-            log.warning("memory: %d of %d prompts do not reach their own row", below, len(own))
+        c = self.config
+        gate = torch.where(own < c.threshold, own - 0.01, torch.full_like(own, c.threshold))
+        short = gate < c.threshold_floor  # the edit prompt itself would not fire the row
+        gate = torch.where(short, torch.full_like(own, c.threshold), gate)
+        if bool(short.any()):
+            log.warning(
+                "memory: %d of %d prompts do not reach their own row", int(short.sum()), len(own)
+            )
         targets = compute_targets(lm, requests, config.z_layer, config, self._net(lm, config))
-        for request, k, target in zip(requests, unit, targets, strict=True):
+        for request, k, target, g in zip(requests, unit, targets, gate, strict=True):
             value = (target.z - target.h_init).float().cpu()
-            self._rows[self.fingerprint(lm, request)] = (k.float().cpu().contiguous(), value)
+            row = (k.float().cpu().contiguous(), value, g.reshape(1).float().cpu())
+            self._rows[self.fingerprint(lm, request)] = row
         log.info(
             "memory rows: %d requests in %.1f s, nll %s",
             len(requests),
@@ -191,13 +200,13 @@ class MemoryEditor(Editor):
     def compute_deltas(
         self, lm: LoadedModel, requests: Sequence[EditRequest]
     ) -> dict[str, torch.Tensor]:
-        keys, values = self.rows(lm, requests)
-        return self._write(lm, keys, values)
+        keys, values, thresholds = self.rows(lm, requests)
+        return self._write(lm, keys, values, thresholds[:, 0])
 
     def _write(
-        self, lm: LoadedModel, keys: torch.Tensor, values: torch.Tensor
+        self, lm: LoadedModel, keys: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Deltas that put each (key, value) into a free row with this editor's threshold."""
+        """Deltas that put each (key, value, threshold) into a free row."""
         memory = self.prepare_model(lm)
         rows = torch.tensor(memory.free_rows(keys.shape[0]))
         names = memory_parameter_names(lm, memory)
@@ -209,7 +218,7 @@ class MemoryEditor(Editor):
         # Free rows are all zero, so each delta is the row's new content.
         deltas[names["keys"]][rows] = keys.to(memory.keys)
         deltas[names["values"]][rows] = values.to(memory.values)
-        deltas[names["thresholds"]][rows] = self.config.threshold
+        deltas[names["thresholds"]][rows] = thresholds.to(memory.thresholds)
         if not bool(memory.centres.any()):  # the first rows bring the means their keys used
             deltas[names["centres"]] = self.centres(lm).to(memory.centres)
         return deltas
@@ -232,18 +241,20 @@ class MemoryEditor(Editor):
         self, lm: LoadedModel, requests: Sequence[EditRequest]
     ) -> dict[str, EditMaterial]:
         """Each request's row (key and value), fingerprinted."""
-        keys, values = self.rows(lm, requests)
+        keys, values, thresholds = self.rows(lm, requests)
         return {
-            r.request_id: EditMaterial(self.fingerprint(lm, r), {"key": k, "value": v})
-            for r, k, v in zip(requests, keys, values, strict=True)
+            r.request_id: EditMaterial(
+                self.fingerprint(lm, r), {"key": k, "value": v, "threshold": t}
+            )
+            for r, k, v, t in zip(requests, keys, values, thresholds, strict=True)
         }
 
     def take_material(self, lm: LoadedModel, request: EditRequest, material: EditMaterial) -> bool:
         """Keep a stored row when it was computed under this editor's settings."""
         fingerprint = self.fingerprint(lm, request)
-        if material.fingerprint != fingerprint or set(material.tensors) != {"key", "value"}:
+        if material.fingerprint != fingerprint or set(material.tensors) != set(MATERIAL):
             return False
-        self._rows[fingerprint] = (material.tensors["key"], material.tensors["value"])
+        self._rows[fingerprint] = tuple(material.tensors[name] for name in MATERIAL)
         return True
 
 

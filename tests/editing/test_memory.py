@@ -118,7 +118,7 @@ def test_consolidation_rewrites_the_rows_from_stored_material(lm: LoadedModel) -
             p.zero_()
     fresh = MemoryEditor(**OPTIONS)
     assert all(fresh.take_material(lm, r, material[r.request_id]) for r in (EDIT, second))
-    assert not MemoryEditor(**{**OPTIONS, "threshold": 0.5}).take_material(lm, EDIT, material["e1"])
+    assert not MemoryEditor(**{**OPTIONS, "threshold": 0.9}).take_material(lm, EDIT, material["e1"])
 
     def no_computing(*_args: object) -> None:
         raise AssertionError("a row was computed again")
@@ -167,3 +167,23 @@ def test_the_bench_resets_the_memory_between_methods(tmp_path: Path) -> None:
     assert memory["summary"]["refused"] == 0
     assert len(memory["touched_parameters"]) == 4
     assert result["methods"]["none"]["summary"]["unrelated_kept"] == 1.0
+
+
+def test_a_row_the_prompt_falls_short_of_takes_the_prompts_cosine_down_to_the_floor(
+    lm: LoadedModel,
+) -> None:
+    """No prompt reaches a threshold of 1.0 (its key is averaged over prefixed contexts), so
+    the row's threshold becomes the prompt's own cosine less 0.01, and the edit takes; with a
+    floor above that cosine, the row keeps 1.0 and the edit does not take at the prompt."""
+    editor = MemoryEditor(**{**OPTIONS, "threshold": 1.0, "threshold_floor": 0.5})
+    editor.apply(lm, [EDIT])
+    memory = memory_of(lm)
+    [row] = memory.used_rows().tolist()
+    assert 0.5 <= float(memory.thresholds[row]) < 1.0
+    assert _answer(lm, EDIT.prompt) == EDIT.target_new
+    fresh = tiny_loaded("llama")
+    fresh.model.load_state_dict(lm.model.state_dict(), strict=False)
+    strict = MemoryEditor(**{**OPTIONS, "threshold": 1.0, "threshold_floor": 0.9999})
+    strict.apply(fresh, [EDIT])
+    [row] = memory_of(fresh).used_rows().tolist()
+    assert float(memory_of(fresh).thresholds[row]) == 1.0
