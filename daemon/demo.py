@@ -73,9 +73,11 @@ def run_demo(
             "FACTKEEPER_KAFKA__GROUP_ID": topic,
             "FACTKEEPER_JOURNAL__PATH": str(run_dir / "journal.sqlite3"),
             "FACTKEEPER_SNAPSHOTS__TRACKING_URI": f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}",
-            # A version, an audit and a gate decision after each half of the stream.
-            "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": str(max(1, corrections // 2)),
-            "FACTKEEPER_AUDIT__EVERY_N_EDITS": str(max(1, corrections // 2)),
+            # A version, an audit and a gate decision after each third of the stream, so the
+            # rollback has an earlier audited version to return to (batches of 8 overshoot a
+            # half: with halves the second audit never came before the stream ended).
+            "FACTKEEPER_SNAPSHOTS__EVERY_N_EDITS": str(max(1, corrections // 3)),
+            "FACTKEEPER_AUDIT__EVERY_N_EDITS": str(max(1, corrections // 3)),
             "FACTKEEPER_METRICS__HOST": "127.0.0.1",
             # The demo's broker is local and its rollback is sent unsigned, on purpose.
             "FACTKEEPER_CONTROL__ALLOW_UNSIGNED": "true",
@@ -111,6 +113,9 @@ def run_demo(
             for audit in load_audits(audit_reports_dir(settings)):
                 print("      " + _audit_line(audit))
             _show_answers(shown, before, now[:SHOWN])
+            [unrelated] = greedy_generate(lm.model, lm.tokenizer, [prompt], max_new_tokens=8)
+            verdict = "unchanged" if unrelated == answer else "CHANGED"
+            print(f"      unrelated: {prompt!r} -> {unrelated!r} ({verdict})")
 
             versions = daemon.versions.registry.versions()
             print(f"[6/7] {len(versions)} versions of {settings.snapshots.registered_model_name}:")
