@@ -42,7 +42,7 @@ from editing.memory.module import (
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig, preset_for
 from editing.nse.keys import compute_targets
-from editing.nse.value_net import ValueNet, ValueNetError, load_value_net
+from editing.nse.value_net import ValueNet, load_value_net
 from editing.paths import Paths
 from editing.requests import EditRequest
 from editing.subject import encode_prompt
@@ -128,10 +128,7 @@ class MemoryEditor(Editor):
         if config.v_optimiser != "net":
             return None
         if self._value_net is None:
-            try:
-                net = load_value_net(lm.name, config.z_layer, config.value_net, self._paths)
-            except ValueNetError as exc:
-                raise EditError(str(exc)) from exc
+            net = load_value_net(lm.name, config.z_layer, config.value_net, self._paths)
             self._value_net = net.to(lm.device)
         return self._value_net
 

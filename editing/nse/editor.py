@@ -37,7 +37,7 @@ from editing.models import LoadedModel
 from editing.nse.config import NSEConfig, preset_for
 from editing.nse.keys import compute_targets, keys_and_hidden
 from editing.nse.shift import RoundResult, run_round
-from editing.nse.value_net import ValueNet, ValueNetError, load_value_net
+from editing.nse.value_net import ValueNet, load_value_net
 from editing.paths import Paths
 from editing.requests import EditRequest
 
@@ -245,10 +245,7 @@ class NSEEditor(Editor):
         if config.v_optimiser != "net":
             return None
         if self._value_net is None:
-            try:
-                net = load_value_net(lm.name, config.z_layer, config.value_net, self._paths)
-            except ValueNetError as exc:
-                raise EditError(str(exc)) from exc
+            net = load_value_net(lm.name, config.z_layer, config.value_net, self._paths)
             self._value_net = net.to(lm.device)
         return self._value_net
 

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from editing.emsedit.checkpoint import SHIPPED_DIR
-from editing.errors import FactkeeperError
+from editing.errors import EditError
 from editing.files import atomic_write
 from editing.paths import Paths
 
@@ -40,8 +40,9 @@ CAP = 1.0
 """Largest step, as a share of ||h|| (the clamp of the whole δ still applies after it)."""
 
 
-class ValueNetError(FactkeeperError):
-    """A value-network file that cannot be used (missing, damaged, or for another model)."""
+class ValueNetError(EditError):
+    """A value-network file that cannot be used (missing, damaged, or for another model): an
+    edit that needs it cannot be made."""
 
 
 class ValueNet(torch.nn.Module):

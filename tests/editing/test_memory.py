@@ -21,7 +21,7 @@ from editing.registry import get_editor
 from editing.requests import EditRequest, LocalityProbe
 from editing.residual import forward_from_layer, layer_input
 from editing.tiny import tiny_loaded
-from tests.editing.nse.conftest import FACTS, train_facts
+from tests.editing.nse.conftest import FACTS, trained_lm, trained_state  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,18 +31,10 @@ OPTIONS = {"key_layer": 1, "value_layer": 2, "v_optimiser": "adam", "capacity": 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 
 
-@pytest.fixture(scope="module")
-def trained_state() -> dict[str, torch.Tensor]:
-    lm = tiny_loaded("llama")
-    train_facts(lm)
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
-
-
 @pytest.fixture
-def lm(trained_state: dict[str, torch.Tensor]) -> LoadedModel:
-    model = tiny_loaded("llama")
-    model.model.load_state_dict(trained_state)
-    return model
+def lm(trained_lm: LoadedModel) -> LoadedModel:  # noqa: F811 (the imported fixture)
+    """The tiny llama that knows ``FACTS`` (the NSE tests' fixture), fresh for each test."""
+    return trained_lm
 
 
 def _logits(lm: LoadedModel, prompt: str) -> torch.Tensor:
