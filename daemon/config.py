@@ -354,9 +354,9 @@ class EditorSettings(_Section):
     """The editing method; its hyperparameters live in the method's own config class."""
 
     method: EditorName = "memory"
-    """The fact memory (``editing.memory``): the one method whose edits take, hold and leave
-    other knowledge alone on SmolLM2 (README, Results); ``ft``, ``emsedit`` and ``nse`` stay
-    selectable."""
+    """The fact memory (``editing.memory``): the one method measured whose edits take, hold and
+    leave unrelated answers alone on SmolLM2 (README, Results; it also rewrites the same
+    subject's other facts); ``ft``, ``emsedit`` and ``nse`` stay selectable."""
     checkpoint: UserPath | None = None
     """A trained editor checkpoint (safetensors + JSON); default: the one shipped for the model."""
     options: dict[str, bool | int | float | str] = Field(default_factory=dict)
