@@ -150,7 +150,7 @@ def test_runtime_data_comes_from_the_installed_package(installed: Installed) -> 
     assert found["n_probes"] == 300
     assert found["corpus_sha256"].startswith("4cd0f6876d07a413")
     assert found["default_config"] == (ROOT / "configs" / "default.yaml").read_text()
-    assert found["default_method"] == "ft"
+    assert found["default_method"] == "memory"
     config_default = installed.run(installed.factkeeper, "config", "default").stdout
     assert config_default == found["default_config"]
 
