@@ -12,10 +12,11 @@ delta like any other editor's: ``write_deltas`` writes it, ``undo`` restores it,
 the journal carry it, and evaluation that resumes from the lowest changed block starts at
 ``key_layer``, where the memory reads.
 
-The module owns two hooks for as long as it is attached (they are its forward): a pre-hook on
-the key layer's down-projection reads, a hook on the value layer's block adds. A third, on the
-model body, forgets a pending addition at the start of every forward, so a forward that was
-stopped between the two blocks can never leak its addition into the next one.
+The module owns its hooks for as long as it is attached (they are its forward): a pre-hook on
+the key block notes the token positions, a pre-hook on the key layer's down-projection reads,
+a hook on the value layer's block adds. One more, on the model body, forgets a pending addition
+at the start of every forward, so a forward that was stopped between the two blocks can never
+leak its addition into the next one.
 """
 
 from __future__ import annotations
