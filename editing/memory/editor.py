@@ -64,6 +64,7 @@ VALUE_FIELDS = frozenset(
         "clamp_norm_factor",
         "kl_factor",
         "early_stop_loss",
+        "stop_margin",
         "value_net",
         "value_prefixes",
     }

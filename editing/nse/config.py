@@ -58,6 +58,10 @@ class NSEConfig:
     """Weight of the KL term on the "{subject} is a" prompt."""
     early_stop_loss: float = 0.05
     """The value optimisation stops once the total loss is below this."""
+    stop_margin: float | None = None
+    """When set, a request also stops once its target is the greedy continuation of every value
+    prompt, each target token ahead of the best other token by this log-probability margin:
+    the judge's criterion, with room for the contexts the prompts do not cover."""
     v_optimiser: str = "adam"
     """``adam``: the reference's Adam on δ (lr ``v_lr``). ``normalised``: each step moves δ by
     ``v_step``·||h_init|| against the gradient's direction (the untrained form of EMSEdit's
@@ -88,6 +92,7 @@ class NSEConfig:
             (self.max_iterations >= 2, "max_iterations must be >= 2 (one editing pass)"),
             (self.v_num_grad_steps >= 1, "v_num_grad_steps must be >= 1"),
             (self.v_lr > 0, "v_lr must be > 0"),
+            (self.stop_margin is None or self.stop_margin >= 0, "stop_margin must be >= 0"),
             (
                 self.v_optimiser in ("adam", "normalised", "net"),
                 "v_optimiser must be adam, normalised or net",

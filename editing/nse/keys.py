@@ -31,7 +31,7 @@ from editing.hooks import (
 from editing.models import LoadedModel
 from editing.nse.config import NSEConfig
 from editing.requests import EditRequest, continuation
-from editing.residual import can_resume, forward_from_layer
+from editing.residual import PrefixCache, can_resume, forward_from_layer, forward_suffix_from_layer
 from editing.subject import encode_prompt
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class ValueObjective:
         self.subject_cols = [c for p in self.problems for c in p.subject_cols]
         self.device = lm.device
         ids, mask = (t.to(self.device) for t in _pad(all_rows, _pad_id(lm)))  # (R, T)
-        self.upper = _UpperModel(lm, z_layer, ids, mask)
+        self.upper = _UpperModel(lm, z_layer, ids, mask, torch.tensor(self.subject_cols))
         self.h_init = self.upper.block_output[
             torch.tensor(self.first_row), torch.tensor([p.subject_cols[0] for p in self.problems])
         ].float()  # (n, d)
@@ -176,20 +176,21 @@ class ValueObjective:
 
     def losses(
         self, delta: torch.Tensor, active: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, mean target NLL), each (len(active),), for the listed requests' δ rows.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total loss, mean target NLL, margin), each (len(active),), for the listed requests'
+        δ rows. The margin is the smallest log-probability lead of a target token over the best
+        other token, over every prompt and target position: > 0 when each prompt's greedy
+        continuation is the target.
 
         The first call must list every request: it fixes the KL reference p_init (δ = 0 there).
         """
         config, device = self.config, self.device
         rows = [r for r in range(len(self.owner)) if self.owner[r] in active]
         hidden = self.upper.final_hidden(
-            rows,
-            torch.tensor([self.subject_cols[r] for r in rows]),
-            delta[torch.tensor([self.owner[r] for r in rows])],
+            rows, delta[torch.tensor([self.owner[r] for r in rows])]
         )  # (R_active, T, d)
         at = {r: k for k, r in enumerate(rows)}
-        nlls, kls = [], []
+        nlls, kls, margins = [], [], []
         for i in active:
             p = self.problems[i]
             start = self.first_row[i]
@@ -199,6 +200,9 @@ class ValueObjective:
             log_probs = F.log_softmax(self.head(picked).float(), dim=-1)  # (N_pred, V)
             gold = torch.tensor(p.target_ids * len(p.pred_cols), device=device)
             token_nll = -log_probs.gather(1, gold[:, None]).squeeze(1)  # (N_pred,)
+            with torch.no_grad():
+                rival = log_probs.scatter(1, gold[:, None], float("-inf")).amax(dim=1)
+                margins.append((-token_nll - rival).min())
             nlls.append(token_nll.view(len(p.pred_cols), -1).mean(dim=1).mean())
             kl_row = start + len(p.pred_cols)
             kls.append(
@@ -215,7 +219,7 @@ class ValueObjective:
         h_norm = self.h_init[idx].norm(dim=1)
         decay = config.v_weight_decay * delta[idx].norm(dim=1) / h_norm**2
         nll = torch.stack(nlls)
-        return nll + kl_terms + decay, nll
+        return nll + kl_terms + decay, nll, torch.stack(margins)
 
 
 def _clamp_values_(
@@ -242,7 +246,8 @@ def compute_targets(
     The loss is ``ValueObjective``'s. Adam on δ (``v_optimiser: adam``), the untrained
     normalised steps (``normalised``), or ``net``: the first ``value_net.steps`` updates come
     from the trained value network (EMSEdit's multi-step value change), then Adam goes on from
-    there while the loss is above ``early_stop_loss``. ||δ|| is clamped to
+    there while the loss is above ``early_stop_loss`` (or, with ``stop_margin``, until the
+    target leads every prompt's greedy continuation by that margin). ||δ|| is clamped to
     clamp_norm_factor·||h_init||; a request stops on its own loss and leaves the batch, so the
     result is each request's own optimisation. Run it on the ORIGINAL weights (weights
     rewinding); the weights are untouched.
@@ -257,11 +262,12 @@ def compute_targets(
     active = list(range(len(requests)))
     with frozen_parameters(lm.model), torch.enable_grad():
         for it in range(config.v_num_grad_steps):
-            losses, nlls = objective.losses(delta, active)
+            losses, nlls, margins = objective.losses(delta, active)
             last = it == config.v_num_grad_steps - 1
             for k, i in enumerate(list(active)):
                 loss_value = float(losses[k].detach())
-                if loss_value < config.early_stop_loss or last:
+                leads = config.stop_margin is not None and float(margins[k]) >= config.stop_margin
+                if loss_value < config.early_stop_loss or leads or last:
                     results[i] = TargetValue(
                         (h_init[i] + delta[i].detach()).float().cpu(),
                         h_init[i].cpu(),
@@ -312,30 +318,52 @@ def _normalised_step_(
 
 
 class _UpperModel:
-    """The blocks above the z layer, fed the (fixed) z-block output plus δ at chosen positions.
+    """The blocks above the z layer, fed the (fixed) z-block output plus a vector at each row's
+    subject.
 
     When the model resumes from a block input (``editing.residual.can_resume``), the blocks up
-    to the z layer run once; otherwise every call runs the whole body with δ added by a hook.
+    to the z layer run once, and so do all positions before each row's subject: a vector added
+    there cannot reach them, so each call recomputes only the positions from the subject on
+    (``forward_suffix_from_layer``), against their cached keys and values. Otherwise every call
+    runs the whole body with the vectors added by a hook.
     """
 
     def __init__(
-        self, lm: LoadedModel, z_layer: int, ids: torch.Tensor, mask: torch.Tensor
+        self,
+        lm: LoadedModel,
+        z_layer: int,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        subject_cols: torch.Tensor,
     ) -> None:
         self.lm, self.z_layer, self.ids, self.mask = lm, z_layer, ids, mask
+        self.subject_cols = subject_cols.to(torch.long).cpu()  # (R,)
         self.block = lm.adapter.layers(lm.model)[z_layer]
         self.resumes = z_layer + 1 < lm.adapter.num_layers(lm.model) and can_resume(
             lm.model, lm.adapter, lm.tokenizer
         )
+        self.prefix: PrefixCache | None = None
         with torch.no_grad(), capture_outputs({"z": self.block}) as outputs:
-            run_until(lm.model, self.block, input_ids=ids, attention_mask=mask)
+            if self.resumes:
+                out = lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=True)
+                self.final_init = out.last_hidden_state  # (R, T, d) with no vector added
+                self.prefix = PrefixCache.from_cache(out.past_key_values, self.subject_cols)
+            else:
+                run_until(lm.model, self.block, input_ids=ids, attention_mask=mask)
         self.block_output = outputs["z"].clone()  # (R, T, d)
+        if self.prefix is not None and not self._suffix_agrees():
+            self.prefix = None
 
-    def final_hidden(
-        self, rows: list[int], subject_cols: torch.Tensor, vectors: torch.Tensor
-    ) -> torch.Tensor:
+    def final_hidden(self, rows: list[int], vectors: torch.Tensor) -> torch.Tensor:
         """Final hidden states (len(rows), T, d) with ``vectors[k]`` added at row k's subject."""
+        if self.prefix is not None:
+            return self._suffix_hidden(rows, vectors)
+        return self._full_hidden(rows, vectors)
+
+    def _full_hidden(self, rows: list[int], vectors: torch.Tensor) -> torch.Tensor:
         index = torch.tensor(rows, device=self.ids.device)
         positions = torch.arange(len(rows))
+        subject_cols = self.subject_cols[torch.tensor(rows)]
         if self.resumes:
             entering = self.block_output[index].clone()  # (R_a, T, d)
             bump = torch.zeros_like(entering)
@@ -348,6 +376,58 @@ class _UpperModel:
                 input_ids=self.ids[index], attention_mask=self.mask[index]
             )
         return out.last_hidden_state
+
+    def _suffix_hidden(self, rows: list[int], vectors: torch.Tensor) -> torch.Tensor:
+        assert self.prefix is not None
+        device = self.ids.device
+        picked = torch.tensor(rows)
+        index = picked.to(device)
+        starts = self.subject_cols[picked]  # (R_a,)
+        lengths = self.mask[index].sum(dim=1).cpu()
+        width = int((lengths - starts).max())
+        steps = torch.arange(width)
+        valid = steps[None, :] < (lengths - starts)[:, None]  # (R_a, Q)
+        total, d = self.block_output.shape[1], self.block_output.shape[2]
+        source = (starts[:, None] + steps[None, :]).clamp(max=total - 1).to(device)
+        entering = self.block_output[index].gather(1, source[..., None].expand(-1, -1, d))
+        entering = entering * valid.to(device)[..., None]
+        bump = torch.zeros_like(entering)
+        bump[:, 0] = vectors.to(entering.dtype)  # each suffix starts at its subject
+        suffix = forward_suffix_from_layer(
+            self.lm.model,
+            self.lm.adapter,
+            self.z_layer + 1,
+            entering + bump,
+            valid.to(torch.long),
+            self.prefix.rows(picked),
+        )  # (R_a, Q, d)
+        cols = torch.arange(total)
+        relative = (cols[None, :] - starts[:, None]).clamp(0, width - 1).to(device)
+        after = suffix.gather(1, relative[..., None].expand(-1, -1, d))
+        before = (cols[None, :] < starts[:, None]).to(device)[..., None]
+        return torch.where(before, self.final_init[index], after)
+
+    def _suffix_agrees(self) -> bool:
+        """Whether the suffix pass reproduces a full pass on this model (checked once)."""
+        cached = getattr(self.lm.model, _SUFFIX_ATTR, None)
+        if cached is not None:
+            return bool(cached)
+        rows = list(range(min(2, len(self.ids))))
+        generator = torch.Generator().manual_seed(0)
+        vectors = torch.randn(len(rows), self.block_output.shape[2], generator=generator)
+        vectors = vectors.to(self.block_output)
+        with torch.no_grad():
+            full = self._full_hidden(rows, vectors)
+            suffix = self._suffix_hidden(rows, vectors)
+        real = self.mask[torch.tensor(rows)].bool()
+        ok = bool(torch.allclose(full[real], suffix[real], rtol=1e-4, atol=1e-4))
+        if not ok:
+            log.info("the value optimisation cannot reuse cached prefixes; it runs full rows")
+        setattr(self.lm.model, _SUFFIX_ATTR, ok)
+        return ok
+
+
+_SUFFIX_ATTR = "_factkeeper_suffix_resumable"
 
 
 def block_width(lm: LoadedModel) -> int:

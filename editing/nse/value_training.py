@@ -79,12 +79,12 @@ def net_values(
     start: torch.Tensor | None = None
     for k in range(net.steps):
         leaf = delta.detach().requires_grad_(True)
-        losses, _ = objective.losses(leaf, everyone)
+        losses, _, _ = objective.losses(leaf, everyone)
         if start is None:
             start = losses.detach()
         (grad,) = torch.autograd.grad(losses.sum(), leaf)
         delta = clamped(delta + net.step(k, grad, h), h, clamp_factor)
-    final, _ = objective.losses(delta, everyone)
+    final, _, _ = objective.losses(delta, everyone)
     assert start is not None
     return delta, start, final
 
