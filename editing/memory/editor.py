@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,31 @@ DEFAULT_VALUE: dict[str, Any] = {"v_optimiser": "net", "early_stop_loss": 0.5}
 (``bench/results/tuning/counterfact-val-100-memory.json``)."""
 
 
+class RowCache:
+    """Computed rows by fingerprint, the most recently used ``limit`` of them: a long-running
+    daemon keeps the rows consolidation may need (at most a full memory's worth) and no more."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._rows: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+
+    def __contains__(self, fingerprint: str) -> bool:
+        return fingerprint in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, fingerprint: str) -> tuple[torch.Tensor, ...]:
+        self._rows.move_to_end(fingerprint)
+        return self._rows[fingerprint]
+
+    def put(self, fingerprint: str, row: tuple[torch.Tensor, ...]) -> None:
+        self._rows[fingerprint] = row
+        self._rows.move_to_end(fingerprint)
+        while len(self._rows) > self.limit:
+            self._rows.popitem(last=False)
+
+
 class MemoryEditor(Editor):
     """Fact memory: a value per fact from the value network, stored as a gated row."""
 
@@ -100,7 +126,7 @@ class MemoryEditor(Editor):
         self._value_net: ValueNet | None = None
         self._net_sha256: str | None = None
         self._centres: torch.Tensor | None = None
-        self._rows: dict[str, tuple[torch.Tensor, ...]] = {}  # fingerprint -> MATERIAL
+        self._rows = RowCache(self.config.capacity)
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -140,7 +166,7 @@ class MemoryEditor(Editor):
         missing = [r for r in requests if self.fingerprint(lm, r) not in self._rows]
         if missing:
             self._compute_rows(lm, missing)
-        rows = [self._rows[self.fingerprint(lm, r)] for r in requests]
+        rows = [self._rows.get(self.fingerprint(lm, r)) for r in requests]
         return tuple(torch.stack([row[i] for row in rows]) for i in range(3))
 
     def _compute_rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
@@ -161,7 +187,7 @@ class MemoryEditor(Editor):
         for request, k, target, g in zip(requests, unit, targets, gate, strict=True):
             value = (target.z - target.h_init).float().cpu()
             row = (k.float().cpu().contiguous(), value, g.reshape(1).float().cpu())
-            self._rows[self.fingerprint(lm, request)] = row
+            self._rows.put(self.fingerprint(lm, request), row)
         log.info(
             "memory rows: %d requests in %.1f s, nll %s",
             len(requests),
@@ -252,7 +278,7 @@ class MemoryEditor(Editor):
         fingerprint = self.fingerprint(lm, request)
         if material.fingerprint != fingerprint or set(material.tensors) != set(MATERIAL):
             return False
-        self._rows[fingerprint] = tuple(material.tensors[name] for name in MATERIAL)
+        self._rows.put(fingerprint, tuple(material.tensors[name] for name in MATERIAL))
         return True
 
 

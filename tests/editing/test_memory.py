@@ -14,7 +14,7 @@ from editing.editors.base import EditError
 from editing.evaluation import EvalConfig
 from editing.generation import greedy_generate
 from editing.hooks import run_until
-from editing.memory.editor import MemoryEditor
+from editing.memory.editor import MemoryEditor, RowCache
 from editing.memory.module import memory_of
 from editing.models import LoadedModel
 from editing.registry import get_editor
@@ -179,3 +179,13 @@ def test_a_row_the_prompt_falls_short_of_takes_the_prompts_cosine_down_to_the_fl
     strict.apply(fresh, [EDIT])
     [row] = memory_of(fresh).used_rows().tolist()
     assert float(memory_of(fresh).thresholds[row]) == 1.0
+
+
+def test_the_row_cache_keeps_only_the_most_recently_used() -> None:
+    cache = RowCache(limit=2)
+    rows = {name: (torch.full((1,), float(i)),) for i, name in enumerate("abc")}
+    cache.put("a", rows["a"])
+    cache.put("b", rows["b"])
+    assert cache.get("a") is rows["a"]  # "a" is now the most recent
+    cache.put("c", rows["c"])
+    assert "b" not in cache and "a" in cache and "c" in cache and len(cache) == 2
