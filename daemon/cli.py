@@ -394,6 +394,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         command=" ".join(["factkeeper", *ns.argv]),
         split=ns.split,
+        skip=ns.skip,
         unrelated=unrelated,
         unrelated_source=probe_file.name,
     )
@@ -551,7 +552,13 @@ COMMANDS: dict[str, Command] = {
                 help="comma-separated method specs: NAME[+GUARD...][:KEY=VALUE...], e.g. "
                 "emsedit, emsedit:steps=1, emsedit+safeguards, emsedit+mask",
             ),
-            arg("--split", choices=("eval", "val"), default="eval", help="val: for tuning"),
+            arg(
+                "--split",
+                choices=("eval", "val", "train"),
+                default="eval",
+                help="val: for tuning; train: where a dataset has no val split",
+            ),
+            arg("--skip", type=int, default=0, help="requests skipped at the split's start"),
             arg("--edits", type=int, default=1000, help="requests from the start of the stream"),
             arg("--batch", type=int, default=1, help="requests per editor call"),
             arg("--turn-size", type=int, default=100, help="edits between evaluations"),

@@ -71,7 +71,10 @@ class BenchConfig:
     editor_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per method, keyword arguments for ``get_editor`` (its config fields)."""
     split: str = "eval"
-    """``val`` (CounterFact only) for tuning, so settings are not chosen on the eval stream."""
+    """``val`` (CounterFact only) for tuning, so settings are not chosen on the eval stream;
+    ``train`` where a dataset has no val split (meta-trained editors may have seen its start)."""
+    skip: int = 0
+    """Requests skipped at the start of the split (e.g. those a value network trained on)."""
     unrelated: tuple[LocalityProbe, ...] = ()
     """Unrelated probes for ``unrelated_kept`` (the CLI passes the bundled audit probe set)."""
     unrelated_source: str | None = None
@@ -90,6 +93,8 @@ class BenchConfig:
             raise BenchError("--methods lists a method twice")
         if self.n_edits < 1 or self.batch_size < 1 or self.turn_size < 1 or self.threads < 1:
             raise BenchError("--edits, --batch, --turn-size and threads must be >= 1")
+        if self.skip < 0:
+            raise BenchError("--skip must be >= 0")
         if self.turn_size % self.batch_size:
             raise BenchError("--turn-size must be a multiple of --batch")
         for method in self.methods:
@@ -155,6 +160,7 @@ def run_bench(
     progress: bool = True,
     command: str | None = None,
     split: str = "eval",
+    skip: int = 0,
     unrelated: Sequence[LocalityProbe] = (),
     unrelated_source: str | None = None,
 ) -> dict[str, Any]:
@@ -177,6 +183,7 @@ def run_bench(
         progress: show progress bars (interactive use).
         command: the command line to record (default: this process's argv).
         split: the dataset split whose stream is edited (``val`` for tuning).
+        skip: requests skipped at the start of the split.
         unrelated: probes of unrelated knowledge for ``unrelated_kept``.
         unrelated_source: where they came from (recorded in the JSON).
     """
@@ -194,6 +201,7 @@ def run_bench(
         eval=eval_config or EvalConfig(),
         editor_options=dict(editor_options or {}),
         split=split,
+        skip=skip,
         unrelated=tuple(unrelated),
         unrelated_source=unrelated_source,
     )
@@ -221,7 +229,8 @@ class Benchmark:
         seed_everything(cfg.seed)
         lm = self.lm or load_model(cfg.model)
         self.lm = lm
-        requests = load_dataset(cfg.dataset, cfg.split, cfg.data_dir, limit=cfg.n_edits)
+        requests = load_dataset(cfg.dataset, cfg.split, cfg.data_dir, limit=cfg.skip + cfg.n_edits)
+        requests = requests[cfg.skip :]
         if len(requests) < cfg.n_edits:
             log.warning(
                 "dataset has %d requests, fewer than --edits %d", len(requests), cfg.n_edits
@@ -251,6 +260,8 @@ class Benchmark:
         out = {
             "dataset": cfg.dataset,
             "split": cfg.split,
+            "skip": cfg.skip,
+            "stream_ids": [requests[0].request_id, requests[-1].request_id] if requests else [],
             "n_edits": len(requests),
             "batch_size": cfg.batch_size,
             "turn_size": cfg.turn_size,

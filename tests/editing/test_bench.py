@@ -8,6 +8,7 @@ import pytest
 from daemon.cli import COMMANDS
 from editing.bench import BenchConfig, BenchError, run_bench
 from editing.bench_report import render_table, results_markdown
+from editing.datasets import load_dataset
 from editing.evaluation import SUMMARY_KEYS, EvalConfig
 from editing.requests import LocalityProbe
 from editing.tiny import tiny_loaded
@@ -103,6 +104,27 @@ def test_config_is_checked():
         BenchConfig(dataset="zsre", methods=("ft:consolidate_every=3",), batch_size=2)
     with pytest.raises(BenchError, match="must be an integer"):
         BenchConfig(dataset="zsre", methods=("ft:consolidate_every=x",))
+
+
+def test_skip_starts_the_stream_later(tmp_path):
+    result = run_bench(
+        "zsre",
+        ["none"],
+        n_edits=2,
+        batch_size=1,
+        turn_size=2,
+        model=tiny_loaded("llama"),
+        out_dir=tmp_path,
+        data_dir=FIXTURE,
+        eval_config=EvalConfig(fluency_prompts=1, fluency_new_tokens=2),
+        skip=3,
+        progress=False,
+        unrelated=UNRELATED,
+    )
+    ids = [r.request_id for r in load_dataset("zsre", "eval", FIXTURE, limit=5)]
+    assert result["skip"] == 3 and result["stream_ids"] == [ids[3], ids[4]]
+    with pytest.raises(BenchError, match="--skip"):
+        BenchConfig(dataset="zsre", methods=("none",), skip=-1)
 
 
 def test_cli_has_bench():
