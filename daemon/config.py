@@ -338,12 +338,11 @@ class RetryRung(_Section):
 #: Adam values to the reference's stop (the precise method, ~4x its cost; ``NSE_PRECISE_RUNG``).
 #: EMSEdit's trained step count is the most its sequential checkpoint allows, and the guarded
 #: editors hold a memory of past edits that another editor would miss, so they retry alone with
-#: the same editor only. The fact memory retries a value that fell short with Adam to the
-#: reference's stop (its default stops at a loss of 0.5: as good on CounterFact val, 1/3 of the
-#: cost; README "Where edits should go").
+#: the same editor only. The fact memory retries a value that fell short with Adam until the
+#: target leads by a log-probability margin of 3 (its default: 1) for up to 50 steps (25).
 DEFAULT_RETRY_LADDERS: dict[str, tuple[RetryRung, ...]] = {
     "ft": (RetryRung(options={"num_steps": 40}),),
-    "memory": (RetryRung(options={"early_stop_loss": 0.05}),),
+    "memory": (RetryRung(options={"stop_margin": 3.0, "v_num_grad_steps": 50}),),
 }
 NSE_PRECISE_RUNG = RetryRung(options={"v_optimiser": "adam", "early_stop_loss": 0.05})
 #: Most rungs a ladder may have (bounds the ``rung`` metric label and a failing event's cost).

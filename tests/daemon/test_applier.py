@@ -272,10 +272,11 @@ def test_the_default_ladder_retries_ft_with_more_steps(settings):
     assert only.label == "rung 1 (ft num_steps=40)"
 
 
-def test_the_default_method_is_the_fact_memory_retried_with_adam_to_the_reference_stop(tmp_path):
+def test_the_default_method_is_the_fact_memory_retried_with_a_wider_margin(tmp_path):
     settings = load_settings(None, env={"FACTKEEPER_HOME": str(tmp_path / "home")})
     assert settings.editor.method == "memory"
     (only,) = build_ladder(settings, get_editor("memory"))
-    assert only.editor.value_options["early_stop_loss"] == 0.05
-    assert get_editor("memory").value_options["early_stop_loss"] == 0.5
-    assert only.label == "rung 1 (memory early_stop_loss=0.05)"
+    assert only.editor.value_options["stop_margin"] == 3.0
+    assert only.editor.value_options["v_num_grad_steps"] == 50
+    assert get_editor("memory").value_options["stop_margin"] == 1.0
+    assert only.label == "rung 1 (memory stop_margin=3.0 v_num_grad_steps=50)"
