@@ -14,24 +14,26 @@ from editing.models import LoadedModel
 
 @dataclass(frozen=True)
 class EncodedText:
-    """One tokenised text and the position of its subject's last token."""
+    """One tokenised text and the positions of its subject's last and first tokens."""
 
     ids: list[int]
     subject_index: int
+    subject_first: int = -1
 
 
 def encode_with_subject(
     lm: LoadedModel, text: str, subject_start: int, subject_end: int
 ) -> EncodedText:
-    """Tokenise ``text``; find the last token overlapping ``text[subject_start:subject_end]``."""
+    """Tokenise ``text``; find the tokens overlapping ``text[subject_start:subject_end]``."""
     enc = lm.tokenizer(text, return_offsets_mapping=True)
-    index = -1
-    for i, (start, end) in enumerate(enc.offset_mapping):
-        if end > start and start < subject_end and end > subject_start:
-            index = i
-    if index < 0:
+    overlapping = [
+        i
+        for i, (start, end) in enumerate(enc.offset_mapping)
+        if end > start and start < subject_end and end > subject_start
+    ]
+    if not overlapping:
         raise EditError(f"subject {text[subject_start:subject_end]!r} has no token in {text!r}")
-    return EncodedText(list(enc.input_ids), index)
+    return EncodedText(list(enc.input_ids), overlapping[-1], overlapping[0])
 
 
 def encode_prompt(lm: LoadedModel, template: str, prompt: str, subject: str) -> EncodedText:

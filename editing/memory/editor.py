@@ -8,7 +8,9 @@ still high: NSE's value optimisation, so targets of both editors agree. Instead 
 over weight matrices by a least-squares solve (where every other input whose key overlaps moves
 too), it stores (key, δ, threshold) as one row of the model's ``FactMemory``. The row adds δ
 only where the model has read that subject, so edits neither disturb other knowledge nor each
-other, and removing one is exact.
+other, and removing one is exact. A subject of several tokens also keys its first token (the
+lead), so a name that only shares the last word ("Robert Boulter" for "Kelly Boulter") does not
+fire the row.
 
 Targets are computed on the current weights: rows already in the memory fire where they apply,
 so a second correction of the same fact is solved on top of the first.
@@ -23,7 +25,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,8 +52,11 @@ from editing.subject import encode_prompt
 
 log = logging.getLogger(__name__)
 
-MATERIAL = ("key", "value", "threshold")
-"""A row's tensors, as edit material stores them."""
+MATERIAL = ("key", "value", "threshold", "lead_key", "lead_threshold", "lead_offset")
+"""A row's tensors, as edit material stores them (thresholds and offset (1,); lead_threshold 0:
+no lead)."""
+ROW_ATTRS = ("keys", "values", "thresholds", "lead_keys", "lead_thresholds", "lead_offsets")
+"""The memory's parameter holding each of ``MATERIAL``, in the same order."""
 CENTRE_LINES, CENTRE_TOKENS = 300, 64
 """Corpus lines (of over 40 characters) and tokens per line behind the per-position means."""
 
@@ -163,33 +168,48 @@ class MemoryEditor(Editor):
         return self._value_net
 
     def rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, ...]:
-        """(keys (n, d_ff) unit, values (n, d), thresholds (n, 1)): each request's row, computed
-        on the current weights the first time it is asked for and kept (the material of
+        """``MATERIAL`` stacked over requests (keys (n, d_ff) unit, values (n, d), thresholds
+        (n, 1), lead keys, lead thresholds, lead offsets): each request's row, computed on the
+        current weights the first time it is asked for and kept (the material of
         ``consolidate``)."""
         missing = [r for r in requests if self.fingerprint(lm, r) not in self._rows]
         if missing:
             self._compute_rows(lm, missing)
         rows = [self._rows.get(self.fingerprint(lm, r)) for r in requests]
-        return tuple(torch.stack([row[i] for row in rows]) for i in range(3))
+        return tuple(torch.stack([row[i] for row in rows]) for i in range(len(MATERIAL)))
+
+    def _thresholds(self, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row thresholds, whether the prompt falls short of the floor) for the cosines of the
+        edit prompts' own keys with their rows' keys."""
+        c = self.config
+        gate = torch.where(own < c.threshold, own - 0.01, torch.full_like(own, c.threshold))
+        short = gate < c.threshold_floor  # the edit prompt itself would not fire the row
+        return torch.where(short, torch.full_like(own, c.threshold), gate), short
 
     def _compute_rows(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> None:
         config = self.value_config(lm)
         memory = self.prepare_model(lm)
         started = time.perf_counter()
-        unit, plain = _keys(lm, requests, memory, self.centres(lm), config.prefixes)
-        own = (plain * unit).sum(dim=1)
-        c = self.config
-        gate = torch.where(own < c.threshold, own - 0.01, torch.full_like(own, c.threshold))
-        short = gate < c.threshold_floor  # the edit prompt itself would not fire the row
-        gate = torch.where(short, torch.full_like(own, c.threshold), gate)
+        keys = _keys(lm, requests, memory, self.centres(lm), config.prefixes)
+        gate, short = self._thresholds((keys.plain * keys.stored).sum(dim=1))
+        lead_own = (keys.lead_plain * keys.lead_stored).sum(dim=1)
+        lead_gate = (lead_own - 0.01).clamp(max=self.config.lead_threshold)
+        led = keys.has_lead & (lead_gate > 0)
+        lead_gate = torch.where(led, lead_gate, torch.zeros_like(lead_gate))
         if bool(short.any()):
             log.warning(
-                "memory: %d of %d prompts do not reach their own row", int(short.sum()), len(own)
+                "memory: %d of %d prompts do not reach their own row", int(short.sum()), len(gate)
             )
         targets = compute_targets(lm, requests, config.z_layer, config, self._net(lm, config))
-        for request, k, target, g in zip(requests, unit, targets, gate, strict=True):
-            value = (target.z - target.h_init).float().cpu()
-            row = (k.float().cpu().contiguous(), value, g.reshape(1).float().cpu())
+        for i, (request, target) in enumerate(zip(requests, targets, strict=True)):
+            row = (
+                keys.stored[i].float().contiguous(),
+                (target.z - target.h_init).float().cpu(),
+                gate[i].reshape(1).float(),
+                keys.lead_stored[i].float().contiguous(),
+                lead_gate[i].reshape(1).float(),
+                (keys.lead_offset[i] * led[i]).reshape(1).float(),
+            )
             self._rows.put(self.fingerprint(lm, request), row)
         log.info(
             "memory rows: %d requests in %.1f s, nll %s",
@@ -227,25 +247,20 @@ class MemoryEditor(Editor):
     def compute_deltas(
         self, lm: LoadedModel, requests: Sequence[EditRequest]
     ) -> dict[str, torch.Tensor]:
-        keys, values, thresholds = self.rows(lm, requests)
-        return self._write(lm, keys, values, thresholds[:, 0])
+        return self._write(lm, self.rows(lm, requests))
 
-    def _write(
-        self, lm: LoadedModel, keys: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Deltas that put each (key, value, threshold) into a free row."""
+    def _write(self, lm: LoadedModel, material: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Deltas that put each request's ``MATERIAL`` into a free row."""
         memory = self.prepare_model(lm)
-        rows = torch.tensor(memory.free_rows(keys.shape[0]))
+        rows = torch.tensor(memory.free_rows(material[0].shape[0]))
         names = memory_parameter_names(lm, memory)
-        deltas = {
-            names["keys"]: torch.zeros_like(memory.keys),
-            names["values"]: torch.zeros_like(memory.values),
-            names["thresholds"]: torch.zeros_like(memory.thresholds),
-        }
-        # Free rows are all zero, so each delta is the row's new content.
-        deltas[names["keys"]][rows] = keys.to(memory.keys)
-        deltas[names["values"]][rows] = values.to(memory.values)
-        deltas[names["thresholds"]][rows] = thresholds.to(memory.thresholds)
+        deltas = {}
+        for attr, content in zip(ROW_ATTRS, material, strict=True):
+            param = getattr(memory, attr)
+            delta = torch.zeros_like(param)
+            # Free rows are all zero, so each delta is the row's new content.
+            delta[rows] = content.reshape(len(rows), *param.shape[1:]).to(param)
+            deltas[names[attr]] = delta
         if not bool(memory.centres.any()):  # the first rows bring the means their keys used
             deltas[names["centres"]] = self.centres(lm).to(memory.centres)
         return deltas
@@ -267,13 +282,13 @@ class MemoryEditor(Editor):
     def edit_material(
         self, lm: LoadedModel, requests: Sequence[EditRequest]
     ) -> dict[str, EditMaterial]:
-        """Each request's row (key and value), fingerprinted."""
-        keys, values, thresholds = self.rows(lm, requests)
+        """Each request's row (``MATERIAL``), fingerprinted."""
+        stacked = dict(zip(MATERIAL, self.rows(lm, requests), strict=True))
         return {
             r.request_id: EditMaterial(
-                self.fingerprint(lm, r), {"key": k, "value": v, "threshold": t}
+                self.fingerprint(lm, r), {name: t[i] for name, t in stacked.items()}
             )
-            for r, k, v, t in zip(requests, keys, values, thresholds, strict=True)
+            for i, r in enumerate(requests)
         }
 
     def take_material(self, lm: LoadedModel, request: EditRequest, material: EditMaterial) -> bool:
@@ -298,27 +313,54 @@ def _activations(lm: LoadedModel, layer: int, rows: Sequence[list[int]]) -> torc
     return captured["key"].float()
 
 
+class RowKeys(NamedTuple):
+    """Each request's keys, (n, d_ff) unit: stored (½·plain prompt + ½·mean over the prefixed
+    prompts) and the plain prompt's, at the subject's last token and (lead) its first."""
+
+    stored: torch.Tensor
+    plain: torch.Tensor
+    lead_stored: torch.Tensor
+    lead_plain: torch.Tensor
+    has_lead: torch.Tensor  # (n,) bool: the subject has several tokens, as many in every prompt
+    lead_offset: torch.Tensor  # (n,) tokens from the lead to the last token (0: no lead)
+
+
 def _keys(
     lm: LoadedModel,
     requests: Sequence[EditRequest],
     memory: FactMemory,
     centres: torch.Tensor,
     prefixes: Sequence[str],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stored keys, plain-prompt keys), each (n, d_ff) unit: a request's key at its subject's
-    last token, position-centred, as ½·(plain prompt) + ½·(mean over the prefixed prompts)."""
+) -> RowKeys:
+    """Each request's keys at its subject's last and first tokens, position-centred. A subject
+    of one token, or tokenised differently at the prompt's start, gets no (a zero) lead key."""
     templates = ("{}", *prefixes)
-    stored, plain = [], []
+    out: list[tuple[torch.Tensor, ...]] = []
     for request in requests:
         encoded = [encode_prompt(lm, t, request.prompt, request.subject) for t in templates]
         acts = _activations(lm, memory.key_layer, [e.ids for e in encoded])
-        at = torch.tensor([e.subject_index for e in encoded])
-        picked = acts[torch.arange(len(encoded)), at]  # (1 + P, d_ff)
-        unit = memory.unit_keys(picked[None], at[None], centres)[0]
-        key = 0.5 * unit[0] + 0.5 * unit[1:].mean(dim=0) if len(unit) > 1 else unit[0]
-        stored.append(key / key.norm().clamp_min(1e-6))
-        plain.append(unit[0])
-    return torch.stack(stored).cpu(), torch.stack(plain).cpu()
+        last = torch.tensor([e.subject_index for e in encoded])
+        stored, plain = _averaged(memory, acts, last, centres)
+        offsets = {e.subject_index - e.subject_first for e in encoded}
+        offset = offsets.pop() if len(offsets) == 1 else 0
+        if offset > 0:
+            lead_stored, lead_plain = _averaged(memory, acts, last - offset, centres)
+        else:
+            lead_stored = lead_plain = torch.zeros_like(stored)
+        out.append(
+            (stored, plain, lead_stored, lead_plain, torch.tensor(offset > 0), torch.tensor(offset))
+        )
+    return RowKeys(*(torch.stack([row[i] for row in out]).cpu() for i in range(6)))
+
+
+def _averaged(
+    memory: FactMemory, acts: torch.Tensor, at: torch.Tensor, centres: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored, plain) unit keys from the activations (1 + P, T, d_ff) at positions ``at``."""
+    picked = acts[torch.arange(len(at)), at]  # (1 + P, d_ff)
+    unit = memory.unit_keys(picked[None], at[None], centres)[0]
+    key = 0.5 * unit[0] + 0.5 * unit[1:].mean(dim=0) if len(unit) > 1 else unit[0]
+    return key / key.norm().clamp_min(1e-6), unit[0]
 
 
 @torch.inference_mode()

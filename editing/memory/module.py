@@ -5,6 +5,9 @@ input of the down-projection) is compared with every row's key by cosine; where 
 row's threshold, the row's value is added to block ``value_layer``'s output at that position.
 A fact's key is read at its subject's last token, so the value is added wherever the model has
 just read that subject, in any context, and nowhere else: other knowledge passes untouched.
+At that layer the last token still says more about itself than about the words before it
+("Robert Boulter" reads like "Kelly Boulter"), so a subject of several tokens also has a *lead*
+key, its first token, that the position as many tokens back must match too.
 
 The rows are ordinary parameters of the model (``<block key_layer>.fact_memory.keys`` ...), all
 zero in the base model (an empty row never fires: its threshold is 0). So an edit is a weight
@@ -46,6 +49,11 @@ class FactMemory(nn.Module):
         self.keys = nn.Parameter(torch.zeros(capacity, key_width), requires_grad=False)
         self.values = nn.Parameter(torch.zeros(capacity, value_width), requires_grad=False)
         self.thresholds = nn.Parameter(torch.zeros(capacity), requires_grad=False)
+        # The subject's first token, ``lead_offsets`` tokens before its last one; a row with
+        # lead threshold 0 has no lead.
+        self.lead_keys = nn.Parameter(torch.zeros(capacity, key_width), requires_grad=False)
+        self.lead_thresholds = nn.Parameter(torch.zeros(capacity), requires_grad=False)
+        self.lead_offsets = nn.Parameter(torch.zeros(capacity), requires_grad=False)
         self.centres = nn.Parameter(
             torch.zeros(EARLY_POSITIONS + 1, key_width), requires_grad=False
         )
@@ -87,9 +95,23 @@ class FactMemory(nn.Module):
         return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     def fired(self, activations: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T, capacity) bool: the rows that fire at each position."""
-        similarity = self.unit_keys(activations, positions) @ self.keys.T
-        return (similarity >= self.thresholds) & (self.thresholds > 0)
+        """(B, T, capacity) bool: the rows that fire at each position. A row with a lead key
+        fires only where the position ``lead_offsets`` back, in the same sequence and in this
+        forward (not so for a token decoded alone), matches it."""
+        keys = self.unit_keys(activations, positions)  # (B, T, d_ff)
+        fired = (keys @ self.keys.T >= self.thresholds) & (self.thresholds > 0)
+        led = self.lead_thresholds > 0  # (capacity,)
+        if bool((fired & led).any()):
+            for offset in self.lead_offsets[led].unique().tolist():
+                back = int(offset)
+                rows = led & (self.lead_offsets == offset)  # (capacity,)
+                before = torch.zeros_like(keys)
+                if back < keys.shape[1]:
+                    before[:, back:] = keys[:, : keys.shape[1] - back]
+                follows = (positions >= back).to(keys.device)[..., None]  # (B, T, 1)
+                match = before @ self.lead_keys[rows].T >= self.lead_thresholds[rows]
+                fired[..., rows] &= match & follows
+        return fired
 
     def read(self, activations: torch.Tensor) -> None:
         """Key-layer pre-hook body: compute what the value layer must add at each position."""
@@ -179,7 +201,15 @@ def added_parameter_names(lm: LoadedModel) -> list[str]:
 
 
 def memory_parameter_names(lm: LoadedModel, memory: FactMemory) -> dict[str, str]:
-    """Attribute ("keys", "values", "thresholds") -> the parameter's name in the model."""
+    """Each row attribute (``keys`` ... ``lead_thresholds``, ``centres``) -> its parameter name."""
     names = {id(p): n for n, p in lm.model.named_parameters()}
-    attrs = ("keys", "values", "thresholds", "centres")
+    attrs = (
+        "keys",
+        "values",
+        "thresholds",
+        "lead_keys",
+        "lead_thresholds",
+        "lead_offsets",
+        "centres",
+    )
     return {attr: names[id(getattr(memory, attr))] for attr in attrs}

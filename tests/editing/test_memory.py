@@ -15,7 +15,7 @@ from editing.evaluation import EvalConfig
 from editing.generation import greedy_generate
 from editing.hooks import run_until
 from editing.memory.editor import MemoryEditor, RowCache
-from editing.memory.module import memory_of
+from editing.memory.module import FactMemory, memory_of
 from editing.models import LoadedModel
 from editing.registry import get_editor
 from editing.requests import EditRequest, LocalityProbe
@@ -68,7 +68,16 @@ def test_edit_takes_and_leaves_every_other_prompt_bit_identical(lm: LoadedModel)
     deltas = editor.compute_deltas(lm, [EDIT])
     assert all(torch.equal(v, weights[k]) for k, v in lm.model.state_dict().items())  # pure
     assert set(deltas) == {
-        f"model.layers.1.fact_memory.{n}" for n in ("keys", "values", "thresholds", "centres")
+        f"model.layers.1.fact_memory.{n}"
+        for n in (
+            "keys",
+            "values",
+            "thresholds",
+            "lead_keys",
+            "lead_thresholds",
+            "lead_offsets",
+            "centres",
+        )
     }
     result = editor.apply(lm, [EDIT])
     assert _answer(lm, EDIT.prompt) == EDIT.target_new
@@ -157,7 +166,7 @@ def test_the_bench_resets_the_memory_between_methods(tmp_path: Path) -> None:
     )
     memory = result["methods"]["memory"]
     assert memory["summary"]["refused"] == 0
-    assert len(memory["touched_parameters"]) == 4
+    assert len(memory["touched_parameters"]) == 7
     assert result["methods"]["none"]["summary"]["unrelated_kept"] == 1.0
 
 
@@ -189,3 +198,39 @@ def test_the_row_cache_keeps_only_the_most_recently_used() -> None:
     assert cache.get("a") is rows["a"]  # "a" is now the most recent
     cache.put("c", rows["c"])
     assert "b" not in cache and "a" in cache and "c" in cache and len(cache) == 2
+
+
+def test_a_row_with_a_lead_fires_only_where_its_lead_comes_first() -> None:
+    """Row 0 needs its lead key 1 token back, row 1 2 tokens back; row 2 has no lead."""
+    memory = FactMemory(key_width=3, value_width=2, capacity=3, key_layer=0, value_layer=0)
+    name, lead, other = torch.eye(3)
+    with torch.no_grad():
+        memory.keys[:] = torch.stack([name, name, name])
+        memory.thresholds[:] = 0.9
+        memory.lead_keys[:2] = lead
+        memory.lead_thresholds[:2] = 0.9
+        memory.lead_offsets[:2] = torch.tensor([1.0, 2.0])
+    # Packed sequences: "lead name", "other name", "name", "lead other name", "lead name".
+    acts = torch.stack([lead, name, other, name, name, lead, other, name, lead, name])[None]
+    positions = torch.tensor([[0, 1, 0, 1, 0, 0, 1, 2, 0, 1]])
+    fired = memory.fired(acts, positions)[0]  # (10, 3)
+    assert fired[1].tolist() == [True, False, True]  # its lead 1 back
+    assert fired[3].tolist() == [False, False, True]  # another token before it
+    assert fired[4].tolist() == [False, False, True]  # a sequence's first token
+    assert fired[7].tolist() == [False, True, True]  # its lead 2 back
+    assert fired[9].tolist() == [True, False, True]  # 2 back is the previous sequence
+    alone = memory.fired(acts[:, 1:2], torch.tensor([[5]]))[0]  # decoded alone: no lead in view
+    assert alone.tolist() == [[False, False, True]]
+
+
+def test_a_subject_of_several_tokens_gets_a_lead_and_one_token_none(lm: LoadedModel) -> None:
+    editor = MemoryEditor(**OPTIONS)
+    several = EditRequest("e2", "Toko Yasuda plays the", "Toko Yasuda", "guitar")
+    keys, _, thresholds, lead_keys, lead_thresholds, offsets = editor.rows(lm, [EDIT, several])
+    assert float(lead_thresholds[0]) == 0 and float(lead_keys[0].abs().sum()) == 0
+    assert offsets[:, 0].tolist() == [0, 4]  # "To|ko| |Yas|uda": first to last token
+    assert float(thresholds[1]) >= editor.config.threshold_floor
+    assert 0 < float(lead_thresholds[1]) <= editor.config.lead_threshold
+    assert abs(float(lead_keys[1].norm()) - 1) < 1e-5
+    off = MemoryEditor(**OPTIONS, lead_threshold=0.0)
+    assert [float(t[0]) for t in off.rows(lm, [several])[4:]] == [0.0, 0.0]
