@@ -96,21 +96,16 @@ class FactMemory(nn.Module):
 
     def fired(self, activations: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, T, capacity) bool: the rows that fire at each position. A row with a lead key
-        fires only where the position ``lead_offsets`` back, in the same sequence and in this
-        forward (not so for a token decoded alone), matches it."""
+        fires only where its sequence's token ``lead_offsets`` back, if this forward holds it
+        (not so for a token decoded alone), matches it too."""
         keys = self.unit_keys(activations, positions)  # (B, T, d_ff)
         fired = (keys @ self.keys.T >= self.thresholds) & (self.thresholds > 0)
         led = self.lead_thresholds > 0  # (capacity,)
-        if bool((fired & led).any()):
-            for offset in self.lead_offsets[led].unique().tolist():
-                back = int(offset)
-                rows = led & (self.lead_offsets == offset)  # (capacity,)
-                before = torch.zeros_like(keys)
-                if back < keys.shape[1]:
-                    before[:, back:] = keys[:, : keys.shape[1] - back]
-                follows = (positions >= back).to(keys.device)[..., None]  # (B, T, 1)
-                match = before @ self.lead_keys[rows].T >= self.lead_thresholds[rows]
-                fired[..., rows] &= match & follows
+        hits = (fired & led).nonzero()  # (k, 3): batch, position, row; few
+        for b, t, row in hits.tolist():
+            at = _ancestor(positions[b], t, int(positions[b, t]) - int(self.lead_offsets[row]))
+            lead = -1.0 if at is None else float(keys[b, at] @ self.lead_keys[row])
+            fired[b, t, row] = lead >= float(self.lead_thresholds[row])
         return fired
 
     def read(self, activations: torch.Tensor) -> None:
@@ -133,6 +128,17 @@ class FactMemory(nn.Module):
     def forget(self) -> None:
         self._pending = None
         self._positions = None
+
+
+def _ancestor(positions: torch.Tensor, t: int, position: int) -> int | None:
+    """The index of the token at ``position`` in the sequence of index ``t``: the last index
+    before ``t`` holding that position id. This holds for padded rows, for sequences packed one
+    after another and for prefix-sharing packing in depth-first order (``editing.scoring``),
+    where a token's ancestor at a depth is the latest token of that depth before it."""
+    if position < 0:
+        return None
+    earlier = (positions[:t] == position).nonzero()
+    return int(earlier[-1]) if len(earlier) else None
 
 
 def memory_of(lm: LoadedModel) -> FactMemory | None:

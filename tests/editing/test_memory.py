@@ -219,6 +219,12 @@ def test_a_row_with_a_lead_fires_only_where_its_lead_comes_first() -> None:
     assert fired[4].tolist() == [False, False, True]  # a sequence's first token
     assert fired[7].tolist() == [False, True, True]  # its lead 2 back
     assert fired[9].tolist() == [True, False, True]  # 2 back is the previous sequence
+    # Prefix-sharing packing: "lead name" and "lead other name" share the lead (index 0).
+    shared = memory.fired(
+        torch.stack([lead, name, other, name])[None], torch.tensor([[0, 1, 1, 2]])
+    )[0]
+    assert shared[1].tolist() == [True, False, True]  # index 0 is 1 back in its sequence
+    assert shared[3].tolist() == [False, True, True]  # index 0 is 2 back, not index 1
     alone = memory.fired(acts[:, 1:2], torch.tensor([[5]]))[0]  # decoded alone: no lead in view
     assert alone.tolist() == [[False, False, True]]
 
