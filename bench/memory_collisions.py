@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from editing.bench import WIKITEXT_TEST  # noqa: E402
+from editing.bench import WIKITEXT_TEST, git_revision, machine_info  # noqa: E402
 from editing.datasets import default_data_dir, load_dataset  # noqa: E402
 from editing.memory.editor import MemoryEditor, RowKeys, _activations, _keys  # noqa: E402
 from editing.memory.module import FactMemory  # noqa: E402
@@ -100,13 +98,10 @@ def main() -> None:
     print(f"positions, {len(probes)} probes, {len(requests)} own prompts, {rephrased} rephrases")
     for t in settings:
         print(f"lead threshold {t}: {counts[t]}")
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     out = {
         "command": "python " + " ".join(sys.argv),
-        "git": git,
-        "machine": platform.platform(),
+        "git": git_revision(),
+        "machine": machine_info(),
         "load_average": os.getloadavg(),
         "seconds": round(time.time() - started, 1),
         "stream": {"dataset": args.dataset, "split": args.split, "skip": args.skip},
