@@ -37,6 +37,7 @@ from editing.keystats import DEFAULT_CORPUS
 from editing.memory.config import MemoryConfig
 from editing.memory.module import (
     EARLY_POSITIONS,
+    ROW_ATTRS,
     FactMemory,
     attach_memory,
     memory_of,
@@ -53,10 +54,8 @@ from editing.subject import encode_prompt
 log = logging.getLogger(__name__)
 
 MATERIAL = ("key", "value", "threshold", "lead_key", "lead_threshold", "lead_offset")
-"""A row's tensors, as edit material stores them (thresholds and offset (1,); lead_threshold 0:
-no lead)."""
-ROW_ATTRS = ("keys", "values", "thresholds", "lead_keys", "lead_thresholds", "lead_offsets")
-"""The memory's parameter holding each of ``MATERIAL``, in the same order."""
+"""A row's tensors, as edit material stores them, in the order of ``ROW_ATTRS`` (thresholds
+and offset (1,); lead_threshold 0: no lead)."""
 CENTRE_LINES, CENTRE_TOKENS = 300, 64
 """Corpus lines (of over 40 characters) and tokens per line behind the per-position means."""
 

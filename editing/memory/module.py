@@ -206,16 +206,12 @@ def added_parameter_names(lm: LoadedModel) -> list[str]:
     return [name for name, _ in lm.model.named_parameters() if f".{MODULE_NAME}." in name]
 
 
+ROW_ATTRS = ("keys", "values", "thresholds", "lead_keys", "lead_thresholds", "lead_offsets")
+"""The parameters that hold a row, one entry per fact each."""
+
+
 def memory_parameter_names(lm: LoadedModel, memory: FactMemory) -> dict[str, str]:
     """Each row attribute (``keys`` ... ``lead_thresholds``, ``centres``) -> its parameter name."""
     names = {id(p): n for n, p in lm.model.named_parameters()}
-    attrs = (
-        "keys",
-        "values",
-        "thresholds",
-        "lead_keys",
-        "lead_thresholds",
-        "lead_offsets",
-        "centres",
-    )
+    attrs = (*ROW_ATTRS, "centres")
     return {attr: names[id(getattr(memory, attr))] for attr in attrs}
