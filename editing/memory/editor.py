@@ -134,6 +134,7 @@ class MemoryEditor(Editor):
         self._net_sha256: str | None = None
         self._centres: torch.Tensor | None = None
         self._rows = RowCache(self.config.capacity)
+        self._value_steps: list[int] = []  # of the rows the last apply computed
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -200,6 +201,7 @@ class MemoryEditor(Editor):
                 "memory: %d of %d prompts do not reach their own row", int(short.sum()), len(gate)
             )
         targets = compute_targets(lm, requests, config.z_layer, config, self._net(lm, config))
+        self._value_steps = [t.steps for t in targets]
         for i, (request, target) in enumerate(zip(requests, targets, strict=True)):
             row = (
                 keys.stored[i].float().contiguous(),
@@ -265,10 +267,15 @@ class MemoryEditor(Editor):
         return deltas
 
     def apply(self, lm: LoadedModel, requests: Sequence[EditRequest]) -> EditResult:
+        self._value_steps = []
         result = super().apply(lm, requests)
         memory = memory_of(lm)
         assert memory is not None
         result.info["memory_rows_used"] = int(memory.used_rows().numel())
+        if self._value_steps:  # where the cost goes: a batch waits for its slowest value
+            steps = self._value_steps
+            result.info["value_steps_mean"] = sum(steps) / len(steps)
+            result.info["value_steps_max"] = max(steps)
         return result
 
     # --- consolidation: rows are independent, so the joint solve is writing them all again ----
