@@ -67,6 +67,7 @@ from daemon.versions.registry import RegistryUnavailableError
 from daemon.versions.snapshots import load_into
 from editing.editors.base import EditError, Editor, EditResult
 from editing.keystats import DEFAULT_CORPUS, KeyStatistics
+from editing.memory.module import memory_of
 from editing.models import LoadedModel, load_model
 from editing.paths import Paths
 from editing.registry import get_editor
@@ -397,6 +398,9 @@ class Daemon:
         # Parameters the editor adds (the fact memory) must exist before the base weights,
         # the snapshots' names and the audit baseline are taken from the model.
         self.editor.prepare_model(self.lm)
+        memory = memory_of(self.lm)
+        if memory is not None:
+            self.metrics.watch_memory(lambda: int(memory.used_rows().numel()), memory.capacity)
         self.applier = EditApplier(
             self.lm,
             self.editor,

@@ -8,7 +8,7 @@ The daemon owns one ``FactkeeperMetrics``; tests pass a fresh ``CollectorRegistr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -148,6 +148,16 @@ class FactkeeperMetrics:
             buckets=AUDIT_SECONDS_BUCKETS,
             registry=r,
         )
+        self.memory_rows = Gauge(
+            "factkeeper_memory_rows",
+            "Rows of the fact memory that hold a correction, read at scrape time (0: no memory).",
+            registry=r,
+        )
+        self.memory_capacity = Gauge(
+            "factkeeper_memory_capacity_rows",
+            "Rows the fact memory has; a full memory refuses edits (0: no memory).",
+            registry=r,
+        )
         self.weight_delta_norm = Gauge(
             "factkeeper_weight_delta_norm",
             "Frobenius norm of the accumulated delta of each edited module vs the base weights.",
@@ -161,6 +171,12 @@ class FactkeeperMetrics:
     def set_lag(self, lag_by_partition: Mapping[int, int]) -> None:
         for partition, lag in lag_by_partition.items():
             self.consumer_lag.labels(partition=str(partition)).set(lag)
+
+    def watch_memory(self, used_rows: Callable[[], int], capacity: int) -> None:
+        """Export the fact memory's fill: ``used_rows`` is called at every scrape, so the gauge
+        follows edits, rollbacks and restores without each of them reporting it."""
+        self.memory_rows.set_function(lambda: float(used_rows()))
+        self.memory_capacity.set(capacity)
 
     def set_delta_norms(self, norms: Mapping[str, float]) -> None:
         for module, norm in norms.items():
