@@ -42,6 +42,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from editing.generation import end_ids, greedy_generate, greedy_token_ids
 from editing.models import LoadedModel
 from editing.scoring import Pair, Scored, TeacherForcedScorer
@@ -67,6 +69,31 @@ def _written_without_spaces(ch: str) -> bool:
 def _needs_boundary(target: str) -> bool:
     last = target[-1]
     return _is_word_char(last) and not _written_without_spaces(last)
+
+
+def needs_word_end(target: str) -> bool:
+    """Whether an answer must end the word after ``target`` to match it (its last character
+    is a word character of a script written with spaces)."""
+    target = unicodedata.normalize("NFC", target).strip()
+    return bool(target) and _needs_boundary(target)
+
+
+_CONTINUING: dict[int, tuple[Any, torch.Tensor]] = {}
+
+
+def word_continuing_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) bool: tokens whose text begins with a word character, so that after a
+    target ending in one the answer would fail ``answer_matches`` ("Tampere" + "i"). Ids the
+    tokenizer does not know count as ending the word. Computed once per tokenizer."""
+    cached = _CONTINUING.get(id(tokenizer))
+    if cached is None or cached[0] is not tokenizer or len(cached[1]) != vocab_size:
+        known = min(len(tokenizer), vocab_size)
+        texts = tokenizer.batch_decode([[i] for i in range(known)])
+        flags = [bool(t) and _is_word_char(t[0]) for t in texts]
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[:known] = torch.tensor(flags, dtype=torch.bool)
+        cached = _CONTINUING[id(tokenizer)] = (tokenizer, mask)
+    return cached[1]
 
 
 def answer_matches(answer: str, target: str) -> bool:

@@ -70,6 +70,7 @@ VALUE_FIELDS = frozenset(
         "kl_factor",
         "early_stop_loss",
         "stop_margin",
+        "end_of_word",
         "value_net",
         "value_prefixes",
     }

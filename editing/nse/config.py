@@ -62,6 +62,11 @@ class NSEConfig:
     """When set, a request also stops once its target is the greedy continuation of every value
     prompt, each target token ahead of the best other token by this log-probability margin:
     the judge's criterion, with room for the contexts the prompts do not cover."""
+    end_of_word: bool = False
+    """When set, a target that ends in a word character must also end the word: the token after
+    it must not continue it (the judge's whole-word rule: "Tamperei" is not "Tampere"). The
+    loss gains the NLL of the word-ending tokens there, and ``stop_margin`` asks the best of
+    them to lead the best continuing token by the margin too."""
     v_optimiser: str = "adam"
     """``adam``: the reference's Adam on δ (lr ``v_lr``). ``normalised``: each step moves δ by
     ``v_step``·||h_init|| against the gradient's direction (the untrained form of EMSEdit's

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from editing.adapters import MlpRole
+from editing.checks import needs_word_end, word_continuing_tokens
 from editing.editors.base import EditError
 from editing.hooks import (
     add_to_output,
@@ -119,10 +120,12 @@ def keys_and_hidden(
 class _ValueProblem:
     """One request's rows in the batched value optimisation."""
 
-    rows: list[list[int]]  # prompt rows (each prompt + target[:-1]), then the KL row
+    rows: list[list[int]]  # prompt rows (each prompt + target[:-1], or + target), then KL row
     pred_cols: list[list[int]]  # per prompt row: positions predicting the target tokens
     subject_cols: list[int]  # per row: the subject's last token
     target_ids: list[int]
+    end_cols: list[int]  # per prompt row: the position predicting the token after the target
+    # (empty: no end-of-word term)
 
 
 def _value_problem(lm: LoadedModel, request: EditRequest, config: NSEConfig) -> _ValueProblem:
@@ -134,12 +137,16 @@ def _value_problem(lm: LoadedModel, request: EditRequest, config: NSEConfig) -> 
     kl = encode_prompt(
         lm, config.kl_prompt, config.kl_prompt.replace("{}", request.subject), request.subject
     )
-    # The last prompt token predicts target_0, the next one target_1, ...
+    # The last prompt token predicts target_0, the next one target_1, ...; with the end of
+    # the word checked, the last target token is run too: it predicts what follows the target.
+    end = config.end_of_word and needs_word_end(request.target_new)
+    fed = target_ids if end else target_ids[:-1]
     return _ValueProblem(
-        rows=[p.ids + target_ids[:-1] for p in prompts] + [kl.ids],
+        rows=[p.ids + fed for p in prompts] + [kl.ids],
         pred_cols=[[len(p.ids) - 1 + j for j in range(len(target_ids))] for p in prompts],
         subject_cols=[p.subject_index for p in prompts] + [kl.subject_index],
         target_ids=list(target_ids),
+        end_cols=[len(p.ids) - 1 + len(target_ids) for p in prompts] if end else [],
     )
 
 
@@ -170,6 +177,11 @@ class ValueObjective:
         ].float()  # (n, d)
         self.head = lm.model.get_output_embeddings()
         self.kl_init: torch.Tensor | None = None
+        self.continuing = (
+            word_continuing_tokens(lm.tokenizer, self.head.out_features).to(self.device)
+            if any(p.end_cols for p in self.problems)
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -202,8 +214,14 @@ class ValueObjective:
             token_nll = -log_probs.gather(1, gold[:, None]).squeeze(1)  # (N_pred,)
             with torch.no_grad():
                 rival = log_probs.scatter(1, gold[:, None], float("-inf")).amax(dim=1)
-                margins.append((-token_nll - rival).min())
-            nlls.append(token_nll.view(len(p.pred_cols), -1).mean(dim=1).mean())
+                margin = (-token_nll - rival).min()
+            per_prompt = token_nll.view(len(p.pred_cols), -1)  # (n_prompts, n_target)
+            if p.end_cols:
+                end_nll, end_margin = self._word_end(hidden, at, start, p.end_cols)
+                per_prompt = torch.cat([per_prompt, end_nll[:, None]], dim=1)
+                margin = torch.minimum(margin, end_margin)
+            margins.append(margin)
+            nlls.append(per_prompt.mean(dim=1).mean())
             kl_row = start + len(p.pred_cols)
             kls.append(
                 F.log_softmax(self.head(hidden[at[kl_row], p.subject_cols[-1]]).float(), dim=-1)
@@ -220,6 +238,21 @@ class ValueObjective:
         decay = config.v_weight_decay * delta[idx].norm(dim=1) / h_norm**2
         nll = torch.stack(nlls)
         return nll + kl_terms + decay, nll, torch.stack(margins)
+
+    def _word_end(
+        self, hidden: torch.Tensor, at: dict[int, int], start: int, cols: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL of ending the word after the target, per prompt; the smallest lead of the best
+        word-ending token over the best continuing one) at the positions after the target."""
+        assert self.continuing is not None
+        picked = torch.stack([hidden[at[start + j], c] for j, c in enumerate(cols)])  # (P, d)
+        log_probs = F.log_softmax(self.head(picked).float(), dim=-1)  # (P, V)
+        ending = log_probs.masked_fill(self.continuing, float("-inf"))
+        with torch.no_grad():
+            lead = ending.amax(dim=1) - log_probs.masked_fill(~self.continuing, float("-inf")).amax(
+                dim=1
+            )
+        return -ending.logsumexp(dim=1), lead.min()
 
 
 def _clamp_values_(

@@ -8,11 +8,13 @@ import dataclasses
 
 import torch
 
+from editing.checks import needs_word_end, word_continuing_tokens
 from editing.hooks import frozen_parameters
 from editing.models import LoadedModel
 from editing.nse import PRESETS
 from editing.nse.keys import ValueObjective, compute_targets
 from editing.requests import EditRequest
+from editing.tiny import tiny_tokenizer
 
 CONFIG = dataclasses.replace(PRESETS["tiny"], value_prefixes=2, kl_factor=0.5)
 REQUESTS = [
@@ -71,3 +73,32 @@ def test_margin_stop_ends_each_request_once_its_target_leads(trained_lm: LoadedM
         trained_lm, LEARNABLE, config.z_layer, dataclasses.replace(config, stop_margin=2.0)
     )
     assert sum(t.steps for t in later) > sum(t.steps for t in targets)
+
+
+def test_word_continuing_tokens_follow_the_judge() -> None:
+    tokenizer = tiny_tokenizer()
+    mask = word_continuing_tokens(tokenizer, len(tokenizer) + 2)
+    ids = {tokenizer.decode([i]): i for i in range(len(tokenizer))}
+    assert mask[ids["A"]] and mask[ids["0"]]  # "Paris" + "A" is not "Paris"
+    assert not mask[ids[" Paris"]] and not mask[ids["."]] and not mask[ids["<|endoftext|>"]]
+    assert not mask[len(tokenizer) :].any()  # ids the tokenizer lacks end the word
+    assert needs_word_end("Paris") and not needs_word_end("Paris.") and not needs_word_end("東京")
+
+
+def test_the_end_of_word_term_weighs_the_token_after_the_target(trained_lm: LoadedModel) -> None:
+    """With ``end_of_word`` a target ending in a letter gains the NLL of ending the word after
+    it, and its margin is at most the target tokens' own; a target ending in "." is unchanged."""
+    requests = [REQUESTS[0], EditRequest("dot", "The twin city of Rome", "Rome", "Paris.")]
+    delta = 2.0 * torch.randn(len(requests), trained_lm.model.config.hidden_size)
+    results = []
+    with frozen_parameters(trained_lm.model):
+        for end in (False, True):
+            objective = ValueObjective(
+                trained_lm, requests, CONFIG.z_layer, CONFIG.replace(end_of_word=end)
+            )
+            _loss_and_grad(objective, torch.zeros_like(delta))
+            results.append(_loss_and_grad(objective, delta))
+    (loss_off, margin_off, _), (loss_on, margin_on, _) = results
+    assert float(loss_on[0]) != float(loss_off[0])
+    assert float(margin_on[0]) <= float(margin_off[0])
+    assert torch.allclose(loss_on[1], loss_off[1]) and torch.equal(margin_on[1], margin_off[1])
