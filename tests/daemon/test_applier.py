@@ -279,4 +279,5 @@ def test_the_default_method_is_the_fact_memory_retried_with_a_wider_margin(tmp_p
     assert only.editor.value_options["stop_margin"] == 3.0
     assert only.editor.value_options["v_num_grad_steps"] == 50
     assert get_editor("memory").value_options["stop_margin"] == 1.0
+    assert get_editor("memory").value_options["end_of_word"] is True
     assert only.label == "rung 1 (memory stop_margin=3.0 v_num_grad_steps=50)"
