@@ -153,7 +153,8 @@ def _value_problem(lm: LoadedModel, request: EditRequest, config: NSEConfig) -> 
 class ValueObjective:
     """The value loss of a batch of requests as a function of their δ at the z layer (spec 2.4).
 
-    Loss per request = mean over its prompts of the target's mean NLL + kl_factor·KL(p ‖ p_init)
+    Loss per request = mean over its prompts of the target's mean NLL (with ``end_of_word``, the
+    NLL of ending the word after it counts as one more token) + kl_factor·KL(p ‖ p_init)
     on the KL prompt + v_weight_decay·||δ|| / ||h_init||². Rows of different requests never mix,
     so the summed loss gives each δ the gradient of its own loss. Blocks up to the z layer do not
     depend on δ: their output is computed once, here. Build it on the ORIGINAL weights. Shared by
