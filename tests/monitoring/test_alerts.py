@@ -43,17 +43,3 @@ def test_rules_reference_only_exported_metrics():
         for name in re.findall(r"\b(factkeeper_[a-z_]+)", rule["expr"])
     }
     assert used and used <= exported, used - exported
-
-
-def test_the_memory_gauge_follows_the_rows_at_scrape_time():
-    metrics = FactkeeperMetrics(CollectorRegistry())
-    rows = [0]
-    metrics.watch_memory(lambda: rows[0], capacity=4096)
-
-    def scraped(name: str) -> float | None:
-        return metrics.registry.get_sample_value(name)
-
-    assert scraped("factkeeper_memory_capacity_rows") == 4096
-    assert scraped("factkeeper_memory_rows") == 0
-    rows[0] = 3700  # an edit, a rollback or a restore changed the memory: no one reports it
-    assert scraped("factkeeper_memory_rows") == 3700
