@@ -13,7 +13,8 @@ it measures, on SmolLM2 with the embedded MLflow store:
 * rollback to the previous version;
 * revert of the newest edit and of the edit in the middle of the stream (the replay of stored
   deltas after the nearest earlier version is what a revert costs), each followed by a rollback
-  to undo it.
+  to undo it;
+* a consolidation of every live edit (two audits, the joint solve, a registered version).
 
 The post-check is skipped while building the state (each edit is journaled as applied): this
 measures the operations, not the edit path (``bench/daemon_ops.py`` measures that).
@@ -168,6 +169,9 @@ def measure_checkpoint(
         _, undo = timed(daemon.history.rollback, before, "bench")  # put the edit back
         reverts[label]["rollback_to_undo_seconds"] = undo
     figures["revert"] = reverts
+    # Last: an accepted consolidation leaves weights that hold the same live set.
+    line, seconds = timed(daemon.consolidate)
+    figures["consolidate"] = {"seconds": seconds, "outcome": line}
     return figures
 
 
@@ -247,6 +251,7 @@ def summarise(checkpoints: list[dict[str, Any]], peak_rss: int) -> dict[str, Any
         "audit_seconds_1000_after_restart": (
             at["audit"].get("seconds_after_restart") if at else None
         ),
+        "consolidate_seconds_1000": at["consolidate"]["seconds"] if at else None,
         "peak_rss_bytes": peak_rss,
     }
 
@@ -254,7 +259,7 @@ def summarise(checkpoints: list[dict[str, Any]], peak_rss: int) -> dict[str, Any
 def render(payload: dict[str, Any]) -> str:
     lines = [
         "edits | snapshot bytes/model | snapshot+register s | audit s (first/repeat/restart) | "
-        "rollback s | revert newest s (replayed) | revert middle s (replayed)"
+        "rollback s | revert newest s (replayed) | revert middle s (replayed) | consolidate s"
     ]
     for c in payload["checkpoints"]:
         s, a, r = c["snapshot"], c["audit"], c["revert"]
@@ -265,7 +270,8 @@ def render(payload: dict[str, Any]) -> str:
             f"{a['seconds_after_restart']:.1f} | "
             f"{'-' if rb is None else f'{rb:.2f}'} | "
             f"{r['newest']['seconds']:.1f} ({r['newest']['replayed']}) | "
-            f"{r['middle']['seconds']:.1f} ({r['middle']['replayed']})"
+            f"{r['middle']['seconds']:.1f} ({r['middle']['replayed']}) | "
+            f"{c['consolidate']['seconds']:.1f}"
         )
     return "\n".join(lines)
 
