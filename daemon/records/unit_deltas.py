@@ -36,6 +36,7 @@ from daemon.errors import (
     StaleUnitDeltasError,
     UnitDeltasError,
 )
+from daemon.records.row_sparse import ROW_SPARSE_KEY, pack_rows, unpack_rows
 from editing.editors.base import deltas_sha256
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 FORMAT = "factkeeper-unit-deltas/1"
 SUFFIX = ".safetensors"
 _TEMP_PREFIX = ".tmp-"
-_ROW_SPARSE = "row_sparse"  # header key: JSON {name: full shape} of the deltas stored by rows
-_ROWS, _DATA = "#rows", "#data"
 
 
 #: The lineage of the base weights (no applied row before the unit).
@@ -107,7 +106,7 @@ class UnitDeltaStore:
             "lineage": lineage,
         }
         if shapes:
-            meta[_ROW_SPARSE] = json.dumps(shapes, sort_keys=True)
+            meta[ROW_SPARSE_KEY] = json.dumps(shapes, sort_keys=True)
         try:
             return write_durably(self.path_for(batch_id), tensors, meta)
         except (OSError, SafetensorError, ValueError) as exc:
@@ -141,7 +140,7 @@ class UnitDeltaStore:
                 meta = fh.metadata() or {}
                 # A safe_open handle is not iterable: keys() is its listing.
                 tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
-            tensors = unpack_rows(tensors, json.loads(meta.get(_ROW_SPARSE, "{}")))
+            tensors = unpack_rows(tensors, json.loads(meta.get(ROW_SPARSE_KEY, "{}")))
         except (OSError, SafetensorError, ValueError, KeyError, RuntimeError) as exc:
             raise CorruptUnitDeltasError(f"stored deltas of unit {batch_id}: {exc}") from exc
         if meta.get("format") != FORMAT or meta.get("batch_id") != batch_id:
@@ -191,43 +190,6 @@ class UnitDeltaStore:
             return 0, 0
         files = [p for p in self.folder.iterdir() if p.suffix == SUFFIX and p.is_file()]
         return len(files), sum(p.stat().st_size for p in files)
-
-
-def pack_rows(
-    deltas: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Store a delta whose rows are mostly zero (a fact-memory edit writes a few rows of a
-    table of thousands) as its nonzero rows and their indices; the rest as they are.
-
-    Returns the tensors to save and, per packed name, the full shape. A row counts as zero
-    only when all its bytes are, so unpacking gives back the same bytes (-0.0 stays).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
-    for name, delta in deltas.items():
-        if delta.dim() >= 1 and delta.shape[0] >= 8 and delta.numel():
-            as_bytes = delta.reshape(delta.shape[0], -1).view(torch.uint8)
-            rows = as_bytes.any(dim=1).nonzero().flatten()
-            if 4 * len(rows) <= delta.shape[0]:
-                tensors[name + _ROWS] = rows
-                tensors[name + _DATA] = delta[rows].contiguous()
-                shapes[name] = list(delta.shape)
-                continue
-        tensors[name] = delta
-    return tensors, shapes
-
-
-def unpack_rows(
-    tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, list[int]]
-) -> dict[str, torch.Tensor]:
-    """The dense deltas of ``pack_rows``' output."""
-    dense = {n: t for n, t in tensors.items() if not n.endswith((_ROWS, _DATA))}
-    for name, shape in shapes.items():
-        data = tensors[name + _DATA]
-        full = torch.zeros(shape, dtype=data.dtype)
-        full[tensors[name + _ROWS]] = data
-        dense[name] = full
-    return dense
 
 
 def write_durably(target: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, str]) -> Path:

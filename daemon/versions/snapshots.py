@@ -6,7 +6,8 @@ to ``value``, and a restore must be bit-exact (``tensors_hash`` proves it). The 
 same as a float32 delta's; ``delta_norms`` in the metadata carries the delta view.
 
 Files: ``tensors.safetensors`` and ``snapshot.json``. Reading refuses anything else that could
-hold code (pickles), so a registry entry cannot smuggle one in.
+hold code (pickles), so a registry entry cannot smuggle one in. A tensor with few nonzero rows
+(the fact memory's table) is stored by its rows (``daemon.records.row_sparse``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from daemon.records.row_sparse import ROW_SPARSE_KEY, pack_rows, unpack_rows
 from editing.errors import FactkeeperError
 
 TENSORS_FILE = "tensors.safetensors"
@@ -140,7 +142,11 @@ def write_snapshot(folder: Path, tensors: Mapping[str, torch.Tensor], meta: Snap
     if tensors_hash(tensors) != meta.tensors_hash:
         raise SnapshotError("metadata hash does not match the tensors being written")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(dict(tensors), str(folder / TENSORS_FILE), metadata={"format": "pt"})
+    stored, shapes = pack_rows(tensors)
+    header = {"format": "pt"}
+    if shapes:
+        header[ROW_SPARSE_KEY] = json.dumps(shapes, sort_keys=True)
+    save_file(stored, str(folder / TENSORS_FILE), metadata=header)
     _fsync(folder / TENSORS_FILE)
     tmp = folder / (META_FILE + ".tmp")
     tmp.write_text(meta.to_json())
@@ -160,7 +166,13 @@ def read_snapshot(folder: Path) -> tuple[dict[str, torch.Tensor], SnapshotMeta]:
     if not (folder / META_FILE).is_file() or not (folder / TENSORS_FILE).is_file():
         raise SnapshotError(f"{folder} is not a complete snapshot ({TENSORS_FILE} + {META_FILE})")
     meta = SnapshotMeta.from_json((folder / META_FILE).read_text())
-    tensors = load_file(str(folder / TENSORS_FILE))
+    try:
+        with safe_open(str(folder / TENSORS_FILE), framework="pt") as fh:
+            header = fh.metadata() or {}
+            stored = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+        tensors = unpack_rows(stored, json.loads(header.get(ROW_SPARSE_KEY, "{}")))
+    except (OSError, SafetensorError, ValueError, KeyError, RuntimeError) as exc:
+        raise SnapshotError(f"{folder}: unreadable tensors ({exc})") from exc
     if tensors_hash(tensors) != meta.tensors_hash:
         raise SnapshotError(
             f"{folder}: tensors do not match the recorded hash (corrupt or altered)"

@@ -5,6 +5,7 @@ import tempfile
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
+from safetensors.torch import save_file
 
 from daemon.versions.registry import CANDIDATE, PRODUCTION, ModelRegistry
 from daemon.versions.snapshots import (
@@ -66,6 +67,25 @@ def test_snapshot_holds_only_edited_tensors_and_restores_bit_exact(tmp_path):
     for name, value in model.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[name]), name
     assert meta.delta_norms[next(iter(sorted(touched)))] > 0
+
+
+def test_a_table_of_few_rows_is_stored_by_its_rows_and_an_older_dense_file_still_reads(tmp_path):
+    """A fact memory of 4,096 rows holding 3 facts: the snapshot stores those rows, not the
+    table, and reads back bit for bit; a snapshot written whole (before packing) reads too."""
+    table = torch.zeros(4096, 64)
+    table[[5, 9, 4000]] = torch.randn(3, 64)
+    table[9, 3] = -0.0  # a row's bytes decide, not its value
+    tensors = {"fact_memory.keys": table, "down": torch.randn(16, 16)}
+    meta = SnapshotMeta(1, ("e1",), "tiny", "cfg", tensors_hash(tensors), {})
+    write_snapshot(tmp_path / "packed", tensors, meta)
+    assert (tmp_path / "packed" / "tensors.safetensors").stat().st_size < table.nbytes / 100
+    loaded, _ = read_snapshot(tmp_path / "packed")
+    assert tensors_hash(loaded) == tensors_hash(tensors)
+
+    (tmp_path / "dense").mkdir()
+    save_file(tensors, str(tmp_path / "dense" / "tensors.safetensors"))
+    (tmp_path / "dense" / "snapshot.json").write_text(meta.to_json())
+    assert tensors_hash(read_snapshot(tmp_path / "dense")[0]) == tensors_hash(tensors)
 
 
 def test_load_into_resets_edits_not_in_the_snapshot():
