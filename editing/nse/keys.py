@@ -177,7 +177,7 @@ class ValueObjective:
             torch.tensor(self.first_row), torch.tensor([p.subject_cols[0] for p in self.problems])
         ].float()  # (n, d)
         self.head = lm.model.get_output_embeddings()
-        self.kl_init: torch.Tensor | None = None
+        self.kl_init: dict[int, torch.Tensor] = {}  # request -> p_init on its KL prompt
         self.continuing = (
             word_continuing_tokens(lm.tokenizer, self.head.out_features).to(self.device)
             if any(p.end_cols for p in self.problems)
@@ -195,9 +195,14 @@ class ValueObjective:
         other token, over every prompt and target position: > 0 when each prompt's greedy
         continuation is the target.
 
-        The first call must list every request: it fixes the KL reference p_init (δ = 0 there).
+        Each request's KL reference p_init is its distribution at δ = 0, computed at its first
+        call.
         """
         config, device = self.config, self.device
+        unseen = [i for i in active if i not in self.kl_init and bool(delta[i].detach().any())]
+        if unseen:  # their KL reference is p at δ = 0
+            with torch.no_grad():
+                self.losses(torch.zeros_like(delta), unseen)
         rows = [r for r in range(len(self.owner)) if self.owner[r] in active]
         hidden = self.upper.final_hidden(
             rows, delta[torch.tensor([self.owner[r] for r in rows])]
@@ -228,11 +233,10 @@ class ValueObjective:
                 F.log_softmax(self.head(hidden[at[kl_row], p.subject_cols[-1]]).float(), dim=-1)
             )  # (V,)
         kl_logp = torch.stack(kls)  # (n_active, V)
-        if self.kl_init is None:
-            if len(active) != len(self.problems):
-                raise EditError("the first value loss must cover every request (KL reference)")
-            self.kl_init = kl_logp.detach().clone()
-        kl_ref = self.kl_init[torch.tensor(list(active))]
+        for k, i in enumerate(active):
+            if i not in self.kl_init:
+                self.kl_init[i] = kl_logp[k].detach().clone()
+        kl_ref = torch.stack([self.kl_init[i] for i in active])
         kl_terms = config.kl_factor * (kl_logp.exp() * (kl_logp - kl_ref)).sum(dim=1)
         idx = torch.tensor(list(active))
         h_norm = self.h_init[idx].norm(dim=1)
@@ -296,25 +300,35 @@ def compute_targets(
     active = list(range(len(requests)))
     with frozen_parameters(lm.model), torch.enable_grad():
         for it in range(config.v_num_grad_steps):
-            losses, nlls, margins = objective.losses(delta, active)
             last = it == config.v_num_grad_steps - 1
-            for k, i in enumerate(list(active)):
-                loss_value = float(losses[k].detach())
-                leads = config.stop_margin is not None and float(margins[k]) >= config.stop_margin
-                if loss_value < config.early_stop_loss or leads or last:
-                    results[i] = TargetValue(
-                        (h_init[i] + delta[i].detach()).float().cpu(),
-                        h_init[i].cpu(),
-                        loss_value,
-                        float(nlls[k].detach()),
-                        it,
-                    )
-            still = [k for k, i in enumerate(active) if i not in results]
-            if not still:
-                break
             delta.grad = None
-            losses[torch.tensor(still)].sum().backward()
-            active = [active[k] for k in still]
+            going: list[int] = []
+            # Chunk by chunk, each backward right after its forward: the graph of the blocks
+            # above the z layer is held for one chunk, not the batch. Requests never share a
+            # row, so the gradients are each request's own either way.
+            for start in range(0, len(active), config.value_chunk):
+                chunk = active[start : start + config.value_chunk]
+                losses, nlls, margins = objective.losses(delta, chunk)
+                for k, i in enumerate(chunk):
+                    loss_value = float(losses[k].detach())
+                    leads = (
+                        config.stop_margin is not None and float(margins[k]) >= config.stop_margin
+                    )
+                    if loss_value < config.early_stop_loss or leads or last:
+                        results[i] = TargetValue(
+                            (h_init[i] + delta[i].detach()).float().cpu(),
+                            h_init[i].cpu(),
+                            loss_value,
+                            float(nlls[k].detach()),
+                            it,
+                        )
+                still = [k for k, i in enumerate(chunk) if i not in results]
+                if still:
+                    losses[torch.tensor(still)].sum().backward()
+                going += [chunk[k] for k in still]
+            if not going:
+                break
+            active = going
             if value_net is not None and config.v_optimiser == "net" and it < value_net.steps:
                 with torch.no_grad():
                     idx = torch.tensor(active)

@@ -102,3 +102,17 @@ def test_the_end_of_word_term_weighs_the_token_after_the_target(trained_lm: Load
     assert float(loss_on[0]) != float(loss_off[0])
     assert float(margin_on[0]) <= float(margin_off[0])
     assert torch.allclose(loss_on[1], loss_off[1]) and torch.equal(margin_on[1], margin_off[1])
+
+
+def test_requests_in_chunks_find_the_values_one_forward_finds(trained_lm: LoadedModel) -> None:
+    """Each chunk's backward runs before the next chunk's forward (the graph of one chunk is
+    held, not the batch's); every request still gets its own gradient and stops on its own."""
+    whole = compute_targets(
+        trained_lm, LEARNABLE, CONFIG.z_layer, dataclasses.replace(CONFIG, value_chunk=8)
+    )
+    alone = compute_targets(
+        trained_lm, LEARNABLE, CONFIG.z_layer, dataclasses.replace(CONFIG, value_chunk=1)
+    )
+    assert [t.steps for t in alone] == [t.steps for t in whole]
+    for a, w in zip(alone, whole, strict=True):
+        assert torch.allclose(a.z, w.z, atol=1e-4)
