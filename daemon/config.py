@@ -575,9 +575,11 @@ class ConsolidationSettings(_Section):
     Runs only with audits on (a consolidation is judged by auditing the weights before and
     after it) and an editor with a joint solve; otherwise the daemon logs why at start."""
 
-    every_n_edits: int = Field(default=0, ge=0)
-    """Off by default: with FT-L, the default editor, a rebuild of 200 live edits took 16 min of
-    a shared 2-core CPU and held far fewer of them (README, Consolidation)."""
+    every_n_edits: int = Field(default=1000, ge=0)
+    """The fact memory (the default editor) rebuilds from each live event's stored row, so a
+    consolidation costs its two audits; it frees the rows of superseded corrections and gives a
+    restart an audited version to start from. With FT-L a rebuild of 200 live edits took 16 min
+    and held far fewer of them (README, Consolidation): set 0 there."""
     every_minutes: float = Field(default=0.0, ge=0.0)
     tolerance: float = Field(default=0.0, ge=0.0, le=1.0)
     """How far retention or locality may fall below the current weights' for the consolidated
@@ -585,7 +587,8 @@ class ConsolidationSettings(_Section):
     on_removal: bool = False
     """Remove an edit (revert, a correction back to the original answer) by re-solving the live
     set from the base weights instead of replaying every edit after the version before it. Off:
-    FT-L's joint fit holds far fewer facts than its sequential edits (README, Consolidation)."""
+    replay adds the stored deltas back (seconds with the fact memory), and FT-L's joint fit
+    holds far fewer facts than its sequential edits (README, Consolidation)."""
 
     @property
     def enabled(self) -> bool:
