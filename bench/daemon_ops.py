@@ -64,6 +64,9 @@ from typing import Any, Literal
 
 import yaml
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from editing.bench import (
     git_revision,
     json_default,

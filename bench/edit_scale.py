@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import editing.emsedit.keys as keys_module
 from editing.bench import RunRecord, seed_everything
 from editing.datasets import load_dataset

@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from editing.bench import git_revision, json_default, machine_info, seed_everything, utc_now_iso
 from editing.datasets import load_dataset
 from editing.editors.base import EditError

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from editing.bench import (
     WIKITEXT_TEST,
     git_revision,

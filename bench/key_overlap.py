@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from editing.adapters import MlpRole
 from editing.bench import RunRecord, seed_everything
 from editing.datasets import load_dataset

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from editing.bench import RunRecord, seed_everything
 from editing.checks import answer_matches
 from editing.datasets import load_dataset

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+# The checkout this script sits in, not whichever one the environment installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from editing.bench import RunRecord, seed_everything
 from editing.checks import DECODE_SLACK_TOKENS, Judge
 from editing.datasets import load_dataset
