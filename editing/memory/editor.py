@@ -73,6 +73,7 @@ VALUE_FIELDS = frozenset(
         "end_of_word",
         "value_net",
         "value_prefixes",
+        "value_chunk",
     }
 )
 """The NSE settings of the value optimisation that a memory method spec may set."""
