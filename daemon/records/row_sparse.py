@@ -18,7 +18,7 @@ _ROWS, _DATA = "#rows", "#data"
 
 
 def pack_rows(
-    deltas: Mapping[str, torch.Tensor],
+    dense: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """Store a tensor whose rows are mostly zero (at most a quarter nonzero) as its nonzero
     rows and their indices; the rest as they are.
@@ -28,16 +28,16 @@ def pack_rows(
     """
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
-    for name, delta in deltas.items():
-        if delta.dim() >= 1 and delta.shape[0] >= 8 and delta.numel():
-            as_bytes = delta.reshape(delta.shape[0], -1).view(torch.uint8)
+    for name, tensor in dense.items():
+        if tensor.dim() >= 1 and tensor.shape[0] >= 8 and tensor.numel():
+            as_bytes = tensor.reshape(tensor.shape[0], -1).view(torch.uint8)
             rows = as_bytes.any(dim=1).nonzero().flatten()
-            if 4 * len(rows) <= delta.shape[0]:
+            if 4 * len(rows) <= tensor.shape[0]:
                 tensors[name + _ROWS] = rows
-                tensors[name + _DATA] = delta[rows].contiguous()
-                shapes[name] = list(delta.shape)
+                tensors[name + _DATA] = tensor[rows].contiguous()
+                shapes[name] = list(tensor.shape)
                 continue
-        tensors[name] = delta
+        tensors[name] = tensor
     return tensors, shapes
 
 
